@@ -1,0 +1,60 @@
+"""The `vqe` command line: a thin dispatcher; each subcommand lives in its own module.
+
+Every subcommand module exposes ``add_parser(subparsers)`` and ``run(args) -> int``.
+Library errors (``bitstream.BitstreamError`` and ``service.errors.UserError``)
+become a one-line message on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "inspect": "service.cli_inspect",
+    "enhance": "service.cli_enhance",
+    "train": "enhancer.train",
+    "serve": "service.cli_serve",
+    "worker": "service.cli_worker",
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    parser = argparse.ArgumentParser(
+        prog="vqe", description="Codec-aware video quality enhancement."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    modules: dict[str, object] = {}
+    for name, modname in SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:  # optional extras (e.g. the service) not installed
+            if exc.name and exc.name.split(".")[0] in ("service", "enhancer", "bitstream"):
+                raise
+            continue
+        mod.add_parser(sub)  # type: ignore[attr-defined]
+        modules[name] = mod
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bitstream.types import BitstreamError
+    from service.errors import UserError
+
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(modules[args.command].run(args) or 0)  # type: ignore[attr-defined]
+    except (BitstreamError, UserError) as exc:
+        print(f"vqe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vqe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

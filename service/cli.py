@@ -30,7 +30,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:  # optional extras (e.g. the service) not installed
+            # Skip a subcommand whose optional extra (e.g. fastapi) is not installed.
             if exc.name and exc.name.split(".")[0] in ("service", "enhancer", "bitstream"):
+                if exc.name == modname:
+                    continue
                 raise
             continue
         mod.add_parser(sub)  # type: ignore[attr-defined]

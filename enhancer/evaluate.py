@@ -1,0 +1,93 @@
+"""Validation metrics: PSNR-Y / SSIM-Y of each exit against the compressed input.
+
+Used during training (to catch a model that only learns identity or learns
+to blur), by the early-exit calibration and by the quality benchmark.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from enhancer.inputs import collate
+from enhancer.model import QPEstimator, VQENet
+
+
+def luma(x6: torch.Tensor) -> torch.Tensor:
+    """(B, 6, h, w) half-res stack -> (B, 1, 2h, 2w) luma."""
+    return F.pixel_shuffle(x6[:, :4], 2)
+
+
+def psnr_y(out6: torch.Tensor, ref6: torch.Tensor, bit_depth: int = 8) -> torch.Tensor:
+    """Per-image PSNR-Y in dB on integer-rounded values (B,)."""
+    maxv = (1 << bit_depth) - 1
+    a = (luma(out6).clamp(0, 1) * maxv).round()
+    b = (luma(ref6) * maxv).round()
+    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(maxv**2 / mse)
+
+
+@torch.no_grad()
+def validate(
+    model: VQENet,
+    estimator: QPEstimator,
+    samples: list[dict],
+    *,
+    max_frames: int = 8,
+    blind: bool = True,
+) -> dict:
+    """ΔPSNR-Y per CRF for every stage count (and the blind path at full depth).
+
+    Returns {"crf": {crf: {"input": psnr, "s1": Δ, ..., "blind": Δ}}, "qp": per-frame
+    records for calibration [(frame_qp, [Δ per stage])]}.
+    """
+    from enhancer.data import frame_inputs
+
+    model.eval()
+    estimator.eval()
+    per_crf: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    records = []
+    for sample in samples:
+        n = min(max_frames, len(sample["dec"]))
+        crf = float(sample["crf"])
+        modes = [False, True] if blind else [False]
+        for is_blind in modes:
+            pairs = [frame_inputs(sample, t, blind=is_blind) for t in range(n)]
+            items = [p[0] for p in pairs]
+            target = torch.stack([p[1] for p in pairs])
+            batch = collate(items, model, estimator)
+            outs = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)
+            base = psnr_y(batch.x, target)
+            if is_blind:
+                per_crf[crf]["blind"] += (psnr_y(outs[-1], target) - base).tolist()
+                continue
+            per_crf[crf]["input"] += base.tolist()
+            deltas = [(psnr_y(o, target) - base) for o in outs]
+            for s, d in enumerate(deltas, 1):
+                per_crf[crf][f"s{s}"] += d.tolist()
+            for i in range(n):
+                records.append((float(batch.frame_qp[i]), [float(d[i]) for d in deltas]))
+    table = {
+        crf: {k: float(np.mean(v)) for k, v in cols.items()} for crf, cols in sorted(per_crf.items())
+    }
+    return {"crf": table, "records": records}
+
+
+def format_table(result: dict, stages: int) -> str:
+    cols = ["input"] + [f"s{s}" for s in range(1, stages + 1)] + ["blind"]
+    lines = ["  CRF  " + " ".join(f"{c:>8}" for c in cols)]
+    for crf, row in result["crf"].items():
+        vals = [row.get(c, math.nan) for c in cols]
+        lines.append(f"  {crf:4g} " + " ".join(f"{v:+8.3f}" if c != "input" else f"{v:8.2f}"
+                                               for c, v in zip(cols, vals, strict=True)))  # fmt: skip
+    return "\n".join(lines)
+
+
+def score(result: dict, stages: int) -> float:
+    """Model-selection score: mean ΔPSNR-Y of the full model, losses counted double."""
+    vals = [row[f"s{stages}"] for row in result["crf"].values()]
+    return float(np.mean([v if v >= 0 else 2 * v for v in vals]))

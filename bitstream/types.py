@@ -80,6 +80,7 @@ class SequenceInfo:
     encoder: str | None = None  # "x264", "x265", ... from the options SEI
     rate_control: RateControl = field(default_factory=RateControl)
     stream_index: int = 0
+    source_pix_fmt: str | None = None  # as decoded, before any conversion to pix_fmt
 
     @property
     def sequence_qp(self) -> float | None:
@@ -105,6 +106,9 @@ class FrameSideInfo:
     intra: np.ndarray | None = None  # bool (ceil(H/8), ceil(W/8)): intra-coded blocks
     partition: np.ndarray | None = None  # uint8 (ceil(H/16), ceil(W/16)), PARTITION_CODES
     mv_count: int = 0
+    # The codec's own quantiser when it is not on the H.264/HEVC QP scale
+    # (VP9 base_q_idx 0..255, MPEG-2/4 qscale); equals ``qp`` for H.264/HEVC.
+    qp_native: float | None = None
     sources: dict[str, str] = field(
         default_factory=lambda: {
             "pict_type": "none",

@@ -1,1 +1,1 @@
-"""Torch side: side info -> tensors, the early-exit enhancement model, training, inference engine."""
+"""Torch side: side info -> tensors, the early-exit model, training, inference engine."""

@@ -250,8 +250,11 @@ def decode_sample(data: bytes, clean: list[tuple], settings: EncodeSettings) -> 
             y, u, v = tensor_to_planes(warped, h, w)
             ref[t] = np.concatenate([y, u.reshape(-1, w), v.reshape(-1, w)], 0)
             ref_valid[t] = s.mv_past_valid
-    pack = lambda ps: np.stack([np.concatenate([p[0], p[1].reshape(-1, w), p[2].reshape(-1, w)])
-                                for p in ps[:n]])  # fmt: skip # noqa: E731
+
+    def pack(ps):
+        return np.stack([np.concatenate([p[0], p[1].reshape(-1, w), p[2].reshape(-1, w)])
+                         for p in ps[:n]])  # fmt: skip
+
     crf = info.rate_control.crf
     return {
         "clean": pack(clean),
@@ -303,10 +306,10 @@ def build(
     if validation:
         for i, (name, p) in enumerate(sources):
             for crf in val_crfs:
-                jobs.append((f"{name}_crf{crf:g}", name, p, i, crf))
+                jobs.append((f"{name}_crf{crf:g}", p, i, crf))
     else:
-        jobs = [(f"s{k:05d}", None, None, k, None) for k in range(count)]
-    for j, (key, name, path, k, crf) in enumerate(jobs):
+        jobs = [(f"s{k:05d}", None, k, None) for k in range(count)]
+    for j, (key, path, k, crf) in enumerate(jobs):
         if j % workers != worker:
             continue
         target = out / f"{key}.npz"
@@ -321,7 +324,7 @@ def build(
             settings = random_settings(rng)
             use_clip = clips and rng.random() < 0.25
             if use_clip:
-                cname, cpath = clips[rng.integers(len(clips))]
+                _, cpath = clips[rng.integers(len(clips))]
                 clean = _clean_sequence(cpath, photos, clips, clip_cache, rng, frames, size)
             else:
                 clean = _clean_sequence(photos[rng.integers(len(photos))], photos, clips,
@@ -385,7 +388,7 @@ def frame_inputs(sample: dict, t: int, crop: tuple[int, int, int] | None = None,
     ``blind`` hides every piece of side information except what an HEVC stream
     or an unknown input would still give (the CRF from the options SEI, if any).
     """
-    from enhancer.features import partition_planes, qp_plane
+    from enhancer.features import mask_plane, partition_planes, qp_plane
     from enhancer.inputs import FrameInputs
 
     dec, clean, ref = sample["dec"][t], sample["clean"][t], sample["ref"][t]
@@ -399,8 +402,8 @@ def frame_inputs(sample: dict, t: int, crop: tuple[int, int, int] | None = None,
 
     def cut(packed):
         y, u, v = unpack_yuv(packed)
-        return (y[y0 : y0 + ch, x0 : x0 + cw], u[y0 // 2 : (y0 + ch) // 2, x0 // 2 : (x0 + cw) // 2],
-                v[y0 // 2 : (y0 + ch) // 2, x0 // 2 : (x0 + cw) // 2])  # fmt: skip
+        cy, cx = slice(y0 // 2, (y0 + ch) // 2), slice(x0 // 2, (x0 + cw) // 2)
+        return y[y0 : y0 + ch, x0 : x0 + cw], u[cy, cx], v[cy, cx]
 
     cur = planes_to_tensor(cut(dec))
     target = planes_to_tensor(cut(clean))
@@ -415,10 +418,11 @@ def frame_inputs(sample: dict, t: int, crop: tuple[int, int, int] | None = None,
                            seq_known=True), target  # fmt: skip
     m0, m1 = y0 // 16, x0 // 16
     mh, mw = -(-ch // 16), -(-cw // 16)
-    valid = sample["ref_valid"][t][y0 // 8 : y0 // 8 + -(-ch // 8), x0 // 8 : x0 // 8 + -(-cw // 8)]
+    g0, g1 = y0 // 8, x0 // 8
+    valid = sample["ref_valid"][t][g0 : g0 + -(-ch // 8), g1 : g1 + -(-cw // 8)]
     has_ref = bool(valid.any()) and not drop_ref
     ref_t = planes_to_tensor(cut(ref)) if has_ref else None
-    mask = torch.from_numpy(expand_grid_f(valid, 4, hh, ww))[None] if has_ref else None
+    mask = mask_plane(valid, hh, ww) if has_ref else None
     return FrameInputs(
         cur=cur,
         ref=ref_t,
@@ -431,8 +435,3 @@ def frame_inputs(sample: dict, t: int, crop: tuple[int, int, int] | None = None,
         seq_known=True,
     ), target
 
-
-def expand_grid_f(grid: np.ndarray, factor: int, h: int, w: int) -> np.ndarray:
-    from enhancer.features import expand_grid
-
-    return expand_grid(grid.astype(np.float32), factor, h, w)

@@ -22,6 +22,7 @@ from bitstream.types import DecodedFrame, SequenceInfo
 from enhancer.checkpoint import load_model
 from enhancer.features import (
     flow_plane_full,
+    mask_plane,
     partition_planes,
     planes_to_tensor,
     qp_plane,
@@ -96,24 +97,20 @@ class Engine:
         cur = planes_to_tensor(frame.planes, bit_depth)
         _, h, w = cur.shape
         use_bits = self.side_info != "blind" and side.qp_map is not None
-        if self.side_info == "bitstream" and not use_bits:
-            pass  # the stream has none: fall back to the estimate, reported as such
-        if not use_bits:
+        if not use_bits:  # blind, or the stream has none: the estimate stands in (reported)
             pict = side.pict_type if side.sources.get("pict_type") != "none" else "?"
             if self.side_info == "blind":
                 pict = "?"
             return FrameInputs(cur=cur, pict_type=pict, seq_qp=seq_qp, seq_known=seq_known), False
         ref = mask = None
-        if anchor is not None and side.mv_past is not None and side.mv_past_valid is not None:
-            if side.mv_past_valid.any():
-                height, width = frame.planes[0].shape
-                flow = flow_plane_full(side.mv_past, side.mv_past_valid, height, width)
-                ref = warp_reference(anchor.to(self.device)[None], flow.to(self.device))[0].cpu()
-                maxv = (1 << bit_depth) - 1
-                ref = (ref * maxv).round() / maxv  # training stored the aligned frame as integers
-                from enhancer.data import expand_grid_f
-
-                mask = torch.from_numpy(expand_grid_f(side.mv_past_valid, 4, h, w))[None]
+        valid = side.mv_past_valid
+        if anchor is not None and side.mv_past is not None and valid is not None and valid.any():
+            height, width = frame.planes[0].shape
+            flow = flow_plane_full(side.mv_past, side.mv_past_valid, height, width)
+            ref = warp_reference(anchor.to(self.device)[None], flow.to(self.device))[0].cpu()
+            maxv = (1 << bit_depth) - 1
+            ref = (ref * maxv).round() / maxv  # training stored the aligned frame as integers
+            mask = mask_plane(valid, h, w)
         item = FrameInputs(
             cur=cur,
             ref=ref,

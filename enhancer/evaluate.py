@@ -72,7 +72,8 @@ def validate(
             for i in range(n):
                 records.append((float(batch.frame_qp[i]), [float(d[i]) for d in deltas]))
     table = {
-        crf: {k: float(np.mean(v)) for k, v in cols.items()} for crf, cols in sorted(per_crf.items())
+        crf: {k: float(np.mean(v)) for k, v in cols.items()}
+        for crf, cols in sorted(per_crf.items())
     }
     return {"crf": table, "records": records}
 
@@ -82,8 +83,9 @@ def format_table(result: dict, stages: int) -> str:
     lines = ["  CRF  " + " ".join(f"{c:>8}" for c in cols)]
     for crf, row in result["crf"].items():
         vals = [row.get(c, math.nan) for c in cols]
-        lines.append(f"  {crf:4g} " + " ".join(f"{v:+8.3f}" if c != "input" else f"{v:8.2f}"
-                                               for c, v in zip(cols, vals, strict=True)))  # fmt: skip
+        pairs = zip(cols, vals, strict=True)
+        cells = [f"{v:8.2f}" if c == "input" else f"{v:+8.3f}" for c, v in pairs]
+        lines.append(f"  {crf:4g} " + " ".join(cells))
     return "\n".join(lines)
 
 

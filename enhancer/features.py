@@ -111,6 +111,11 @@ def flow_plane(mv: np.ndarray | None, valid: np.ndarray | None, h: int, w: int):
 _PHASE_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
 
 
+def mask_plane(valid: np.ndarray, h: int, w: int) -> torch.Tensor:
+    """Per-8x8 validity mask -> (1, h, w) half-resolution float plane."""
+    return torch.from_numpy(expand_grid(valid.astype(np.float32), 4, h, w))[None]
+
+
 def phase_planes(h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(4, h, w) masks of 8x8-block and 16x16-macroblock edges on the half-res grid."""
     key = (h, w, str(device))

@@ -47,8 +47,10 @@ def charbonnier(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-3) -> torch.Te
 class PatchSampler:
     """Random MB-aligned patches with dihedral augmentation and side-info dropout."""
 
-    def __init__(self, samples: list[dict], patch: int, seed: int, blind_p: float, drop_ref_p: float):
-        self.samples = [s for s in samples if min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2]) >= patch]
+    def __init__(self, samples: list[dict], patch: int, seed: int, blind_p: float,
+                 drop_ref_p: float):  # fmt: skip
+        fits = lambda s: min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2]) >= patch  # noqa: E731
+        self.samples = [s for s in samples if fits(s)]
         self.patch = patch
         self.rng = np.random.default_rng(seed)
         self.blind_p, self.drop_ref_p = blind_p, drop_ref_p
@@ -188,14 +190,15 @@ def train(args) -> Path:
             rate = args.log_every / (time.time() - t0)
             t0 = time.time()
             stages = " ".join(f"s{i + 1}={v:.4f}" for i, v in enumerate(r[:-1]))
-            log(f"step {step} lr {lr:.2e} rel-charb {stages} est-L1 {r[-1]:.2f} QP  {rate:.2f} it/s")
+            log(f"step {step} lr {lr:.2e} rel-charb {stages} est-L1 {r[-1]:.2f} QP {rate:.2f} it/s")
         if step % args.val_every == 0 or step == args.steps:
             res = validate(model, est, val_set, max_frames=args.val_frames)
             sc = score(res, cfg.stages)
-            log(f"validation at step {step} (ΔPSNR-Y dB vs input, held-out sources), score {sc:+.4f}\n"
-                + format_table(res, cfg.stages))  # fmt: skip
-            ck = {"model": model.state_dict(), "estimator": est.state_dict(), "opt": opt.state_dict(),
-                  "step": step, "best": max(best, sc), "config": cfg.to_dict()}  # fmt: skip
+            log(f"validation at step {step} (ΔPSNR-Y dB vs input, held-out sources), "
+                f"score {sc:+.4f}\n" + format_table(res, cfg.stages))
+            ck = {"model": model.state_dict(), "estimator": est.state_dict(),
+                  "opt": opt.state_dict(), "step": step, "best": max(best, sc),
+                  "config": cfg.to_dict()}  # fmt: skip
             if sc > best:
                 best = sc
                 torch.save(ck, work / "best.pt")

@@ -20,13 +20,15 @@ SUBCOMMANDS = {
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    """The parser; with ``only``, import just that subcommand (keeps `vqe inspect` torch-free)."""
     parser = argparse.ArgumentParser(
         prog="vqe", description="Codec-aware video quality enhancement."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     modules: dict[str, object] = {}
-    for name, modname in SUBCOMMANDS.items():
+    chosen = {only: SUBCOMMANDS[only]} if only in SUBCOMMANDS else SUBCOMMANDS
+    for name, modname in chosen.items():
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:  # optional extras (e.g. the service) not installed
@@ -45,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     from bitstream.types import BitstreamError
     from service.errors import UserError
 
-    parser, modules = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    first = next((a for a in argv if not a.startswith("-")), None)
+    parser, modules = build_parser(first)
     args = parser.parse_args(argv)
     try:
         return int(modules[args.command].run(args) or 0)  # type: ignore[attr-defined]

@@ -1,0 +1,158 @@
+"""The HTTP API contract: pydantic models for requests, jobs and errors.
+
+These models are what ``/docs`` (OpenAPI) shows; handlers return them and
+nothing else. Field names are stable: add fields, never rename them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bitstream.writer import CODECS, PRESETS
+from service.pipeline import SIDE_INFO_MODES
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+class JobPhase(StrEnum):
+    probing = "probing"
+    enhancing = "enhancing"
+    encoding = "encoding"
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. `unsupported_input`.")
+    message: str = Field(description="One line for humans.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer has this body; never a traceback."""
+
+    error: ErrorInfo
+
+
+class EnhanceOptions(BaseModel):
+    """Options of one enhancement; the same for `/v1/enhance` and `/v1/jobs`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    codec: Literal[CODECS] = Field(  # type: ignore[valid-type]
+        "auto", description="Output encoder; `auto` keeps the input's codec family."
+    )
+    crf: Annotated[float, Field(ge=0, le=63)] | None = Field(
+        None, description="Output CRF; default: matched to the input's quality."
+    )
+    preset: Literal[PRESETS] = Field("medium", description="Encoder speed preset.")  # type: ignore[valid-type]
+    stages: Literal["auto"] | Annotated[int, Field(ge=1, le=16)] = Field(
+        "auto", description="Enhancement stages per frame; `auto` lets the model decide."
+    )
+    side_info: Literal[SIDE_INFO_MODES] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="Use the bitstream's side information (`bitstream`), estimate it from "
+        "pixels (`blind`), or let the service choose (`auto`).",
+    )
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stages_from_form(cls, value: Any) -> Any:
+        # Multipart form fields arrive as strings: "2" means the integer 2.
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        return value
+
+    @field_validator("crf", mode="before")
+    @classmethod
+    def _crf_from_form(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+OPTION_FIELDS = tuple(EnhanceOptions.model_fields)
+
+
+class JobCreateRequest(EnhanceOptions):
+    """JSON body of `POST /v1/jobs` for a source URL (uploads use multipart instead)."""
+
+    source_url: str = Field(
+        description="http, https, rtmp, rtsp or HLS (`hls+http(s)://`) URL of the video.",
+        max_length=4096,
+    )
+
+
+class JobSource(BaseModel):
+    kind: Literal["upload", "url"]
+    filename: str | None = Field(None, description="Name given by the uploader (display only).")
+    url: str | None = None
+    bytes: int | None = None
+
+
+class JobStats(BaseModel):
+    """Measured on a finished job."""
+
+    frames: int
+    seconds: float
+    fps: float
+    mean_qp: float | None = Field(None, description="Mean QP of the input's frames, if known.")
+    stages_histogram: dict[str, int] = Field(
+        default_factory=dict, description="Number of frames per count of stages run."
+    )
+    side_info: dict[str, str] = Field(
+        default_factory=dict, description="Where each side-information item came from."
+    )
+    output_bytes: int | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class JobLinks(BaseModel):
+    self: str
+    result: str
+    cancel: str = Field(description="`DELETE` this to cancel the job or remove its files.")
+
+
+class Job(BaseModel):
+    id: str
+    status: JobStatus
+    phase: JobPhase | None = None
+    progress: float | None = Field(None, ge=0, le=1, description="0-1, when the total is known.")
+    frames_done: int = 0
+    frames_total: int | None = None
+    fps: float | None = None
+    eta_seconds: float | None = None
+    error: ErrorInfo | None = None
+    attempts: int = Field(0, description="How many times a worker started this job.")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    expires_at: datetime | None = Field(None, description="When the result will be deleted.")
+    expired: bool = Field(False, description="The result passed its retention and is gone.")
+    deleted: bool = Field(False, description="The files were removed by `DELETE`.")
+    cancel_requested: bool = False
+    source: JobSource
+    options: EnhanceOptions
+    stats: JobStats | None = None
+    links: JobLinks
+
+
+class JobList(BaseModel):
+    items: list[Job]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,143 @@
+"""Local storage of job inputs and results, addressed only by job id.
+
+Layout under the storage root (a shared volume when there are many nodes)::
+
+    tmp/<random>            uploads being received, sync requests in flight
+    jobs/<job id>/input     the source as uploaded or fetched
+    jobs/<job id>/result.<ext>
+
+No name from user input ever becomes part of a path: job ids are generated
+here (32 hex digits) and checked on every use, temporary names are random,
+and extensions come from a fixed set.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+RESULT_EXTENSIONS = (".mp4", ".mkv")
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_job_id(value: str) -> bool:
+    return bool(_JOB_ID.match(value))
+
+
+class UploadTooLarge(Exception):
+    """More bytes arrived than the limit allows."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"larger than {limit} bytes")
+        self.limit = limit
+
+
+class Storage:
+    """Files of jobs under one root directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.jobs_dir = self.root / "jobs"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- per-job files -------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        if not is_job_id(job_id):
+            raise ValueError("not a job id")
+        return self.jobs_dir / job_id
+
+    def input_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "input"
+
+    def result_path(self, job_id: str, ext: str = ".mp4") -> Path:
+        if ext not in RESULT_EXTENSIONS:
+            raise ValueError("unknown result extension")
+        return self.job_dir(job_id) / f"result{ext}"
+
+    def find_result(self, job_id: str) -> Path | None:
+        for ext in RESULT_EXTENSIONS:
+            path = self.result_path(job_id, ext)
+            if path.is_file():
+                return path
+        return None
+
+    def adopt_input(self, job_id: str, tmp: Path) -> Path:
+        """Move a received temporary file to be the job's input."""
+        dest = self.input_path(job_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        return dest
+
+    def remove_input(self, job_id: str) -> None:
+        self.input_path(job_id).unlink(missing_ok=True)
+
+    def remove_job(self, job_id: str) -> None:
+        shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+
+    # -- temporary files -----------------------------------------------------
+
+    def tmp_path(self, suffix: str = "") -> Path:
+        if suffix not in ("", *RESULT_EXTENSIONS):
+            raise ValueError("unknown temporary suffix")
+        return self.tmp_dir / f"{secrets.token_hex(16)}{suffix}"
+
+    def sweep_tmp(self, older_than: float = 86400.0) -> int:
+        """Delete temporary files abandoned by crashed requests; returns how many."""
+        cutoff = time.time() - older_than
+        removed = 0
+        for path in self.tmp_dir.iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
+    def writable(self) -> bool:
+        probe = self.tmp_path()
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+            return True
+        except OSError:
+            return False
+
+
+class BoundedWriter:
+    """Writes chunks to a file and raises :class:`UploadTooLarge` past ``limit`` bytes.
+
+    The partial file is removed on any error, so a refused upload leaves nothing behind.
+    """
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+        self.size = 0
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.abort()
+            raise UploadTooLarge(self.limit)
+        self._fh.write(chunk)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def abort(self) -> None:
+        self._fh.close()
+        self.path.unlink(missing_ok=True)

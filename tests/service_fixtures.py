@@ -1,0 +1,253 @@
+"""Helpers for the service tests: real processes on loopback, no mocks.
+
+* :class:`ServiceProcess` starts ``python -m service.cli serve`` (or ``worker``)
+  on a free port with its own data directory and environment.
+* :func:`run_redis`: a private ``redis-server`` on a free port (the test is
+  skipped cleanly when the binary is missing).
+* :func:`serve_files`: a ``http.server`` on 127.0.0.1 serving a folder, for
+  stream-URL sources (the tests allowlist exactly its host:port).
+* :class:`Api`: a small client for the job API.
+
+Test modules wrap the context managers in their own (module-scoped) fixtures.
+Test-only knob: ``VQE_TEST_FRAME_DELAY`` (seconds slept per enhanced frame)
+makes jobs slow enough to interrupt mid-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
+              what: str = "condition") -> Any:  # fmt: skip
+    """Poll ``predicate`` until it returns something truthy; that value is returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def count_frames(path: Path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+class ServiceProcess:
+    """``vqe serve`` or ``vqe worker`` in a subprocess, logging to a file."""
+
+    def __init__(self, kind: str, data_dir: Path, env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:  # fmt: skip
+        self.kind = kind
+        self.data_dir = data_dir
+        self.port = port or (free_port() if kind == "serve" else None)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])
+        )
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = data_dir / f"{kind}-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        cmd = [sys.executable, "-m", "service.cli", self.kind, "--data-dir", str(self.data_dir),
+               "--log-level", "info"]  # fmt: skip
+        if self.kind == "serve":
+            cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+        if self.kind == "serve":
+            wait_for(self._healthy, START_TIMEOUT, what=f"server on {self.url}\n{self.log()}")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to clean up."""
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in ``timeout``."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def __enter__(self) -> ServiceProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Api:
+    """A small client for the job API of one server."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base = base_url
+        self.http = httpx.Client(base_url=base_url, timeout=60)
+
+    def submit_file(self, path: Path, headers: dict[str, str] | None = None,
+                    **options: Any) -> httpx.Response:  # fmt: skip
+        with open(path, "rb") as fh:
+            files = {"file": (path.name, fh, "application/octet-stream")}
+            data = {k: str(v) for k, v in options.items()}
+            return self.http.post("/v1/jobs", files=files, data=data, headers=headers)
+
+    def submit_url(self, url: str, **options: Any) -> httpx.Response:
+        return self.http.post("/v1/jobs", json={"source_url": url, **options})
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        r = self.http.get(f"/v1/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait(self, job_id: str, statuses: tuple[str, ...] = ("succeeded", "failed", "canceled"),
+             timeout: float = 120.0, **match: Any) -> dict[str, Any]:  # fmt: skip
+        """Poll until the job's status is one of ``statuses`` (and fields match ``match``)."""
+
+        def done() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            if job["status"] in statuses and all(job.get(k) == v for k, v in match.items()):
+                return job
+            return None
+
+        return wait_for(done, timeout, 0.2, what=f"job {job_id} in {statuses}")
+
+    def wait_running(self, job_id: str, frames: int = 1, timeout: float = 120.0) -> dict[str, Any]:
+        def running() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            assert job["status"] in ("queued", "running"), job
+            ok = job["status"] == "running" and job["frames_done"] >= frames
+            return job if ok else None
+
+        return wait_for(running, timeout, 0.1, what=f"job {job_id} to be running")
+
+    def download(self, job_id: str, dest: Path) -> Path:
+        r = self.http.get(f"/v1/jobs/{job_id}/result")
+        assert r.status_code == 200, r.text
+        dest.write_bytes(r.content)
+        return dest
+
+    def close(self) -> None:
+        self.http.close()
+
+
+@contextlib.contextmanager
+def run_redis(workdir: Path) -> Iterator[str]:
+    """A private redis-server (no persistence); yields its URL. Skips the test when
+    redis-server is not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+
+    def up() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+        return False
+
+    try:
+        wait_for(up, 20, what="redis-server")
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+@contextlib.contextmanager
+def serve_files(root: Path) -> Iterator[str]:
+    """Serve ``root`` over HTTP on 127.0.0.1; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def make_hls(source: Path, playlist: Path) -> Path:
+    """Remux ``source``'s video into an HLS playlist (MPEG-TS segments) next to it."""
+    with av.open(str(source)) as inp, av.open(
+        str(playlist), "w", format="hls",
+        options={"hls_time": "0.2", "hls_list_size": "0", "hls_playlist_type": "vod"},
+    ) as out:  # fmt: skip
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is None:
+                continue
+            packet.stream = stream
+            out.mux(packet)
+    return playlist

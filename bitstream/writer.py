@@ -1,0 +1,577 @@
+"""Encode enhanced frames and remux every other stream of the source untouched.
+
+:class:`VideoWriter` is the output side of the pipeline (PyAV + numpy, no torch):
+
+* the container follows OUTPUT's extension (``.mp4``/``.m4v``, ``.mkv``,
+  ``.mov``); ``-`` writes Matroska to stdout;
+* the video stream is encoded with ``libx264``, ``libx265`` or ``ffv1``
+  (``auto``: the input's family, see :func:`choose_codec`), same size, same
+  pixel format family (10-bit stays 10-bit), same time base and frame rate;
+  every frame keeps its pts (VFR stays VFR); colour primaries/transfer/matrix/
+  range, sample aspect ratio and the display matrix (rotation, flips) are set
+  on the output; the stream's metadata (language, title...) and disposition
+  are copied;
+* audio, subtitle, data and attachment streams are copied packet for packet
+  (``add_stream_from_template``), interleaved with the video by time, from a
+  second demuxer opened on the same source (independent of the reader);
+  container metadata is copied.
+
+Odd sizes: libx264 and libx265 refuse 4:2:0 (and 4:2:2 for odd widths) at an
+odd width or height, and H.264/HEVC cannot crop by one luma pixel in 4:2:0,
+so no padding trick can keep the size either. ``auto`` then falls back to
+lossless FFV1 (same size, same pixels, bigger file) and says so in
+``warnings``; an explicit ``--codec libx264`` fails with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import struct
+import sys
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import av
+import av.error
+import numpy as np
+
+from bitstream.types import BitstreamError, DecodedFrame, SequenceInfo, UnsupportedInput
+
+__all__ = [
+    "CODECS",
+    "CONTAINER_FORMATS",
+    "PRESETS",
+    "UnsupportedOutput",
+    "VideoWriter",
+    "choose_codec",
+    "default_crf",
+    "frame_from_planes",
+    "muxer_codecs",
+    "output_format",
+    "output_pix_fmt",
+]
+
+STDOUT = "-"
+CONTAINER_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mkv": "matroska", ".mov": "mov"}
+CODECS = ("auto", "libx264", "libx265", "ffv1")
+FAMILY_ENCODER = {"h264": "libx264", "hevc": "libx265"}
+PRESETS = (
+    "ultrafast", "superfast", "veryfast", "faster", "fast",
+    "medium", "slow", "slower", "veryslow", "placebo",
+)  # fmt: skip
+LOSSLESS = frozenset({"ffv1"})
+# Encoders that need even dimensions for chroma-subsampled formats.
+EVEN_SIZE_ENCODERS = frozenset({"libx264", "libx265"})
+
+# Metadata the muxer regenerates, or that describes the old encode of the video.
+STALE_KEYS = frozenset({"encoder", "duration", "major_brand", "minor_version", "compatible_brands"})
+STALE_VIDEO_KEYS = STALE_KEYS | {"bps", "number_of_frames", "number_of_bytes", "vendor_id"}
+
+# --- default CRF ---------------------------------------------------------------
+# Re-encoding the enhanced frames costs a generation loss that can eat the whole
+# gain. Measured with libx264 (preset medium; vtest/Megamind/tree downscaled,
+# 20 frames; input CRF 18/23/28/33/38) on a proxy enhancement that removes 1 dB
+# of the decoded error (E = clean + 0.89 * (decoded - clean)); PSNR-Y of the
+# re-encoded E minus that of the input, mean (min..max) over the 15 cases, and
+# the output/input bitrate:
+#     output CRF = input - 0:  -0.88 dB (-1.38..-0.24)  x0.94
+#                  input - 6:  -0.20 dB (-0.42..+0.02)  x1.25
+#                  input - 9:  -0.03 dB (-0.25..+0.25)  x1.51
+#                  input - 12: +0.14 dB (-0.10..+0.37)  x1.87
+# Re-encoding at the input's CRF makes the output worse than the input; only
+# about 12 steps below does the output stay better in most cases. Rule: input
+# CRF (or its estimate from the QP) - CRF_MARGIN, clamped to [CRF_FLOOR, CRF_CEIL].
+# Use --codec ffv1 to keep the whole gain (lossless, large files).
+CRF_MARGIN = 12.0
+CRF_FLOOR = 6.0
+CRF_CEIL = 30.0
+# x265's CRF scale sits about 5 above x264's for the same quality (x265's
+# default 28 ~ x264's 23); sequences are compared on the x264 scale.
+X265_CRF_OFFSET = 5.0
+# Without any hint of the input's quality: x264's "visually transparent" CRF.
+FALLBACK_CRF = 18.0
+# An I frame's QP sits about 3 below the sequence CRF (x264 ipratio 1.4).
+I_FRAME_QP_OFFSET = 3.0
+
+
+class UnsupportedOutput(BitstreamError):
+    """The requested output (container, codec, size, options) cannot be written."""
+
+
+# ------------------------------------------------------------------- choices
+
+
+def output_format(output: str | Path) -> str:
+    """FFmpeg muxer name for OUTPUT: from its extension; ``-`` is Matroska on stdout."""
+    if str(output) == STDOUT:
+        return "matroska"
+    suffix = Path(output).suffix.lower()
+    try:
+        return CONTAINER_FORMATS[suffix]
+    except KeyError:
+        known = ", ".join(sorted(CONTAINER_FORMATS))
+        raise UnsupportedOutput(
+            f"cannot tell the container from {str(output)!r}: use one of {known} (or - for stdout)"
+        ) from None
+
+
+def _canonical_yuv(name: str) -> str | None:
+    """Planar YUV/gray format with the same chroma subsampling and bit depth, or None."""
+    try:
+        fmt = av.VideoFormat(name)
+    except (ValueError, av.error.FFmpegError):
+        return None
+    if fmt.is_rgb or fmt.has_palette or fmt.is_bayer:
+        return None
+    bits = max(c.bits for c in fmt.components)
+    suffix = "" if bits <= 8 else f"{bits}le"
+    chroma = [c for c in fmt.components if c.is_chroma]
+    if not chroma:
+        return f"gray{suffix}"
+    sub = {(0, 0): "444", (1, 0): "422", (1, 1): "420"}.get(
+        (int(fmt.chroma_width(64) == 32), int(fmt.chroma_height(64) == 32))
+    )
+    return f"yuv{sub}p{suffix}" if sub else None
+
+
+def output_pix_fmt(info: SequenceInfo, codec: str) -> str:
+    """The pixel format to encode: the source's own family when ``codec`` can store it.
+
+    The reader delivers 4:2:0 (``info.pix_fmt``); a 4:2:2/4:4:4/gray/12-bit
+    source goes back to its own layout (chroma upsampled, depth kept) so that
+    the output plays wherever the input did. Otherwise ``info.pix_fmt``.
+    """
+    supported = {f.name for f in (av.Codec(codec, "w").video_formats or [])}
+    source = _canonical_yuv(info.source_pix_fmt or info.pix_fmt)
+    if source in supported:
+        return source
+    return info.pix_fmt
+
+
+def _size_problem(codec: str, pix_fmt: str, width: int, height: int) -> str | None:
+    if codec not in EVEN_SIZE_ENCODERS:
+        return None
+    fmt = av.VideoFormat(pix_fmt)
+    odd_w = width % 2 and fmt.chroma_width(2) != 2
+    odd_h = height % 2 and fmt.chroma_height(2) != 2
+    if odd_w or odd_h:
+        return f"{codec} cannot encode {pix_fmt} at the odd size {width}x{height}"
+    return None
+
+
+def _codec_problem(codec: str, info: SequenceInfo, fmt: str) -> str | None:
+    """Why ``codec`` cannot carry this sequence in container ``fmt``, or None."""
+    pix_fmt = output_pix_fmt(info, codec)
+    supported = {f.name for f in (av.Codec(codec, "w").video_formats or [])}
+    if pix_fmt not in supported:
+        return f"{codec} cannot encode {pix_fmt}"
+    if codec not in muxer_codecs(fmt):
+        return f"the {fmt} container cannot hold {codec}"
+    return _size_problem(codec, pix_fmt, info.width, info.height)
+
+
+@functools.cache
+def muxer_codecs(fmt: str) -> frozenset[str]:
+    """Codec names the muxer ``fmt`` accepts (asked of a throwaway in-memory muxer)."""
+    with av.open(io.BytesIO(), "w", format=fmt) as out:
+        return frozenset(out.supported_codecs)
+
+
+def choose_codec(requested: str, info: SequenceInfo, fmt: str) -> tuple[str, list[str]]:
+    """The encoder to use and notes for the user.
+
+    ``auto`` is the input's family (h264 -> libx264, hevc -> libx265, else
+    libx264), then the other of the two, then lossless ffv1, in that order of
+    preference, skipping any that cannot carry the size/format/container.
+    """
+    if requested not in CODECS:
+        raise UnsupportedOutput(f"unknown codec {requested!r}: use one of {', '.join(CODECS)}")
+    if requested != "auto":
+        problem = _codec_problem(requested, info, fmt)
+        if problem:
+            hint = "; try --codec ffv1 (lossless, keeps any size)" if requested != "ffv1" else ""
+            raise UnsupportedOutput(problem + hint)
+        return requested, []
+    first = FAMILY_ENCODER.get(info.codec, "libx264")
+    notes: list[str] = []
+    for codec in dict.fromkeys((first, "libx264", "libx265", "ffv1")):
+        problem = _codec_problem(codec, info, fmt)
+        if problem is None:
+            return codec, notes
+        notes.append(f"{problem}; using the next codec")
+    raise UnsupportedOutput("no encoder can write this video: " + "; ".join(notes))
+
+
+def default_crf(codec: str, info: SequenceInfo, first_qp: float | None, first_type: str) -> float:
+    """The CRF that keeps the enhancement after re-encoding (see CRF_MARGIN above).
+
+    The input's quality comes from the encoder's SEI (x264/x265 CRF or
+    constant QP), else from the first frame's QP (an I frame's QP is raised
+    by ``I_FRAME_QP_OFFSET`` to estimate the sequence's CRF), else unknown.
+    """
+    quality = info.sequence_qp
+    if info.encoder == "x265" and info.rate_control.crf is not None:
+        quality = info.rate_control.crf - X265_CRF_OFFSET  # to the x264 scale; QPs match
+    elif quality is None and first_qp is not None:
+        quality = first_qp + (I_FRAME_QP_OFFSET if first_type == "I" else 0.0)
+    crf = FALLBACK_CRF if quality is None else quality - CRF_MARGIN
+    crf = min(max(crf, CRF_FLOOR), CRF_CEIL)
+    if codec == "libx265":
+        crf += X265_CRF_OFFSET
+    return round(crf, 1)
+
+
+# -------------------------------------------------------------------- frames
+
+
+def frame_from_planes(planes: tuple[np.ndarray, ...], pix_fmt: str) -> av.VideoFrame:
+    """A new ``av.VideoFrame`` of ``pix_fmt`` filled from numpy planes (visible size).
+
+    Each plane is copied row by row into PyAV's buffer, which may be wider
+    than the picture (line size padding). 16-bit samples are little-endian.
+    """
+    height, width = planes[0].shape[:2]
+    frame = av.VideoFrame(width, height, pix_fmt)
+    for plane, data in zip(frame.planes, planes, strict=False):
+        dtype = np.dtype("<u2") if data.dtype.itemsize == 2 else np.dtype(np.uint8)
+        if data.shape != (plane.height, plane.width):
+            raise ValueError(
+                f"plane of shape {data.shape} does not fit {pix_fmt} "
+                f"{plane.width}x{plane.height}"
+            )
+        row = plane.line_size // dtype.itemsize
+        dst = np.frombuffer(plane, dtype=dtype, count=row * plane.height).reshape(plane.height, row)
+        dst[:, : plane.width] = data
+    return frame
+
+
+def _display_matrix(av_frame: Any) -> list[int] | None:
+    """The 9 int32 of the frame's DISPLAYMATRIX side data (rotation and flips), if any."""
+    if av_frame is None:
+        return None
+    for sd in getattr(av_frame, "side_data", ()):
+        if sd.type.name == "DISPLAYMATRIX":
+            raw = bytes(sd)
+            if len(raw) == 36:
+                return list(struct.unpack("<9i", raw))
+    return None
+
+
+def _copy_metadata(src: dict[str, str], stale: frozenset[str]) -> dict[str, str]:
+    """Tags worth copying; MP4's track name reads back as ``name`` but is written from ``title``."""
+    tags = {
+        k: v for k, v in src.items()
+        if k.lower() not in stale and not k.lower().startswith("_statistics")
+    }  # fmt: skip
+    if "name" in tags and "title" not in tags:
+        tags["title"] = tags.pop("name")
+    return tags
+
+
+# ------------------------------------------------------------------ remuxing
+
+REGENERATED = "regenerated by the muxer"
+
+
+def _cannot_copy(stream: Any, fmt: str) -> str | None:
+    """Why ``stream`` cannot be copied into a ``fmt`` container, or None if it can."""
+    ctx = stream.codec_context
+    if ctx is not None:
+        return None if ctx.name in muxer_codecs(fmt) else f"{fmt} cannot hold {ctx.name}"
+    if stream.type == "attachment":
+        return None if fmt == "matroska" else "attachments only fit in Matroska"
+    if "timecode" in stream.metadata and fmt in ("mp4", "mov"):
+        return REGENERATED  # a QuickTime tmcd track, rebuilt from the video's timecode tag
+    return None if _header_accepts(stream, fmt) else f"{fmt} cannot hold this data stream"
+
+
+def _header_accepts(stream: Any, fmt: str) -> bool:
+    """Whether a ``fmt`` muxer writes a header with a copy of this codec-less stream."""
+    try:
+        with av.open(io.BytesIO(), "w", format=fmt) as trial:
+            trial.add_stream_from_template(stream)
+            trial.start_encoding()
+    except (ValueError, av.error.FFmpegError):
+        return False
+    return True
+
+
+
+class StreamCopier:
+    """Copies every stream but the enhanced video from a second demuxer of the source.
+
+    :meth:`pump` muxes the packets up to a time so that the output stays
+    interleaved while the video is written; memory holds one packet.
+    """
+
+    def __init__(self, source: Any, video_index: int, options: dict[str, str] | None) -> None:
+        self.video_index = video_index
+        self.dropped: list[str] = []
+        self._map: dict[int, Any] = {}
+        self._pending: Any = None
+        self._packets: Iterator[Any] | None = None
+        try:
+            self.container = av.open(source, mode="r", options=options or {})
+        except (OSError, av.error.FFmpegError) as exc:
+            raise UnsupportedInput(f"cannot reopen {source} to copy its streams: {exc}") from None
+        self.streams = [s for s in self.container.streams if s.index != video_index]
+
+    @property
+    def video_stream(self) -> Any:
+        return self.container.streams[self.video_index]
+
+    def add_to(self, out: Any) -> None:
+        """Create the copied streams in ``out`` (before its header is written)."""
+        fmt = out.format.name
+        for stream in self.streams:
+            reason = _cannot_copy(stream, fmt)
+            if reason == REGENERATED:
+                continue
+            if reason is None:
+                try:
+                    copy = out.add_stream_from_template(stream)
+                except (ValueError, av.error.FFmpegError) as exc:
+                    reason = str(exc)
+            if reason is not None:
+                self.dropped.append(f"stream {stream.index} ({stream.type}) not copied: {reason}")
+                continue
+            copy.metadata.update(_copy_metadata(stream.metadata, STALE_KEYS))
+            copy.disposition = stream.disposition
+            self._map[stream.index] = copy
+        if self._map:
+            self._packets = self.container.demux(*[s for s in self.streams if s.index in self._map])
+
+    def pump(self, until: Fraction | None, *, drop_after: bool = False) -> None:
+        """Mux packets whose time is at most ``until`` seconds (all when None).
+
+        With ``drop_after`` the packets past ``until`` are discarded (the
+        video was cut short with max_frames).
+        """
+        while self._packets is not None:
+            packet = self._pending or next(self._packets, None)
+            self._pending = None
+            if packet is None:
+                self._packets = None
+                break
+            if not packet.size:  # end-of-stream marker of the demuxer
+                continue
+            stamp = packet.dts if packet.dts is not None else packet.pts
+            if until is not None and stamp is not None and stamp * packet.time_base > until:
+                if drop_after:
+                    continue
+                self._pending = packet
+                break
+            out = self._map[packet.stream.index]
+            packet.stream = out
+            out.container.mux_one(packet)
+
+    def close(self) -> None:
+        self._packets = None
+        self._pending = None
+        self.container.close()
+
+
+# -------------------------------------------------------------------- writer
+
+
+class VideoWriter:
+    """Encodes DecodedFrames to OUTPUT and copies the source's other streams.
+
+    The encoder is configured on the first :meth:`write` (its QP helps pick
+    the default CRF). Call :meth:`close` to flush, or use it as a context
+    manager: leaving with an exception calls :meth:`abort` instead.
+    """
+
+    def __init__(
+        self,
+        output: str | Path | IO[bytes],
+        info: SequenceInfo,
+        *,
+        codec: str = "auto",
+        crf: float | None = None,
+        preset: str = "medium",
+        source: Any = None,
+        source_options: dict[str, str] | None = None,
+        format: str | None = None,
+    ) -> None:
+        self.info = info
+        self.format = format or output_format(output if isinstance(output, str | Path) else "-")
+        self.codec, self.warnings = choose_codec(codec, info, self.format)
+        self.pix_fmt = output_pix_fmt(info, self.codec)
+        if preset not in PRESETS:
+            raise UnsupportedOutput(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        if crf is not None and self.codec in LOSSLESS:
+            raise UnsupportedOutput(f"--crf does not apply to {self.codec} (lossless)")
+        if crf is not None and not 0 <= crf <= 51:
+            raise UnsupportedOutput(f"crf must be within 0..51, not {crf}")
+        self.crf = crf
+        self.preset = preset
+        self.frames = 0
+        self.missing_pts = 0  # frames without pts (all of them for raw Annex-B input)
+        self.reordered_pts = 0  # frames whose pts did not increase
+        self._stream: Any = None
+        self._last_pts: int | None = None
+        self._end: Fraction | None = None
+        self._copier = StreamCopier(source, info.stream_index, source_options) if source else None
+        target = sys.stdout.buffer if str(output) == STDOUT else output
+        if isinstance(target, Path):
+            target = str(target)
+        try:
+            self._out = av.open(target, mode="w", format=self.format)
+        except (OSError, av.error.FFmpegError) as exc:
+            if self._copier:
+                self._copier.close()
+            raise UnsupportedOutput(f"cannot write {output}: {exc}") from None
+
+    # -- setup ---------------------------------------------------------------
+
+    @property
+    def time_base(self) -> Fraction:
+        info = self.info
+        if info.time_base:
+            return Fraction(info.time_base)
+        return 1 / Fraction(info.frame_rate) if info.frame_rate else Fraction(1, 25)
+
+    def _start(self, first: DecodedFrame) -> None:
+        info, out = self.info, self._out
+        if self.crf is None and self.codec not in LOSSLESS:
+            self.crf = default_crf(self.codec, info, first.side.qp, first.side.pict_type)
+        stream = out.add_stream(self.codec, rate=info.frame_rate or None)
+        stream.width, stream.height = info.width, info.height
+        stream.pix_fmt = self.pix_fmt
+        stream.time_base = self.time_base
+        ctx = stream.codec_context
+        ctx.time_base = self.time_base
+        if info.frame_rate:
+            ctx.framerate = info.frame_rate
+        for attr in ("color_primaries", "color_trc", "colorspace", "color_range"):
+            value = getattr(info, attr)
+            if value:  # 0 / None: unspecified
+                setattr(ctx, attr, value)
+        if info.sample_aspect_ratio:
+            ctx.sample_aspect_ratio = info.sample_aspect_ratio
+        stream.options = self._encoder_options()
+        matrix = _display_matrix(first.av_frame)
+        if matrix is not None:
+            stream.set_display_matrix(matrix)
+        elif info.rotation:
+            stream.set_display_rotation(info.rotation)
+        if self._copier is not None:
+            src = self._copier.video_stream
+            stream.metadata.update(_copy_metadata(src.metadata, STALE_VIDEO_KEYS))
+            stream.disposition = src.disposition
+            out.metadata.update(_copy_metadata(self._copier.container.metadata, STALE_KEYS))
+            self._copier.add_to(out)
+            self.warnings.extend(self._copier.dropped)
+        self._stream = stream
+
+    def _encoder_options(self) -> dict[str, str]:
+        if self.codec == "ffv1":
+            return {"level": "3", "slicecrc": "1"}
+        opts = {"crf": f"{self.crf:g}", "preset": self.preset}
+        if self.codec == "libx265":
+            opts["x265-params"] = "log-level=error"
+        return opts
+
+    # -- frames --------------------------------------------------------------
+
+    def _pts(self, frame: DecodedFrame) -> int:
+        """The frame's pts in the output time base; synthesized when missing or not increasing."""
+        src = frame.av_frame
+        pts = src.pts if src is not None else frame.side.pts
+        tb = (src.time_base if src is not None else frame.side.time_base) or self.time_base
+        if pts is not None and Fraction(tb) != self.time_base:
+            pts = round(pts * Fraction(tb) / self.time_base)
+        if pts is None:
+            self.missing_pts += 1
+        elif self._last_pts is not None and pts <= self._last_pts:
+            self.reordered_pts += 1
+            pts = None
+        if pts is None:
+            step = 1
+            if self.info.frame_rate:
+                step = max(1, round(1 / (Fraction(self.info.frame_rate) * self.time_base)))
+            pts = 0 if self._last_pts is None else self._last_pts + step
+        self._last_pts = pts
+        return pts
+
+    def _timestamp_warning(self) -> str | None:
+        """A note when timestamps had to be repaired (none at all is normal for raw streams)."""
+        repaired = self.reordered_pts + (self.missing_pts if self.missing_pts < self.frames else 0)
+        if not repaired:
+            return None
+        return f"{repaired} frame(s) had a missing or non-increasing pts; spaced at the frame rate"
+
+    def write(self, frame: DecodedFrame) -> None:
+        """Encode one frame (display order) and copy the other streams up to its time."""
+        if self._stream is None:
+            self._start(frame)
+        av_frame = frame_from_planes(frame.planes, self.info.pix_fmt)
+        if self.pix_fmt != self.info.pix_fmt:
+            av_frame = av_frame.reformat(format=self.pix_fmt)
+        av_frame.pts = self._pts(frame)
+        av_frame.time_base = self.time_base
+        src = frame.av_frame
+        if src is not None and src.duration and src.time_base == self.time_base:
+            av_frame.duration = src.duration  # keeps the last frame's length in VFR
+        self._mux(self._stream.encode(av_frame))
+        self.frames += 1
+        now = av_frame.pts * self.time_base
+        duration = 1 / Fraction(self.info.frame_rate) if self.info.frame_rate else Fraction(0)
+        self._end = now + duration
+        if self._copier is not None:
+            self._copier.pump(now)
+
+    def _mux(self, packets: list[Any]) -> None:
+        for packet in packets:
+            self._out.mux_one(packet)
+
+    def close(self, *, truncated: bool = False) -> None:
+        """Flush the encoder, copy the remaining packets and finish the file.
+
+        ``truncated``: the video was cut short, so the other streams stop at
+        the end of the last frame too.
+        """
+        if self._out is None:
+            return
+        try:
+            if self._stream is None:
+                raise BitstreamError("no frame was written")
+            self._mux(self._stream.encode(None))
+            note = self._timestamp_warning()
+            if note:
+                self.warnings.append(note)
+            if self._copier is not None:
+                self._copier.pump(self._end if truncated else None, drop_after=truncated)
+            self._out.close()
+        finally:
+            self._out = None
+            if self._copier is not None:
+                self._copier.close()
+
+    def abort(self) -> None:
+        """Close everything without finishing the file (the caller deletes it)."""
+        out, self._out = self._out, None
+        for closer in (out, self._copier):
+            if closer is not None:
+                with contextlib.suppress(Exception):  # already failing: keep the first error
+                    closer.close()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -105,7 +105,9 @@ class Stage(nn.Module):
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
         self.head = nn.Conv2d(c, 6, 3, 1, 1)
-        nn.init.zeros_(self.head.weight)
+        # Small but not zero: a zero head passes no gradient to the body, and the
+        # model then sits at the identity (seen in the first training run).
+        nn.init.normal_(self.head.weight, std=1e-3)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, feat, mix, frame_emb):

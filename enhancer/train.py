@@ -7,10 +7,14 @@ validation, ΔPSNR-Y per CRF on held-out sources for each exit and for the
 blind path, so a model that collapses to identity (all ~0) or learns to blur
 (negative at low CRF) shows immediately.
 
-Loss: Charbonnier on the YUV stack (Y weighted 1, U/V 0.5), per sample
-divided by the Charbonnier error of the compressed input itself. Without
-that normalisation heavily compressed samples dominate and the model learns
-corrections that hurt lightly compressed video. Every exit is supervised.
+Loss: Charbonnier on the YUV stack (Y weighted 1, U/V 0.5), each sample
+weighted by 2^(-(QP-37)/6), the inverse of how coding error grows with QP.
+Without that, heavily compressed samples dominate and the model learns
+corrections that hurt lightly compressed video. (Dividing each sample by its
+own input error instead was tried first: near-perfect flat patches then get
+enormous weights and the model collapses to the identity.) Every exit is
+supervised. The log shows the training ΔPSNR-Y and the loss relative to the
+input's own error.
 """
 
 from __future__ import annotations
@@ -38,10 +42,19 @@ CHANNEL_WEIGHTS = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.5]).view(1, 6, 1, 1)
 ABLATIONS = ("temporal", "qp_map", "partitions", "phase", "use_experts", "frame_cond")
 
 
+def qp_weight(qp: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss weight that evens out the error scale across QPs (1 at QP 37)."""
+    return torch.pow(2.0, -(qp.float().clamp(10, 51) - 37.0) / 6.0)
+
+
 def charbonnier(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """Per-sample weighted Charbonnier distance, (B,)."""
     d = torch.sqrt((a - b) ** 2 + eps * eps) * CHANNEL_WEIGHTS.to(a)
     return d.flatten(1).mean(1)
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
 
 
 class PatchSampler:
@@ -145,6 +158,7 @@ def train(args) -> Path:
     model, est = VQENet(cfg), QPEstimator()
     params = list(model.parameters()) + list(est.parameters())
     opt = torch.optim.Adam(params, lr=args.lr)
+    model_params = list(model.parameters())
     step, best = 0, -math.inf
     last = work / "last.pt"
     if last.exists():
@@ -170,8 +184,12 @@ def train(args) -> Path:
         batch = collate(items, model, est)
         outs = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)
         base = charbonnier(batch.x, target).detach() + 1e-4
-        stage_losses = [(charbonnier(o, target) / base).mean() for o in outs]
-        loss = sum(stage_losses) / len(stage_losses)
+        weight = qp_weight(batch.frame_qp) * 30.0
+        per_stage = [charbonnier(o, target) for o in outs]
+        loss = sum((c * weight).mean() for c in per_stage) / len(per_stage)
+        with torch.no_grad():
+            stage_losses = [(c / base).mean() for c in per_stage]
+            gain = (10 * torch.log10(_mse(batch.x, target) / _mse(outs[-1], target))).mean()
         known = [i for i, it in enumerate(items) if it.qmap is not None]
         est_loss = torch.zeros(())
         if known:
@@ -180,17 +198,20 @@ def train(args) -> Path:
             est_loss = (pred - truth).abs().mean()
         opt.zero_grad(set_to_none=True)
         (loss + est_loss).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        # Clip the enhancer only: one global clip shrank the estimator's gradients to nothing.
+        torch.nn.utils.clip_grad_norm_(model_params, 10.0)
         opt.step()
         step += 1
-        running.append([float(v.detach()) for v in stage_losses] + [float(est_loss.detach()) * 51])
+        est_qp = float(est_loss.detach()) * 51
+        running.append([float(v) for v in stage_losses] + [float(gain), est_qp])
         if step % args.log_every == 0:
             r = np.mean(running, 0)
             running = []
             rate = args.log_every / (time.time() - t0)
             t0 = time.time()
-            stages = " ".join(f"s{i + 1}={v:.4f}" for i, v in enumerate(r[:-1]))
-            log(f"step {step} lr {lr:.2e} rel-charb {stages} est-L1 {r[-1]:.2f} QP {rate:.2f} it/s")
+            stages = " ".join(f"s{i + 1}={v:.4f}" for i, v in enumerate(r[:-2]))
+            log(f"step {step} lr {lr:.2e} rel-charb {stages} train-dPSNR {r[-2]:+.3f} dB "
+                f"est-L1 {r[-1]:.2f} QP {rate:.2f} it/s")
         if step % args.val_every == 0 or step == args.steps:
             res = validate(model, est, val_set, max_frames=args.val_frames)
             sc = score(res, cfg.stages)
@@ -235,10 +256,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", default="runs/vqe-v1", help="cache, checkpoints and log")
     p.add_argument("--version", default="vqe-v1")
     p.add_argument("--train-count", type=int, default=2400, help="encoded training sequences")
-    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--steps", type=int, default=11000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--patch", type=int, default=112, help="luma patch size (multiple of 16)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--blocks", type=int, default=2)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from enhancer.checkpoint import save_model
+from enhancer.checkpoint import load_model, save_model
 from enhancer.data import build, frame_inputs, load_cache
 from enhancer.evaluate import format_table, score, validate
 from enhancer.features import phase_planes
@@ -168,6 +168,11 @@ def train(args) -> Path:
         opt.load_state_dict(ck["opt"])
         step, best = ck["step"], ck["best"]
         log(f"resumed from step {step} (best score {best:+.3f})")
+    elif args.init:
+        init_model, init_est, _, meta = load_model(args.init)
+        model.load_state_dict(init_model.state_dict())
+        est.load_state_dict(init_est.state_dict())
+        log(f"initialised from {args.init} ({meta.get('version')}, step {meta.get('step')})")
     log(f"config {json.dumps(cfg.to_dict())}; {sum(p.numel() for p in model.parameters())} params")
     sampler = PatchSampler(train_set, args.patch, args.seed + step, args.blind_p, args.drop_ref_p)
     phase = phase_planes(args.patch // 2, args.patch // 2)[None]
@@ -273,6 +278,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--val-frames", type=int, default=4)
     p.add_argument("--skip-build", action="store_true")
+    p.add_argument("--init", help="start from an exported model file (fine-tuning) instead of "
+                   "random weights; ignored when WORK/last.pt exists")
 
 
 def run(args) -> int:

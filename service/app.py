@@ -34,11 +34,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bitstream.types import BitstreamError, CorruptStream, UnsupportedInput
+from service import auth, events, logs, metrics
 from service.config import Settings
 from service.errors import UserError
 from service.executor import Context, InProcessExecutor, pipeline_options, result_stats
 from service.models import (
     OPTION_FIELDS,
+    WEBHOOK_FIELDS,
     EnhanceOptions,
     ErrorResponse,
     Health,
@@ -46,6 +48,7 @@ from service.models import (
     JobCreateRequest,
     JobLinks,
     JobList,
+    JobOptions,
     JobPhase,
     JobSource,
     JobStats,
@@ -61,6 +64,7 @@ from service.safety import (
 )
 from service.storage import BoundedWriter, UploadTooLarge, is_job_id, new_job_id
 from service.store import JobRow, NewJob, decode_cursor, utcnow
+from service.webhooks import WebhookDispatcher, check_url
 
 log = logging.getLogger("vqe.api")
 
@@ -313,16 +317,26 @@ class Service:
             _RedisBackend(settings) if settings.uses_redis else InProcessExecutor(self.ctx)
         )
         self.sync = _SyncPipelines(settings.sync_concurrency)
+        self.webhooks = WebhookDispatcher(self.store, settings, self.ctx.policy)
+        self.heartbeat = (metrics.Heartbeat(self.store, self.backend.runner.identity, "executor",
+                                            self.backend.threads)
+                          if isinstance(self.backend, InProcessExecutor) else None)  # fmt: skip
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="vqe-sweeper", daemon=True)
 
     def start(self) -> None:
         self.backend.start()
         self._sweeper.start()
+        self.webhooks.start()
+        if self.heartbeat is not None:
+            self.heartbeat.start()
 
     def stop(self) -> None:
         self._stop.set()
         self.backend.stop()
+        self.webhooks.stop()  # after the executor: the events of requeued jobs are out
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.store.close()
 
     def sweep(self) -> list[str]:
@@ -342,7 +356,7 @@ class Service:
 
     def job_or_404(self, job_id: str) -> JobRow:
         row = self.store.get(job_id) if is_job_id(job_id) else None
-        if row is None:
+        if row is None or not auth.may_see(row.owner_key):
             raise ApiError(404, "not_found", f"no job {job_id!r}")
         return row
 
@@ -406,6 +420,7 @@ def job_model(row: JobRow) -> Job:
                          url=_redacted(row.source_url), bytes=row.source_bytes),
         options=EnhanceOptions.model_validate(row.options),
         stats=stats,
+        webhook_url=_redacted(row.webhook_url),
         links=JobLinks(self=base, result=f"{base}/result", cancel=base),
     )
 
@@ -428,7 +443,7 @@ def _job_response(row: JobRow, status: int, **headers: str) -> JSONResponse:
 
 def _multipart_schema() -> dict[str, Any]:
     """OpenAPI schema of the multipart body: the ``file`` part and the option fields."""
-    options = EnhanceOptions.model_json_schema()["properties"]
+    options = JobOptions.model_json_schema()["properties"]
     props: dict[str, Any] = {"file": {"type": "string", "format": "binary",
                                       "description": "The video."}, **options}
     return {"type": "object", "properties": props, "required": ["file"]}
@@ -601,6 +616,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         `{"source_url": ..., options}`. The input is probed first; the answer is 202 with
         the job and its links. Repeating a request with the same `Idempotency-Key`
         returns the original job."""
+        idempotency_key = auth.scoped(idempotency_key)
         if idempotency_key:
             existing = service.store.get_by_idempotency_key(idempotency_key)
             if existing is not None:
@@ -616,7 +632,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 new = await _job_from_upload(request, job_id, tmp)
         finally:
             tmp.unlink(missing_ok=True)
-        new = replace(new, idempotency_key=idempotency_key)
+        new = replace(new, idempotency_key=idempotency_key, owner_key=auth.owner())
         row, created = await run_in_threadpool(service.submit, new)
         headers = {} if created else {"Idempotent-Replayed": "true"}
         return _job_response(row, 202, **headers)
@@ -624,12 +640,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _job_from_upload(request: Request, job_id: str, tmp: Path) -> NewJob:
         upload = await receive_multipart(request, tmp, settings.limits.max_upload_bytes,
                                          sync=False)
-        options = parse_options(upload.fields)
+        options = parse_options(upload.fields, JobOptions)
+        hook = await run_in_threadpool(_webhook_of, options)
         report = await run_in_threadpool(_probe_checked, tmp, settings)
         service.storage.adopt_input(job_id, tmp)
-        return NewJob(id=job_id, source_kind="upload", options=options.model_dump(),
+        return NewJob(id=job_id, source_kind="upload", options=options.model_dump(
+                          exclude=set(WEBHOOK_FIELDS)),
                       source_filename=upload.filename, source_bytes=upload.size,
-                      result_ext=report.result_ext, frames_total=report.frames)
+                      result_ext=report.result_ext, frames_total=report.frames, **hook)
 
     async def _job_from_json(request: Request, job_id: str, tmp: Path) -> NewJob:
         body = bytearray()
@@ -644,6 +662,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not isinstance(values, dict):
             raise ApiError(422, "invalid_request", "the JSON body must be an object")
         req = parse_options(values, JobCreateRequest)
+        hook = await run_in_threadpool(_webhook_of, req)
         fetched = await run_in_threadpool(
             fetch_source, req.source_url, tmp, service.ctx.policy, settings.limits,
             settings.url_timeout,
@@ -654,7 +673,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return NewJob(id=job_id, source_kind="url", options=options, source_url=req.source_url,
                       source_bytes=fetched.size, input_ready=fetched.local,
                       result_ext=fetched.report.result_ext if fetched.local else ".mkv",
-                      frames_total=fetched.report.frames)
+                      frames_total=fetched.report.frames, **hook)
+
+    def _webhook_of(options: JobOptions) -> dict[str, Any]:
+        url = check_url(options.webhook_url, service.ctx.policy, settings)
+        return {"webhook_url": url, "webhook_progress": bool(url and options.webhook_progress)}
 
     @app.get(f"{API_PREFIX}/jobs", tags=["jobs"], response_model=JobList,
              responses=ERROR_RESPONSES)
@@ -669,7 +692,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 decode_cursor(cursor)
         except ValueError:
             raise ApiError(400, "invalid_cursor", "cursor is not valid") from None
-        rows, next_cursor = await run_in_threadpool(service.store.list, status, limit, cursor)
+        rows, next_cursor = await run_in_threadpool(service.store.list, status, limit, cursor,
+                                                    auth.owner())
         return JobList(items=[job_model(r) for r in rows], next_cursor=next_cursor)
 
     @app.get(f"{API_PREFIX}/jobs/{{job_id}}", tags=["jobs"], response_model=Job,
@@ -721,7 +745,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return _job_response(row, 200)
         return _job_response(row, 202)
 
+    from service.web import install_web  # here: service.web imports this module
+
+    install_web(app, service)
+    events.install(app, service.job_or_404, job_model, settings.events_poll, ERROR_RESPONSES,
+                   API_PREFIX)
     _install_openapi(app)
+    # Middleware: the last added runs first: request id, latency, API key, the app.
+    auth.install(app, settings.api_keys)  # after the OpenAPI wrapper: it documents 401s
+    metrics.install(app, service.store)
+    app.add_middleware(logs.RequestIdMiddleware)
     return app
 
 

@@ -47,20 +47,25 @@ def run(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.config import Settings
     from service.errors import UserError
+    from service.logs import setup as setup_logs
 
     if args.workers is not None:
         if args.workers < 1:
             raise UserError("--workers must be at least 1")
         os.environ["VQE_WORKERS"] = str(args.workers)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(data_dir=args.data_dir)
+    setup_logs(args.log_level, settings.log_format)
     app = create_app(settings)
     mode = f"queue {settings.queue_url}" if settings.uses_redis else (
         f"{settings.workers} in-process worker thread(s)")
     logging.getLogger("vqe.api").info(
         "data in %s (database %s), jobs on %s", settings.storage_dir,
         settings.database_url.split("@")[-1], mode)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            log_config=None, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
+    server = uvicorn.Server(config)
+    # Long-lived responses (event streams) end when a shutdown starts, so that uvicorn's
+    # graceful wait is not spent on them; running jobs are then handed back to the queue.
+    app.state.stopping = lambda: server.should_exit
+    server.run()
     return 0

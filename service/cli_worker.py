@@ -38,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from service.config import Settings
     from service.errors import UserError
     from service.executor import Context, JobRunner
+    from service.logs import setup as setup_logs
+    from service.metrics import Heartbeat, serve_worker_metrics
     from service.queue_redis import QUEUE_NAME, RedisQueue
+    from service.webhooks import WebhookDispatcher
 
     if args.queue_url:
         os.environ["VQE_QUEUE_URL"] = args.queue_url
@@ -46,13 +49,15 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise UserError("--threads must be at least 1")
         os.environ["VQE_WORKERS"] = str(args.threads)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(data_dir=args.data_dir)
+    setup_logs(args.log_level, settings.log_format)
     if not settings.uses_redis:
         raise UserError("set VQE_QUEUE_URL (or --queue-url) to a redis:// URL")
     stop = threading.Event()
-    runner = JobRunner(Context.from_settings(settings), shutdown=stop)
+    ctx = Context.from_settings(settings)
+    runner = JobRunner(ctx, shutdown=stop)
+    webhooks = WebhookDispatcher(ctx.store, settings, ctx.policy)
+    heartbeat = Heartbeat(ctx.store, runner.identity, "worker", settings.workers)
     queue = RedisQueue(settings, runner)
     worker = Worker(queue.broker, queues=[QUEUE_NAME], worker_threads=settings.workers)
     # Fetch no more jobs than there are threads: a prefetched job would wait here
@@ -69,11 +74,17 @@ def run(args: argparse.Namespace) -> int:
     log.info("worker %s: %d thread(s) on %s", runner.identity, settings.workers, QUEUE_NAME)
     queue.broker.emit_after("process_boot")  # starts the time-limit watcher, as dramatiq's CLI
     worker.start()
+    webhooks.start()
+    heartbeat.start()
+    if settings.metrics_port:
+        serve_worker_metrics(settings.metrics_port, ctx.store)
     try:
         while not stop.wait(1.0):
             pass
     finally:
         # The runner stops the running job and queues it again; then Dramatiq acks it.
         worker.stop(timeout=60_000)
+        webhooks.stop()
+        heartbeat.stop()
         queue.close()
     return 0

@@ -56,6 +56,17 @@ ENV_VARS: dict[str, str] = {
     "VQE_QUEUE_MAINTENANCE_CHANCE": "Dramatiq: per-million chance a queue command runs "
     "dead-worker recovery (default 10000)",
     "VQE_SWEEP_INTERVAL": "seconds between sweeps for expired results (default 60)",
+    "VQE_API_KEYS": "comma list of API keys; when set every /v1 route needs "
+    "`Authorization: Bearer <key>` and each key sees only its own jobs (default: open)",
+    "VQE_WEBHOOK_SECRET": "HMAC-SHA256 key signing webhook deliveries; jobs may carry a "
+    "`webhook_url` only when it is set",
+    "VQE_WEBHOOK_TIMEOUT": "seconds one webhook delivery attempt may take (default 10)",
+    "VQE_WEBHOOK_MIN_BACKOFF": "seconds before the first webhook retry, doubling (default 5)",
+    "VQE_WEBHOOK_MAX_BACKOFF": "longest delay between webhook retries in seconds (default 600)",
+    "VQE_WEBHOOK_MAX_AGE": "seconds after which an undelivered webhook is given up (default 86400)",
+    "VQE_EVENTS_POLL": "seconds between job-store reads of a /events stream (default 0.5)",
+    "VQE_LOG_FORMAT": "json (default: one JSON object per line) or text",
+    "VQE_METRICS_PORT": "`vqe worker` only: serve Prometheus /metrics on this port (default off)",
     "VQE_TEST_FRAME_DELAY": "TEST ONLY: seconds to sleep per enhanced frame, so tests can "
     "interrupt a job mid-way (default 0)",
 }
@@ -119,6 +130,15 @@ class Settings:
     queue_maintenance_chance: int = 10_000
     sweep_interval: float = 60.0
     test_frame_delay: float = 0.0
+    api_keys: tuple[str, ...] = ()
+    webhook_secret: str = ""
+    webhook_timeout: float = 10.0
+    webhook_min_backoff: float = 5.0
+    webhook_max_backoff: float = 600.0
+    webhook_max_age: float = 86400.0
+    events_poll: float = 0.5
+    log_format: str = "json"
+    metrics_port: int | None = None
 
     @property
     def uses_redis(self) -> bool:
@@ -181,4 +201,20 @@ def load_settings(env: Mapping[str, str], data_dir: str | Path | None = None) ->
         ),
         sweep_interval=_float(env, "VQE_SWEEP_INTERVAL", s.sweep_interval),
         test_frame_delay=_float(env, "VQE_TEST_FRAME_DELAY", s.test_frame_delay),
+        api_keys=tuple(k.strip() for k in env.get("VQE_API_KEYS", "").split(",") if k.strip()),
+        webhook_secret=env.get("VQE_WEBHOOK_SECRET", "").strip(),
+        webhook_timeout=_float(env, "VQE_WEBHOOK_TIMEOUT", s.webhook_timeout),
+        webhook_min_backoff=_float(env, "VQE_WEBHOOK_MIN_BACKOFF", s.webhook_min_backoff),
+        webhook_max_backoff=_float(env, "VQE_WEBHOOK_MAX_BACKOFF", s.webhook_max_backoff),
+        webhook_max_age=_float(env, "VQE_WEBHOOK_MAX_AGE", s.webhook_max_age),
+        events_poll=max(0.05, _float(env, "VQE_EVENTS_POLL", s.events_poll)),
+        log_format=_log_format(env),
+        metrics_port=_int(env, "VQE_METRICS_PORT", 0) or None,
     )
+
+
+def _log_format(env: Mapping[str, str]) -> str:
+    value = env.get("VQE_LOG_FORMAT", "").strip().lower() or "json"
+    if value not in ("json", "text"):
+        raise UserError(f"VQE_LOG_FORMAT must be json or text, not {value!r}")
+    return value

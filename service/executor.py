@@ -28,6 +28,7 @@ from enum import StrEnum
 from typing import Any
 
 from bitstream.types import BitstreamError, CorruptStream, UnsupportedInput
+from service import logs, metrics
 from service.config import Settings
 from service.errors import UserError
 from service.models import JobStatus
@@ -158,6 +159,10 @@ class _Watch:
         self.cancel.set()
 
     def _loop(self) -> None:
+        with logs.job_context(self.job_id):
+            self._watch()
+
+    def _watch(self) -> None:
         settings = self.runner.settings
         store = self.runner.store
         while not self._done.wait(min(WATCH_INTERVAL, settings.job_lease / 3)):
@@ -197,6 +202,10 @@ class JobRunner:
     def run(self, job_id: str, *, final_attempt: bool = True) -> Outcome:
         """Run ``job_id`` if it needs running. ``final_attempt``: a transient failure
         fails the job instead of asking for a retry."""
+        with logs.job_context(job_id):
+            return self._run(job_id, final_attempt)
+
+    def _run(self, job_id: str, final_attempt: bool) -> Outcome:
         owner = f"{self.identity}:{threading.get_ident()}"
         claim = self._claim(job_id, owner)
         if claim is Claim.held:
@@ -228,11 +237,18 @@ class JobRunner:
                 return Outcome.retry
         path = self.storage.find_result(job_id)
         size = path.stat().st_size if path is not None else None
+        try:  # the web page's per-frame plot; the job does not depend on it
+            self.storage.write_frames(job_id, result.frame_log)
+        except OSError:
+            log.warning("job %s: cannot store the per-frame log", job_id, exc_info=True)
         expires = utcnow() + timedelta(seconds=self.settings.retention)
-        if self.store.finish(job_id, owner, JobStatus.succeeded,
-                             stats=result_stats(result, size), expires_at=expires):
+        stats = result_stats(result, size)
+        if self.store.finish(job_id, owner, JobStatus.succeeded, stats=stats,
+                             expires_at=expires):
+            metrics.record_job(stats)
             log.info("job %s: succeeded (%d frames, %.2f fps)", job_id, result.frames, result.fps)
-        self.storage.remove_input(job_id)
+        # The input stays next to the result (before/after previews) until retention or
+        # DELETE removes the job's folder.
         return Outcome.done
 
     def _claim(self, job_id: str, owner: str) -> Claim:

@@ -83,7 +83,28 @@ class EnhanceOptions(BaseModel):
 OPTION_FIELDS = tuple(EnhanceOptions.model_fields)
 
 
-class JobCreateRequest(EnhanceOptions):
+class JobOptions(EnhanceOptions):
+    """Options of a batch job: the enhancement's, and where to report its outcome."""
+
+    webhook_url: str | None = Field(
+        None, max_length=2048,
+        description="http(s) URL that gets a signed POST when the job ends "
+        "(`job.succeeded`, `job.failed`, `job.canceled`); see `service.webhooks`.",
+    )
+    webhook_progress: bool = Field(
+        False, description="Also POST `job.progress` each time the job passes 10 %."
+    )
+
+    @field_validator("webhook_url", mode="before")
+    @classmethod
+    def _empty_url(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+WEBHOOK_FIELDS = ("webhook_url", "webhook_progress")
+
+
+class JobCreateRequest(JobOptions):
     """JSON body of `POST /v1/jobs` for a source URL (uploads use multipart instead)."""
 
     source_url: str = Field(
@@ -143,6 +164,7 @@ class Job(BaseModel):
     source: JobSource
     options: EnhanceOptions
     stats: JobStats | None = None
+    webhook_url: str | None = Field(None, description="Where the job's events are POSTed.")
     links: JobLinks
 
 
@@ -156,3 +178,27 @@ class JobList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class FrameInfo(BaseModel):
+    """What the bitstream and the model did for one frame of a finished job."""
+
+    index: int = Field(description="Display order, from 0.")
+    pict_type: str = Field(description="`I`, `P`, `B` or `?`.")
+    qp: float | None = Field(None, description="Frame QP (from the bitstream or estimated).")
+    stages: int = Field(description="Enhancement stages run on this frame.")
+    side_info: str = Field(description="Where the model's side information came from.")
+
+
+class JobFrames(BaseModel):
+    """Per-frame log of a succeeded job, and where its preview pictures are."""
+
+    job_id: str
+    count: int
+    frames: list[FrameInfo]
+    preview_kinds: list[str] = Field(
+        description="Kinds for `GET /v1/jobs/{id}/preview/{kind}.png?frame=N`."
+    )
+    input_available: bool = Field(
+        description="The input is still stored: `before` and side-info previews can be made."
+    )

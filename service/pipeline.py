@@ -96,6 +96,8 @@ class EnhanceResult:
     codec: str = ""
     crf: float | None = None
     warnings: list[str] = field(default_factory=list)
+    # One record per enhanced frame: index, pict_type, qp, stages, side_info (the web page).
+    frame_log: list[dict[str, Any]] = field(default_factory=list)
 
 
 def probe(source: Source) -> SequenceInfo:
@@ -193,6 +195,7 @@ class _Stats:
         self.qp_sum = 0.0
         self.qp_count = 0
         self.sources: dict[str, Counter[str]] = {}
+        self.log: list[dict[str, Any]] = []
 
     def add(self, frame: DecodedFrame, report: Any) -> None:
         self.frames += 1
@@ -200,6 +203,13 @@ class _Stats:
         if report.qp is not None:
             self.qp_sum += float(report.qp)
             self.qp_count += 1
+        self.log.append({
+            "index": int(frame.index),
+            "pict_type": frame.side.pict_type,
+            "qp": None if report.qp is None else round(float(report.qp), 2),
+            "stages": int(report.stages),
+            "side_info": str(report.side_info),
+        })
         items = dict(frame.side.sources)
         items["engine"] = str(report.side_info)
         for key, value in items.items():
@@ -339,6 +349,7 @@ class Pipeline:
             codec=writer.codec,
             crf=writer.crf,
             warnings=list(writer.warnings),
+            frame_log=stats.log,
         )
 
     @staticmethod

@@ -5,6 +5,7 @@ Layout under the storage root (a shared volume when there are many nodes)::
     tmp/<random>            uploads being received, sync requests in flight
     jobs/<job id>/input     the source as uploaded or fetched
     jobs/<job id>/result.<ext>
+    jobs/<job id>/frames.json   per-frame QP / picture type / stages (the web page's plot)
 
 No name from user input ever becomes part of a path: job ids are generated
 here (32 hex digits) and checked on every use, temporary names are random,
@@ -13,6 +14,7 @@ and extensions come from a fixed set.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -20,6 +22,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 RESULT_EXTENSIONS = (".mp4", ".mkv")
@@ -72,6 +75,24 @@ class Storage:
             if path.is_file():
                 return path
         return None
+
+    def frames_path(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "frames.json"
+
+    def write_frames(self, job_id: str, frames: list[dict[str, Any]]) -> None:
+        """Store the per-frame log of a finished job (written whole, then renamed)."""
+        dest = self.frames_path(job_id)
+        part = dest.with_name(f".frames.{secrets.token_hex(4)}.part")
+        part.write_text(json.dumps(frames, separators=(",", ":")))
+        os.replace(part, dest)
+
+    def read_frames(self, job_id: str) -> list[dict[str, Any]] | None:
+        """The per-frame log, or None when there is none (an old or deleted job)."""
+        try:
+            data = json.loads(self.frames_path(job_id).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, list) else None
 
     def adopt_input(self, job_id: str, tmp: Path) -> Path:
         """Move a received temporary file to be the job's input."""

@@ -45,16 +45,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.config import Settings
-    from service.errors import UserError
-    from service.logs import setup as setup_logs
+    from service.config import cli_settings
 
-    if args.workers is not None:
-        if args.workers < 1:
-            raise UserError("--workers must be at least 1")
-        os.environ["VQE_WORKERS"] = str(args.workers)
-    settings = Settings.from_env(data_dir=args.data_dir)
-    setup_logs(args.log_level, settings.log_format)
+    settings = cli_settings(args.data_dir, args.workers, "--workers", args.log_level)
     app = create_app(settings)
     mode = f"queue {settings.queue_url}" if settings.uses_redis else (
         f"{settings.workers} in-process worker thread(s)")

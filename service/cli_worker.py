@@ -35,22 +35,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from dramatiq import Worker
 
-    from service.config import Settings
+    from service.config import cli_settings
     from service.errors import UserError
     from service.executor import Context, JobRunner
-    from service.logs import setup as setup_logs
     from service.metrics import Heartbeat, serve_worker_metrics
     from service.queue_redis import QUEUE_NAME, RedisQueue
     from service.webhooks import WebhookDispatcher
 
     if args.queue_url:
         os.environ["VQE_QUEUE_URL"] = args.queue_url
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError("--threads must be at least 1")
-        os.environ["VQE_WORKERS"] = str(args.threads)
-    settings = Settings.from_env(data_dir=args.data_dir)
-    setup_logs(args.log_level, settings.log_format)
+    settings = cli_settings(args.data_dir, args.threads, "--threads", args.log_level)
     if not settings.uses_redis:
         raise UserError("set VQE_QUEUE_URL (or --queue-url) to a redis:// URL")
     stop = threading.Event()

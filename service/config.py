@@ -218,3 +218,17 @@ def _log_format(env: Mapping[str, str]) -> str:
     if value not in ("json", "text"):
         raise UserError(f"VQE_LOG_FORMAT must be json or text, not {value!r}")
     return value
+
+
+def cli_settings(data_dir: str | None, workers: int | None, flag: str, log_level: str) -> Settings:
+    """Settings of a `vqe serve`/`vqe worker` process: ``workers`` (from ``flag``) overrides
+    ``VQE_WORKERS``; logging is set up in the configured format."""
+    from service.logs import setup as setup_logs
+
+    if workers is not None:
+        if workers < 1:
+            raise UserError(f"{flag} must be at least 1")
+        os.environ["VQE_WORKERS"] = str(workers)
+    settings = Settings.from_env(data_dir=data_dir)
+    setup_logs(log_level, settings.log_format)
+    return settings

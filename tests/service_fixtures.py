@@ -103,9 +103,11 @@ class ServiceProcess:
         except httpx.HTTPError:
             return False
 
-    def log(self) -> str:
+    def log(self, tail: int | None = 6000) -> str:
+        """The process's output: its last ``tail`` characters (for failure messages), or all."""
         try:
-            return self.log_path.read_text(errors="replace")[-6000:]
+            text = self.log_path.read_text(errors="replace")
+            return text[-tail:] if tail else text
         except OSError:
             return ""
 

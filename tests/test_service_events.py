@@ -75,7 +75,7 @@ def test_events_continue_across_a_server_restart(tmp_path: Path):
     before = stream.messages()
     assert before[0]["event"] == "status" and before[-1]["data"]["status"] == "running"
     assert {m["event"] for m in before} <= {"status", "progress"}
-    assert "interrupted by shutdown; queued again" in first.log()
+    assert "interrupted by shutdown; queued again" in first.log(tail=None)
 
     with ServiceProcess("serve", data, ENV) as second:
         last_id = before[-1]["id"]

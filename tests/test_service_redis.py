@@ -59,7 +59,7 @@ def start_worker(cluster: tuple[Api, Path], queue_env: dict[str, str], **env: st
 
 
 def started_jobs(worker: ServiceProcess) -> list[str]:
-    return re.findall(r"job ([0-9a-f]{32}): started by", worker.log())
+    return re.findall(r"job ([0-9a-f]{32}): started by", worker.log(tail=None))
 
 
 def test_killed_worker_job_is_finished_by_another(

@@ -75,7 +75,7 @@ def test_stopped_server_requeues_job_and_results_expire(
     api.wait_running(job_id, frames=2)
     # SIGTERM: graceful; uvicorn re-raises the signal once shut down, hence -15.
     assert first.stop() in (0, -15)
-    assert "interrupted by shutdown; queued again" in first.log()
+    assert "interrupted by shutdown; queued again" in first.log(tail=None)
 
     _, api = start(servers, data_dir, VQE_RETENTION="2", VQE_SWEEP_INTERVAL="0.5")
     done = api.wait(job_id)

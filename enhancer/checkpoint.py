@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -36,8 +37,11 @@ def load_model(path: str | Path | None = None, map_location: str = "cpu"):
     path = Path(path) if path else DEFAULT_WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"model weights not found: {path}")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    if blob.get("format") != "vqe-model/1":
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a torch file at all
+        raise ValueError(f"{path} is not a vqe model file ({type(exc).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != "vqe-model/1":
         raise ValueError(f"{path} is not a vqe model file")
     model = VQENet(ModelConfig.from_dict(blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["model"].items()})

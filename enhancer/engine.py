@@ -96,7 +96,10 @@ class Engine:
         side = frame.side
         cur = planes_to_tensor(frame.planes, bit_depth)
         _, h, w = cur.shape
-        use_bits = self.side_info != "blind" and side.qp_map is not None
+        # Only a decoded per-macroblock map (H.264) counts: HEVC's flat map from the slice
+        # headers comes without partitions or motion, and training treats HEVC as blind.
+        use_bits = (self.side_info != "blind" and side.qp_map is not None
+                    and side.sources.get("qp_map") == "bitstream")  # fmt: skip
         if not use_bits:  # blind, or the stream has none: the estimate stands in (reported)
             pict = side.pict_type if side.sources.get("pict_type") != "none" else "?"
             if self.side_info == "blind":

@@ -2,8 +2,9 @@
 
 Calibrated on validation data and saved next to the weights. For each QP
 bin it picks the fewest stages whose mean ΔPSNR-Y is within ``tolerance``
-(0.05 dB) of running every stage; if even the best stage count loses
-quality in that bin, it picks 0 (the frame is passed through untouched).
+(0.05 dB) of the best stage count (that is, of running every stage when gains
+grow with depth); if that count does not gain in the bin, it picks 0 (the
+frame is passed through untouched).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def calibrate(
             continue
         mean = gains[sel].mean(0)
         table.append([round(float(g), 4) for g in mean])
-        k = next(s for s in range(1, max_stages + 1) if mean[s - 1] >= mean[-1] - tolerance)
+        # Within tolerance of the best count (= all stages when gains grow with depth).
+        k = next(s for s in range(1, max_stages + 1) if mean[s - 1] >= mean.max() - tolerance)
         chosen.append(k if mean[k - 1] > 0 else 0)
     # Bins with no validation frames borrow the nearest calibrated bin.
     known = [i for i, c in enumerate(chosen) if c >= 0]

@@ -148,8 +148,10 @@ def train(args) -> Path:
     torch.set_num_threads(args.threads)
     if not args.skip_build:
         build_dataset(Path(args.footage), work, args.train_count, args.seed, args.workers, log)
-    train_set = load_cache(work / "cache" / "train")
     val_set = load_cache(work / "cache" / "val")
+    if args.export_only:
+        return export(work, val_set, args, log)
+    train_set = load_cache(work / "cache" / "train")
     log(f"loaded {len(train_set)} train / {len(val_set)} validation samples")
 
     cfg = ModelConfig(channels=args.channels, stages=args.stages, blocks_per_stage=args.blocks)
@@ -169,10 +171,14 @@ def train(args) -> Path:
         step, best = ck["step"], ck["best"]
         log(f"resumed from step {step} (best score {best:+.3f})")
     elif args.init:
-        init_model, init_est, _, meta = load_model(args.init)
-        model.load_state_dict(init_model.state_dict())
-        est.load_state_dict(init_est.state_dict())
-        log(f"initialised from {args.init} ({meta.get('version')}, step {meta.get('step')})")
+        init = torch.load(args.init, map_location="cpu", weights_only=False)
+        if init.get("format"):  # an exported model file (fp16)
+            init_model, init_est, _, meta = load_model(args.init)
+            init = {"model": init_model.state_dict(), "estimator": init_est.state_dict(),
+                    "step": meta.get("step")}  # fmt: skip
+        model.load_state_dict({k: v.float() for k, v in init["model"].items()})
+        est.load_state_dict({k: v.float() for k, v in init["estimator"].items()})
+        log(f"initialised from {args.init} (trained {init.get('step')} steps)")
     log(f"config {json.dumps(cfg.to_dict())}; {sum(p.numel() for p in model.parameters())} params")
     sampler = PatchSampler(train_set, args.patch, args.seed + step, args.blind_p, args.drop_ref_p)
     phase = phase_planes(args.patch // 2, args.patch // 2)[None]
@@ -188,9 +194,9 @@ def train(args) -> Path:
         items, target = sampler.batch(args.batch)
         batch = collate(items, model, est)
         outs = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)
-        base = charbonnier(batch.x, target).detach() + 1e-4
+        base = charbonnier(batch.x, target, args.charb_eps).detach() + 1e-4
         weight = qp_weight(batch.frame_qp) * 30.0
-        per_stage = [charbonnier(o, target) for o in outs]
+        per_stage = [charbonnier(o, target, args.charb_eps) for o in outs]
         loss = sum((c * weight).mean() for c in per_stage) / len(per_stage)
         with torch.no_grad():
             stage_losses = [(c / base).mean() for c in per_stage]
@@ -268,6 +274,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--blocks", type=int, default=2)
+    p.add_argument("--charb-eps", type=float, default=1e-3,
+                   help="Charbonnier epsilon (pixel scale 0-1): errors below it are penalised "
+                   "quadratically (mean-seeking), above it linearly (median-seeking)")
     p.add_argument("--blind-p", type=float, default=0.2)
     p.add_argument("--drop-ref-p", type=float, default=0.1)
     p.add_argument("--disable", nargs="*", choices=ABLATIONS, help="ablate model parts")
@@ -278,6 +287,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--val-frames", type=int, default=4)
     p.add_argument("--skip-build", action="store_true")
+    p.add_argument("--export-only", action="store_true",
+                   help="calibrate and export WORK/best.pt without training")
     p.add_argument("--init", help="start from an exported model file (fine-tuning) instead of "
                    "random weights; ignored when WORK/last.pt exists")
 

@@ -1,13 +1,16 @@
 """`vqe train`: build the cached dataset, train with deep supervision, validate, calibrate, export.
 
-The recipe (defaults) is the one that produced the shipped weights. Everything
+The defaults are the recipe's first run; the shipped weights add two
+fine-tuning runs (see enhancer/MODEL_CARD.md for the commands). Everything
 is resumable: the dataset build skips samples already on disk, and training
 restarts from ``WORK/last.pt``. The log (``WORK/train.log``) prints, at every
 validation, ΔPSNR-Y per CRF on held-out sources for each exit and for the
 blind path, so a model that collapses to identity (all ~0) or learns to blur
 (negative at low CRF) shows immediately.
 
-Loss: Charbonnier on the YUV stack (Y weighted 1, U/V 0.5), each sample
+Loss: Charbonnier on the YUV stack (Y weighted 1, U/V 0.5; ``--charb-eps``: 1e-3
+is L1-like and median-seeking, 1e-2 quadratic below ~2.5 grey levels, which PSNR
+rewards and which the last fine-tuning used), each sample
 weighted by 2^(-(QP-37)/6), the inverse of how coding error grows with QP.
 Without that, heavily compressed samples dominate and the model learns
 corrections that hurt lightly compressed video. (Dividing each sample by its

@@ -125,8 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=8, help="frames per source sequence")
     ap.add_argument("--sources", type=int, default=0, help="limit the number of sources (0 = all)")
     ap.add_argument("--no-filters", action="store_true", help="skip the FFmpeg baselines")
+    ap.add_argument("--configs", default="",
+                    help="only these, e.g. x265:27,x264:37 (default: all)")
     ap.add_argument("--json-out", type=Path, default=Path("bench/results/quality.json"))
     args = ap.parse_args(argv)
+    configs = CONFIGS
+    if args.configs:
+        wanted = {(f"lib{c.split(':')[0]}", int(c.split(":")[1])) for c in args.configs.split(",")}
+        configs = [c for c in CONFIGS if c in wanted]
+        if not configs:
+            ap.error(f"--configs: none of {args.configs} is among {CONFIGS}")
 
     sources = split_sources(footage_sources(args.footage), validation=True)
     if args.sources:
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # acc[config][method] -> lists of per-frame ΔPSNR, ΔSSIM, seconds, stages
     acc: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for codec, crf in CONFIGS:
+    for codec, crf in configs:
         key = f"{'x264' if codec == 'libx264' else 'x265'} CRF {crf}"
         for clean in clean_seqs.values():
             data = encode_planes(clean, EncodeSettings(codec=codec, crf=crf))

@@ -291,6 +291,7 @@ def build(
     frames: int = 6,
     size: tuple[int, int] = (256, 256),
     val_crfs: tuple[float, ...] = (17, 22, 27, 32, 37, 42, 47),
+    val_codec: str = "libx264",
     worker: int = 0,
     workers: int = 1,
 ) -> int:
@@ -305,8 +306,9 @@ def build(
     jobs = []
     if validation:
         for i, (name, p) in enumerate(sources):
+            tag = "" if val_codec == "libx264" else f"_{val_codec}"
             for crf in val_crfs:
-                jobs.append((f"{name}_crf{crf:g}", p, i, crf))
+                jobs.append((f"{name}{tag}_crf{crf:g}", p, i, crf))
     else:
         jobs = [(f"s{k:05d}", None, k, None) for k in range(count)]
     for j, (key, path, k, crf) in enumerate(jobs):
@@ -317,7 +319,7 @@ def build(
             continue
         rng = np.random.default_rng([seed, k, 1 if validation else 0])
         if validation:
-            settings = EncodeSettings(crf=float(crf))
+            settings = EncodeSettings(codec=val_codec, crf=float(crf))
             clean = _clean_sequence(path, photos, clips, clip_cache, rng, frames=8,
                                     size=(384, 256))  # fmt: skip
         else:

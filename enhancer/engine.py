@@ -151,6 +151,13 @@ class Engine:
                 out[:, :, y0:ye, x0:xe] = res[:, :, y0 - ya : ye - ya, x0 - xa : xe - xa]
         return out
 
+    def _policy_stages(self, qp: float, info: SequenceInfo) -> int:
+        """HEVC is calibrated by the stream's CRF (when x265 wrote it), H.264 by frame QP."""
+        if info.codec == "hevc" and self.policy.hevc_stages:
+            level = info.sequence_qp if info.sequence_qp is not None else qp
+            return self.policy.stages_for(level, hevc=True)
+        return self.policy.stages_for(qp)
+
     def process(
         self, frames: Iterable[DecodedFrame], info: SequenceInfo
     ) -> Iterator[tuple[DecodedFrame, FrameReport]]:
@@ -168,7 +175,8 @@ class Engine:
             qp = float(batch.frame_qp[0])
             qp_sum, qp_n = qp_sum + qp, qp_n + 1
             n = self.stages if self.stages != "auto" else (
-                self.policy.stages_for(qp) if self.policy else self.max_stages
+                self._policy_stages(qp, info) if self.policy
+                else self.max_stages
             )  # fmt: skip
             if frame.side.pict_type in ("I", "P"):
                 anchor = item.cur

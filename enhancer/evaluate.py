@@ -43,14 +43,15 @@ def validate(
     """ΔPSNR-Y per CRF for every stage count (and the blind path at full depth).
 
     Returns {"crf": {crf: {"input": psnr, "s1": Δ, ..., "blind": Δ}}, "qp": per-frame
-    records for calibration [(frame_qp, [Δ per stage])]}.
+    records for calibration [(frame_qp, [Δ per stage])], "blind_records": the same for
+    frames on the blind path (blind runs, and x265 samples)}.
     """
     from enhancer.data import frame_inputs
 
     model.eval()
     estimator.eval()
     per_crf: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    records = []
+    records, blind_records = [], []
     for sample in samples:
         n = min(max_frames, len(sample["dec"]))
         crf = float(sample["crf"])
@@ -62,24 +63,32 @@ def validate(
             batch = collate(items, model, estimator)
             outs = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)
             base = psnr_y(batch.x, target)
+            deltas = [(psnr_y(o, target) - base) for o in outs]
+            # x265 samples have no side info: their frames run the blind path too, and are
+            # binned by the stream's CRF (the estimated QP hardly separates x265 levels).
+            blind_path = is_blind or str(sample["codec"]) != "libx264"
+            hevc = str(sample["codec"]) == "libx265"
+            for i in range(n):
+                level = crf if hevc else float(batch.frame_qp[i])
+                rec = (level, [float(d[i]) for d in deltas])
+                (blind_records if blind_path else records).append(rec)
             if is_blind:
-                per_crf[crf]["blind"] += (psnr_y(outs[-1], target) - base).tolist()
+                per_crf[crf]["blind"] += deltas[-1].tolist()
                 continue
             per_crf[crf]["input"] += base.tolist()
-            deltas = [(psnr_y(o, target) - base) for o in outs]
             for s, d in enumerate(deltas, 1):
                 per_crf[crf][f"s{s}"] += d.tolist()
-            for i in range(n):
-                records.append((float(batch.frame_qp[i]), [float(d[i]) for d in deltas]))
     table = {
         crf: {k: float(np.mean(v)) for k, v in cols.items()}
         for crf, cols in sorted(per_crf.items())
     }
-    return {"crf": table, "records": records}
+    return {"crf": table, "records": records, "blind_records": blind_records}
 
 
 def format_table(result: dict, stages: int) -> str:
-    cols = ["input"] + [f"s{s}" for s in range(1, stages + 1)] + ["blind"]
+    cols = ["input"] + [f"s{s}" for s in range(1, stages + 1)]
+    if any("blind" in row for row in result["crf"].values()):
+        cols.append("blind")
     lines = ["  CRF  " + " ".join(f"{c:>8}" for c in cols)]
     for crf, row in result["crf"].items():
         vals = [row.get(c, math.nan) for c in cols]

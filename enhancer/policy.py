@@ -23,16 +23,22 @@ class ExitPolicy:
     gains: list[list[float]] = field(default_factory=list)  # per bin, per stage count 1..S
     tolerance: float = 0.05
     max_stages: int = 3
+    # The same for HEVC streams, binned by the stream's CRF and calibrated on x265
+    # validation encodes (the model gains less on them); empty: use ``stages``.
+    hevc_stages: list[int] = field(default_factory=list)
+    hevc_gains: list[list[float]] = field(default_factory=list)
 
-    def stages_for(self, qp: float | None) -> int:
-        if not self.stages or qp is None or not np.isfinite(qp):
+    def stages_for(self, qp: float | None, hevc: bool = False) -> int:
+        table = self.hevc_stages if hevc and self.hevc_stages else self.stages
+        if not table or qp is None or not np.isfinite(qp):
             return self.max_stages
         i = int(np.searchsorted(self.edges, qp, side="right")) - 1
-        return self.stages[min(max(i, 0), len(self.stages) - 1)]
+        return table[min(max(i, 0), len(table) - 1)]
 
     def to_dict(self) -> dict:
         return {"edges": self.edges, "stages": self.stages, "gains": self.gains,
-                "tolerance": self.tolerance, "max_stages": self.max_stages}  # fmt: skip
+                "tolerance": self.tolerance, "max_stages": self.max_stages,
+                "hevc_stages": self.hevc_stages, "hevc_gains": self.hevc_gains}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict) -> ExitPolicy:

@@ -362,6 +362,23 @@ def test_policy_without_data_runs_everything_and_round_trips():
     back = ExitPolicy.from_dict(d)
     assert back == pol and back.tolerance == 0.02
     assert [back.stages_for(q) for q in (None, 10, 30, 45)] == [2, 2, 2, 1]
+    # HEVC has its own table when calibrated, else falls back to the H.264 one.
+    assert back.stages_for(45, hevc=True) == 1
+    back.hevc_stages = [0] * len(back.stages)
+    assert back.stages_for(45, hevc=True) == 0 and back.stages_for(45) == 1
+    assert ExitPolicy.from_dict(json.loads(json.dumps(back.to_dict()))) == back
+
+
+def test_engine_hevc_follows_the_hevc_policy_by_crf(clip):
+    """HEVC frames take the x265-calibrated table, binned by the stream's CRF."""
+    path = clip("h27.mp4", codec="libx265", size=(64, 48), frames=3,
+                options={"crf": "27", "x265-params": "log-level=none"})  # fmt: skip
+    info, frames = decode(path)
+    engine = Engine(device="cpu")
+    assert info.codec == "hevc" and info.sequence_qp == 27
+    assert engine.policy.hevc_stages, "the shipped weights carry an HEVC table"
+    want = engine.policy.stages_for(27.0, hevc=True)
+    assert [r.stages for _, r in enhance(engine, info, frames)] == [want] * 3
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -648,8 +665,10 @@ def test_train_builds_trains_validates_and_exports(trained):
     for step in (2, 4):
         assert f"validation at step {step}" in log
     assert "new best" in log
-    header = re.findall(r"CRF\s+input\s+s1\s+s2\s+blind", log)
-    assert len(header) == 3  # two validations and the final one
+    header = re.findall(r"CRF\s+input\s+s1\s+s2(?:\s+blind)?\n", log)
+    assert len(header) == 4  # two validations, the final one and the x265 one
+    assert "x265 validation (blind path)" in log and "HEVC exit policy: stages" in log
+    assert len(list((work / "cache" / "val-hevc").glob("Kite_libx265_crf*.npz"))) == 7
     for crf in VAL_CRFS:  # one row per CRF, each with 4 finite numbers
         rows = re.findall(rf"^\s+{crf} ((?:\s+[-+]?\d+\.\d+){{4}})$", log, re.M)
         assert len(rows) == 3, crf

@@ -43,15 +43,15 @@ def validate(
     """ΔPSNR-Y per CRF for every stage count (and the blind path at full depth).
 
     Returns {"crf": {crf: {"input": psnr, "s1": Δ, ..., "blind": Δ}}, "qp": per-frame
-    records for calibration [(frame_qp, [Δ per stage])], "blind_records": the same for
-    frames on the blind path (blind runs, and x265 samples)}.
+    records for calibration [(frame_qp, [Δ per stage])], "hevc_records": the same for
+    x265 samples, by CRF}.
     """
     from enhancer.data import frame_inputs
 
     model.eval()
     estimator.eval()
     per_crf: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    records, blind_records = [], []
+    records, hevc_records = [], []
     for sample in samples:
         n = min(max_frames, len(sample["dec"]))
         crf = float(sample["crf"])
@@ -64,17 +64,15 @@ def validate(
             outs = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)
             base = psnr_y(batch.x, target)
             deltas = [(psnr_y(o, target) - base) for o in outs]
-            # x265 samples have no side info: their frames run the blind path too, and are
-            # binned by the stream's CRF (the estimated QP hardly separates x265 levels).
-            blind_path = is_blind or str(sample["codec"]) != "libx264"
-            hevc = str(sample["codec"]) == "libx265"
-            for i in range(n):
-                level = crf if hevc else float(batch.frame_qp[i])
-                rec = (level, [float(d[i]) for d in deltas])
-                (blind_records if blind_path else records).append(rec)
             if is_blind:
                 per_crf[crf]["blind"] += deltas[-1].tolist()
                 continue
+            # x265 samples (blind path) are binned by the stream's CRF for their own policy:
+            # the estimated QP hardly separates x265 levels.
+            hevc = str(sample["codec"]) == "libx265"
+            for i in range(n):
+                level = crf if hevc else float(batch.frame_qp[i])
+                (hevc_records if hevc else records).append((level, [float(d[i]) for d in deltas]))
             per_crf[crf]["input"] += base.tolist()
             for s, d in enumerate(deltas, 1):
                 per_crf[crf][f"s{s}"] += d.tolist()
@@ -82,7 +80,7 @@ def validate(
         crf: {k: float(np.mean(v)) for k, v in cols.items()}
         for crf, cols in sorted(per_crf.items())
     }
-    return {"crf": table, "records": records, "blind_records": blind_records}
+    return {"crf": table, "records": records, "hevc_records": hevc_records}
 
 
 def format_table(result: dict, stages: int) -> str:

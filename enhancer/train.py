@@ -255,10 +255,10 @@ def export(work: Path, val_set, args, log) -> Path:
     # HEVC gets its own table: the model gains less there (10 % of training, blind path).
     hevc_dir = work / "cache" / "val-hevc"
     build(Path(args.footage), hevc_dir, validation=True, count=0, seed=args.seed,
-          val_codec="libx265", val_crfs=(17, 22, 27, 32, 37, 42, 47))  # fmt: skip
+          val_codec="libx265")
     hevc = validate(model, est, load_cache(hevc_dir), max_frames=64, blind=False)
     log("x265 validation (blind path)\n" + format_table(hevc, model.cfg.stages))
-    hevc_policy = calibrate(hevc["blind_records"], model.cfg.stages)
+    hevc_policy = calibrate(hevc["hevc_records"], model.cfg.stages)
     policy.hevc_stages, policy.hevc_gains = hevc_policy.stages, hevc_policy.gains
     log(f"HEVC exit policy: stages {policy.hevc_stages}")
     meta = {"version": args.version, "step": ck["step"], "recipe": vars(args) | {"work": str(work)},

@@ -101,9 +101,6 @@ class Storage:
         os.replace(tmp, dest)
         return dest
 
-    def remove_input(self, job_id: str) -> None:
-        self.input_path(job_id).unlink(missing_ok=True)
-
     def remove_job(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 

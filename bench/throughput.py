@@ -41,7 +41,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bitstream.reader import open_video
-from service.pipeline import EnhanceOptions, Pipeline
+from enhancer.pipeline import EnhanceOptions, Pipeline
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_JSON = ROOT / "results" / "throughput.json"

@@ -42,6 +42,7 @@ import av
 import av.error
 import numpy as np
 
+from bitstream.errors import first_line
 from bitstream.types import (
     MV_BLOCK,
     PARTITION_CODES,
@@ -362,9 +363,7 @@ def _read_head(source: Source) -> bytes:
 
 def _first_line(exc: BaseException) -> str:
     """A short one-line reason: FFmpeg's message without errno and file name."""
-    text = getattr(exc, "strerror", None) or str(exc)
-    lines = str(text).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return first_line(exc)
 
 
 class _PacketTag:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from bitstream.errors import BitstreamError, CorruptStream, UnsupportedInput  # noqa: F401 - re-exported
+
 SOURCES = ("bitstream", "header", "estimated", "none")
 
 # Partition map codes (uint8), per 16x16 macroblock.
@@ -33,18 +35,6 @@ PARTITION_CODES: dict[str, int] = {
 
 QP_BLOCK = 16
 MV_BLOCK = 8
-
-
-class BitstreamError(Exception):
-    """Any failure to read a video; ``str(err)`` is a one-line message for users."""
-
-
-class UnsupportedInput(BitstreamError):
-    """The input is not a video we can decode (missing, empty, not media, no video stream)."""
-
-
-class CorruptStream(BitstreamError):
-    """The input decoded only partly or not at all."""
 
 
 @dataclass

@@ -40,10 +40,12 @@ import av
 import av.error
 import numpy as np
 
-from bitstream.types import BitstreamError, DecodedFrame, SequenceInfo, UnsupportedInput
+from bitstream.errors import BitstreamError, UnsupportedInput, UnsupportedOutput
+from bitstream.types import DecodedFrame, SequenceInfo
 
 __all__ = [
     "CODECS",
+    "CRF_RANGE",
     "CONTAINER_FORMATS",
     "PRESETS",
     "UnsupportedOutput",
@@ -59,6 +61,7 @@ __all__ = [
 STDOUT = "-"
 CONTAINER_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mkv": "matroska", ".mov": "mov"}
 CODECS = ("auto", "libx264", "libx265", "ffv1")
+CRF_RANGE = (0, 51)  # what x264 and x265 accept (8-bit)
 FAMILY_ENCODER = {"h264": "libx264", "hevc": "libx265"}
 PRESETS = (
     "ultrafast", "superfast", "veryfast", "faster", "fast",
@@ -97,10 +100,6 @@ X265_CRF_OFFSET = 5.0
 FALLBACK_CRF = 18.0
 # An I frame's QP sits about 3 below the sequence CRF (x264 ipratio 1.4).
 I_FRAME_QP_OFFSET = 3.0
-
-
-class UnsupportedOutput(BitstreamError):
-    """The requested output (container, codec, size, options) cannot be written."""
 
 
 # ------------------------------------------------------------------- choices
@@ -407,8 +406,8 @@ class VideoWriter:
             raise UnsupportedOutput(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
         if crf is not None and self.codec in LOSSLESS:
             raise UnsupportedOutput(f"--crf does not apply to {self.codec} (lossless)")
-        if crf is not None and not 0 <= crf <= 51:
-            raise UnsupportedOutput(f"crf must be within 0..51, not {crf}")
+        if crf is not None and not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
+            raise UnsupportedOutput(f"crf must be within {CRF_RANGE[0]}..{CRF_RANGE[1]}, not {crf}")
         self.crf = crf
         self.preset = preset
         self.frames = 0

@@ -1,1 +1,17 @@
-"""Torch side: side info -> tensors, the early-exit model, training, inference engine."""
+"""Torch side: side info -> tensors, the early-exit model, training, inference engine.
+
+The library's entry point is :func:`enhancer.enhance` (see :mod:`enhancer.api`);
+it is imported lazily so ``import enhancer.model`` stays as light as before.
+"""
+
+from typing import Any
+
+__all__ = ["EnhanceOptions", "Summary", "enhance"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from enhancer import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'enhancer' has no attribute {name!r}")

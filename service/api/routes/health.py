@@ -1,0 +1,45 @@
+"""``/healthz`` and ``/readyz``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import Service
+from service.api.schemas import Health
+
+
+def router(service: Service) -> APIRouter:
+    """The routes of this resource, bound to ``service``."""
+    router = APIRouter()
+
+    @router.get("/healthz", response_model=Health, tags=["health"])
+    async def healthz() -> Health:
+        """The process is up."""
+        return Health(status="ok")
+
+    @router.get("/readyz", response_model=Health, tags=["health"],
+             responses={503: {"model": Health}})
+    async def readyz() -> JSONResponse:
+        """The database, the storage and the job backend all answer."""
+
+        def check() -> dict[str, str]:
+            checks = {}
+            try:
+                service.store.ping()
+                checks["database"] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                checks["database"] = f"error: {type(exc).__name__}"
+            checks["storage"] = "ok" if service.storage.writable() else "error: not writable"
+            checks["queue"] = "ok" if service.backend.ready() else "error: unavailable"
+            return checks
+
+        checks = await run_in_threadpool(check)
+        ok = all(v == "ok" for v in checks.values())
+        body = Health(status="ok" if ok else "unavailable", checks=checks)
+        return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+    # -- synchronous enhancement -----------------------------------------------------
+
+    return router

@@ -1,0 +1,154 @@
+"""The HTTP API contract: pydantic models for requests, jobs and errors.
+
+The enhancement's options are :class:`enhancer.options.EnhanceOptions`, the one
+model the CLI and the job runner use too; a job's status enums live with the
+store (:mod:`service.jobs.status`).
+
+These models are what ``/docs`` (OpenAPI) shows; handlers return them and
+nothing else. Field names are stable: add fields, never rename them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from enhancer.options import EnhanceOptions
+from service.jobs.status import JobPhase, JobStatus
+
+
+class ErrorInfo(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. `unsupported_input`.")
+    message: str = Field(description="One line for humans.")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer has this body; never a traceback."""
+
+    error: ErrorInfo
+
+
+OPTION_FIELDS = tuple(EnhanceOptions.model_fields)
+
+
+class JobOptions(EnhanceOptions):
+    """Options of a batch job: the enhancement's, and where to report its outcome."""
+
+    webhook_url: str | None = Field(
+        None, max_length=2048,
+        description="http(s) URL that gets a signed POST when the job ends "
+        "(`job.succeeded`, `job.failed`, `job.canceled`); see `service.jobs.webhooks`.",
+    )
+    webhook_progress: bool = Field(
+        False, description="Also POST `job.progress` each time the job passes 10 %."
+    )
+
+    @field_validator("webhook_url", mode="before")
+    @classmethod
+    def _empty_url(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+WEBHOOK_FIELDS = ("webhook_url", "webhook_progress")
+
+
+class JobCreateRequest(JobOptions):
+    """JSON body of `POST /v1/jobs` for a source URL (uploads use multipart instead)."""
+
+    source_url: str = Field(
+        description="http, https, rtmp, rtsp or HLS (`hls+http(s)://`) URL of the video.",
+        max_length=4096,
+    )
+
+
+class JobSource(BaseModel):
+    kind: Literal["upload", "url"]
+    filename: str | None = Field(None, description="Name given by the uploader (display only).")
+    url: str | None = None
+    bytes: int | None = None
+
+
+class JobStats(BaseModel):
+    """Measured on a finished job."""
+
+    frames: int
+    seconds: float
+    fps: float
+    mean_qp: float | None = Field(None, description="Mean QP of the input's frames, if known.")
+    stages_histogram: dict[str, int] = Field(
+        default_factory=dict, description="Number of frames per count of stages run."
+    )
+    side_info: dict[str, str] = Field(
+        default_factory=dict, description="Where each side-information item came from."
+    )
+    output_bytes: int | None = None
+    warnings: list[str] = Field(default_factory=list)
+
+
+class JobLinks(BaseModel):
+    self: str
+    result: str
+    cancel: str = Field(description="`DELETE` this to cancel the job or remove its files.")
+
+
+class Job(BaseModel):
+    id: str
+    status: JobStatus
+    phase: JobPhase | None = None
+    progress: float | None = Field(None, ge=0, le=1, description="0-1, when the total is known.")
+    frames_done: int = 0
+    frames_total: int | None = None
+    fps: float | None = None
+    eta_seconds: float | None = None
+    error: ErrorInfo | None = None
+    attempts: int = Field(0, description="How many times a worker started this job.")
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    expires_at: datetime | None = Field(None, description="When the result will be deleted.")
+    expired: bool = Field(False, description="The result passed its retention and is gone.")
+    deleted: bool = Field(False, description="The files were removed by `DELETE`.")
+    cancel_requested: bool = False
+    source: JobSource
+    options: EnhanceOptions
+    stats: JobStats | None = None
+    webhook_url: str | None = Field(None, description="Where the job's events are POSTed.")
+    links: JobLinks
+
+
+class JobList(BaseModel):
+    items: list[Job]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+class FrameInfo(BaseModel):
+    """What the bitstream and the model did for one frame of a finished job."""
+
+    index: int = Field(description="Display order, from 0.")
+    pict_type: str = Field(description="`I`, `P`, `B` or `?`.")
+    qp: float | None = Field(None, description="Frame QP (from the bitstream or estimated).")
+    stages: int = Field(description="Enhancement stages run on this frame.")
+    side_info: str = Field(description="Where the model's side information came from.")
+
+
+class JobFrames(BaseModel):
+    """Per-frame log of a succeeded job, and where its preview pictures are."""
+
+    job_id: str
+    count: int
+    frames: list[FrameInfo]
+    preview_kinds: list[str] = Field(
+        description="Kinds for `GET /v1/jobs/{id}/preview/{kind}.png?frame=N`."
+    )
+    input_available: bool = Field(
+        description="The input is still stored: `before` and side-info previews can be made."
+    )

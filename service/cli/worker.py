@@ -1,0 +1,85 @@
+"""``vqe worker``: run jobs from the Redis queue (Dramatiq) until stopped.
+
+Each process loads the model once (on the GPU when there is one) and keeps
+it between jobs. SIGTERM/SIGINT stop the running job, put it back in the
+queue for another worker, and exit; a worker killed outright (SIGKILL) loses
+nothing either: its job is redelivered once its heartbeat lapses (see
+``service.jobs.queue_redis``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "worker",
+        help="run enhancement jobs from the Redis queue (needs VQE_QUEUE_URL)",
+        description="Consume jobs from VQE_QUEUE_URL (Redis) and run them. The job store "
+        "(VQE_DATABASE_URL) and storage (VQE_STORAGE_DIR) must be the ones the API uses.",
+    )
+    p.add_argument("--queue-url", default=None, help="redis://host:port/db (VQE_QUEUE_URL)")
+    p.add_argument("--data-dir", default=None, help="as for `vqe serve` (VQE_DATA_DIR)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="jobs run at once by this process (VQE_WORKERS; default 1)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from dramatiq import Worker
+
+    from service.api.presenters import render_job  # no web framework: only the job's JSON
+    from service.config import cli_settings
+    from service.errors import UserError
+    from service.jobs.executor import Context, JobRunner
+    from service.jobs.metrics import Heartbeat, serve_worker_metrics
+    from service.jobs.queue_redis import QUEUE_NAME, RedisQueue
+    from service.jobs.webhooks import WebhookDispatcher
+
+    if args.queue_url:
+        os.environ["VQE_QUEUE_URL"] = args.queue_url
+    settings = cli_settings(args.data_dir, args.threads, "--threads", args.log_level)
+    if not settings.uses_redis:
+        raise UserError("set VQE_QUEUE_URL (or --queue-url) to a redis:// URL")
+    stop = threading.Event()
+    ctx = Context.from_settings(settings)
+    runner = JobRunner(ctx, shutdown=stop)
+    webhooks = WebhookDispatcher(ctx.store, settings, ctx.policy, render_job)
+    heartbeat = Heartbeat(ctx.store, runner.identity, "worker", settings.workers)
+    queue = RedisQueue(settings, runner)
+    worker = Worker(queue.broker, queues=[QUEUE_NAME], worker_threads=settings.workers)
+    # Fetch no more jobs than there are threads: a prefetched job would wait here
+    # while another worker sits idle.
+    worker.queue_prefetch = settings.workers
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger("vqe.worker").info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log = logging.getLogger("vqe.worker")
+    log.info("worker %s: %d thread(s) on %s", runner.identity, settings.workers, QUEUE_NAME)
+    queue.broker.emit_after("process_boot")  # starts the time-limit watcher, as dramatiq's CLI
+    worker.start()
+    webhooks.start()
+    heartbeat.start()
+    if settings.metrics_port:
+        serve_worker_metrics(settings.metrics_port, ctx.store)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        # The runner stops the running job and queues it again; then Dramatiq acks it.
+        worker.stop(timeout=60_000)
+        webhooks.stop()
+        heartbeat.stop()
+        queue.close()
+    return 0

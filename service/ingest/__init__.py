@@ -1,0 +1,1 @@
+"""Getting a source in safely: the URL policy (SSRF rules), fetching and probing."""

@@ -1,0 +1,117 @@
+"""Jobs on a real queue: Dramatiq on Redis (``VQE_QUEUE_URL=redis://...``).
+
+The API sends one message per job (the job id) to the ``vqe-jobs`` queue;
+``vqe worker`` processes consume it and run :class:`service.executor.JobRunner`.
+
+Delivery guarantees, from Dramatiq's Redis broker:
+
+* Acks are late: a fetched message sits in the worker's ack set until the
+  actor returns. A worker that dies (SIGKILL, OOM, lost node) stops sending
+  heartbeats; after ``VQE_QUEUE_HEARTBEAT_MS`` another broker's queue
+  maintenance (run on a ``VQE_QUEUE_MAINTENANCE_CHANCE`` per million of queue
+  commands) puts its unacked messages back in the queue, and another worker
+  picks the job up. The job store's lease (``VQE_JOB_LEASE``) makes the new
+  worker wait until the dead one's claim has lapsed, so a job never runs twice
+  at once.
+* Transient failures (anything but a bad input) are retried up to
+  ``VQE_JOB_MAX_RETRIES`` times with exponential backoff from
+  ``VQE_JOB_MIN_BACKOFF_MS`` to ``VQE_JOB_MAX_BACKOFF_MS``; a permanent failure
+  fails the job at once.
+* ``VQE_JOB_TIME_LIMIT`` is enforced by the runner (the pipeline is stopped
+  and the job fails with ``time_limit``); Dramatiq's own ``time_limit`` is set
+  a little later as a backstop.
+* On SIGTERM a worker stops its running job, puts it back in the queue, and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
+
+from service.config import Settings
+from service.jobs.executor import JobRunner, Outcome
+from service.jobs.status import JobStatus
+
+log = logging.getLogger("vqe.queue")
+
+QUEUE_NAME = "vqe-jobs"
+ACTOR_NAME = "vqe_enhance_job"
+NAMESPACE = "vqe"
+BACKSTOP_SECONDS = 120.0  # Dramatiq's time limit = the job's + lease + this
+
+
+class TransientJobError(Exception):
+    """Raised from the actor so Dramatiq's Retries middleware retries the job later."""
+
+
+class RedisQueue:
+    """The broker, the actor, and the producer side used by the API.
+
+    ``runner`` is given in worker processes only; the API just sends messages.
+    """
+
+    def __init__(self, settings: Settings, runner: JobRunner | None = None) -> None:
+        self.settings = settings
+        self.runner = runner
+        self.broker = RedisBroker(
+            url=settings.queue_url,
+            namespace=NAMESPACE,
+            heartbeat_timeout=settings.queue_heartbeat_ms,
+            maintenance_chance=settings.queue_maintenance_chance,
+        )
+        self.broker.add_middleware(CurrentMessage())
+        time_limit = settings.job_time_limit + settings.job_lease + BACKSTOP_SECONDS
+        self.actor = dramatiq.actor(
+            self._perform,
+            broker=self.broker,
+            actor_name=ACTOR_NAME,
+            queue_name=QUEUE_NAME,
+            max_retries=settings.job_max_retries,
+            min_backoff=settings.job_min_backoff_ms,
+            max_backoff=settings.job_max_backoff_ms,
+            time_limit=int(time_limit * 1000),
+            throws=(TimeLimitExceeded,),
+        )
+
+    # -- producer ------------------------------------------------------------
+
+    def submit(self, job_id: str, delay_ms: int | None = None) -> None:
+        self.actor.send_with_options(args=(job_id,), delay=delay_ms)
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.broker.client.ping())
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return False
+
+    def close(self) -> None:
+        self.broker.close()
+
+    # -- consumer ------------------------------------------------------------
+
+    def _perform(self, job_id: str) -> None:
+        if self.runner is None:
+            raise RuntimeError("this process only sends jobs; run `vqe worker`")
+        message: Any = CurrentMessage.get_current_message()
+        retries = int(message.options.get("retries", 0)) if message is not None else 0
+        final = retries >= self.settings.job_max_retries
+        try:
+            outcome = self.runner.run(job_id, final_attempt=final)
+        except TimeLimitExceeded:
+            log.error("job %s: killed by the queue's time limit", job_id)
+            self.runner.store.finish(
+                job_id, None, JobStatus.failed,
+                error=("time_limit", "the job ran past the queue's time limit"),
+            )
+            raise
+        if outcome is Outcome.retry:
+            raise TransientJobError(f"job {job_id}: transient failure, will retry")
+        if outcome is Outcome.requeued:
+            self.submit(job_id)  # a fresh message for another worker; this one is acked
+        elif outcome is Outcome.held:
+            # Another live worker holds it: look again once its lease could have lapsed.
+            self.submit(job_id, delay_ms=int(self.settings.job_lease * 1000))

@@ -1,0 +1,84 @@
+"""`vqe enhance`: JSON summary, stdout output, quiet without a terminal, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.cli import main
+from service.cli.enhance import ProgressLine
+from enhancer.pipeline import Progress
+from tests.clips import make_audio_only
+from tests.media import packets, video_summary
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--stages", "1", "--device", "cpu"]
+
+
+def test_json_summary_and_quiet_stderr(clip, tmp_path, capsys):
+    src = clip("a.mp4", audio=True, frames=6, size=(64, 48))
+    out = tmp_path / "out.mkv"
+    assert main(["enhance", str(src), str(out), "--json", *FAST]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # stderr is not a terminal: no progress line
+    summary = json.loads(captured.out)
+    assert summary["frames"] == 6 and summary["output"] == str(out)
+    assert sum(summary["stages_histogram"].values()) == 6
+    assert {"seconds", "fps", "mean_qp", "side_info", "codec", "crf"} <= summary.keys()
+    assert video_summary(out).frames == 6
+
+
+def test_stdout_output(clip, tmp_path):
+    src = clip("a.mp4", audio=True, frames=5, size=(64, 48))
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "enhance", str(src), "-", *FAST],
+        cwd=ROOT, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    out = tmp_path / "piped.mkv"
+    out.write_bytes(result.stdout)
+    assert video_summary(out).frames == 5
+    assert [p.data for p in packets(out, "audio")[0]] == [p.data for p in packets(src, "audio")[0]]
+
+
+def _bad_inputs(clip, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video\n" * 50)
+    ok = clip("c.mp4", frames=3, size=(64, 48))
+    odd = clip("odd.mkv", codec="ffv1", size=(63, 47), frames=3)
+    return {
+        "missing": ([str(tmp_path / "nope.mp4"), str(tmp_path / "o.mp4")], "no such file"),
+        "audio-only": ([str(make_audio_only(tmp_path / "a.m4a")), str(tmp_path / "o.mp4")],
+                       "no video stream"),
+        "text": ([str(text), str(tmp_path / "o.mp4")], "not a video"),
+        "extension": ([str(ok), str(tmp_path / "o.avi")], "cannot tell the container"),
+        "json-stdout": ([str(ok), "-", "--json"], "--json"),
+        "crf-lossless": ([str(ok), str(tmp_path / "o.mkv"), "--codec", "ffv1", "--crf", "20"],
+                         "lossless"),
+        "odd-x264": ([str(odd), str(tmp_path / "o.mp4"), "--codec", "libx264"], "odd size"),
+        "folder": ([str(ok), str(tmp_path / "none" / "o.mp4")], "folder does not exist"),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "audio-only", "text", "extension", "json-stdout", "crf-lossless", "odd-x264",
+     "folder"],
+)  # fmt: skip
+def test_bad_input_exits_2_with_one_line(clip, tmp_path, capsys, case):
+    argv, message = _bad_inputs(clip, tmp_path)[case]
+    assert main(["enhance", *argv, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vqe enhance: error:"), err
+    assert message in err
+    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".*.part"))
+
+
+def test_progress_line_renders_eta():
+    line = ProgressLine.render(Progress("enhancing", 50, 200, 12.5, 12.0))
+    assert "50/200" in line and "12.5 fps" in line and "ETA 0:12" in line
+    assert "ETA" not in ProgressLine.render(Progress("enhancing", 5, None, 3.0, None))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 
@@ -43,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from service.jobs.queue_redis import QUEUE_NAME, RedisQueue
     from service.jobs.webhooks import WebhookDispatcher
 
-    if args.queue_url:
-        os.environ["VQE_QUEUE_URL"] = args.queue_url
-    settings = cli_settings(args.data_dir, args.threads, "--threads", args.log_level)
+    settings = cli_settings(args.log_level, data_dir=args.data_dir, workers=args.threads,
+                            queue_url=args.queue_url or None)  # fmt: skip
     if not settings.uses_redis:
         raise UserError("set VQE_QUEUE_URL (or --queue-url) to a redis:// URL")
     stop = threading.Event()

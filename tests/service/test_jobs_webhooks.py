@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from service.config import Settings
 from service.api.schemas import JobStatus
+from service.config import Settings
 from service.errors import URLNotAllowed
 from service.ingest.policy import URLPolicy
 from service.jobs.store import JobStore, NewJob
@@ -30,7 +29,7 @@ def settings(tmp_path: Path, **kw: object) -> Settings:
     base = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
                     storage_dir=tmp_path / "storage", webhook_secret=SECRET,
                     webhook_min_backoff=0.2, webhook_max_backoff=1.0, webhook_timeout=5)
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return base.model_copy(update=kw)
 
 
 def render(row) -> dict:  # noqa: ANN001 - a JobRow
@@ -130,5 +129,5 @@ def test_webhook_urls_get_the_source_url_checks(tmp_path: Path):
             check_url(url, strict, conf)
     assert check_url("http://127.0.0.1:9/hook", URLPolicy(["127.0.0.1:9"]), conf)
     with pytest.raises(Exception, match="VQE_WEBHOOK_SECRET"):
-        check_url("https://example.com/", strict, replace(conf, webhook_secret=""))
+        check_url("https://example.com/", strict, conf.model_copy(update={"webhook_secret": ""}))
     assert sign("k", "1", b"{}") == sign("k", "1", b"{}") != sign("k", "2", b"{}")

@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint run bench
+.PHONY: venv test lint format run bench bench-quality
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,10 +15,26 @@ venv: $(BIN)/python
 
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 run: venv
 	$(BIN)/vqe serve
+
+# The speed, side-info and load benchmarks (minutes on 2 CPU cores); each writes JSON under
+# bench/results/. The quality table takes about 50 minutes: `make bench-quality`.
+bench: venv
+	$(BIN)/python -m bench.side_info
+	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.load
+
+bench-quality: venv
+	$(BIN)/python bench/quality.py --footage ../shared/footage

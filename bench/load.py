@@ -89,10 +89,25 @@ def local_server(workers: int, folder: Path) -> Iterator[str]:
         env.pop(name, None)
     log = open(folder / "serve.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--data-dir", str(folder / "data"),
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--data-dir",
+            str(folder / "data"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -112,8 +127,16 @@ def local_server(workers: int, folder: Path) -> Iterator[str]:
         log.close()
 
 
-def run_client(url: str, headers: dict[str, str], clip: Path, jobs: int, poll: float,
-               timeout: float, folder: Path, index: int) -> list[JobRecord]:  # fmt: skip
+def run_client(
+    url: str,
+    headers: dict[str, str],
+    clip: Path,
+    jobs: int,
+    poll: float,
+    timeout: float,
+    folder: Path,
+    index: int,
+) -> list[JobRecord]:
     records = []
     with httpx.Client(base_url=url, headers=headers, timeout=120) as http:
         for n in range(jobs):
@@ -122,8 +145,7 @@ def run_client(url: str, headers: dict[str, str], clip: Path, jobs: int, poll: f
             began = time.perf_counter()
             try:
                 with open(clip, "rb") as fh:
-                    r = http.post("/v1/jobs", files={"file": (clip.name, fh)},
-                                  data={"stages": "1"})  # fmt: skip
+                    r = http.post("/v1/jobs", files={"file": (clip.name, fh)}, data={"stages": "1"})
                 rec.submit_s = time.perf_counter() - began
                 if r.status_code != 202:
                     rec.status, rec.error = "refused", f"HTTP {r.status_code}: {r.text[:200]}"
@@ -153,8 +175,9 @@ def run_client(url: str, headers: dict[str, str], clip: Path, jobs: int, poll: f
     return records
 
 
-def summarize(records: list[JobRecord], wall: float, args: argparse.Namespace,
-              frames: int, url: str) -> dict[str, Any]:  # fmt: skip
+def summarize(
+    records: list[JobRecord], wall: float, args: argparse.Namespace, frames: int, url: str
+) -> dict[str, Any]:
     polls = [p for r in records for p in r.polls]
     ok = [r for r in records if r.status == "succeeded" and r.frames == frames]
     return {
@@ -200,14 +223,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vqe-load-") as tmp:
         folder = Path(tmp)
         clip = make_clip(folder / "clip.mp4", (width, height), args.frames)
-        server = contextlib.nullcontext(args.url) if args.url else local_server(
-            args.workers, folder)  # fmt: skip
+        server = (
+            contextlib.nullcontext(args.url) if args.url else local_server(args.workers, folder)
+        )
         with server as url:
             began = time.perf_counter()
             with ThreadPoolExecutor(args.clients) as pool:
-                futures = [pool.submit(run_client, url, headers, clip, args.jobs, args.poll,
-                                       args.timeout, folder, i)
-                           for i in range(args.clients)]  # fmt: skip
+                futures = [
+                    pool.submit(
+                        run_client,
+                        url,
+                        headers,
+                        clip,
+                        args.jobs,
+                        args.poll,
+                        args.timeout,
+                        folder,
+                        i,
+                    )
+                    for i in range(args.clients)
+                ]
                 records = [r for f in futures for r in f.result()]
             wall = time.perf_counter() - began
     summary = summarize(records, wall, args, args.frames, args.url or "")

@@ -37,8 +37,12 @@ def make_bench_clip(path: Path, frames: int) -> Path:
 
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        make_clip(path, size=(1280, 720), frames=frames,
-                  options={"crf": "23", "bf": "3", "preset": "veryfast"})
+        make_clip(
+            path,
+            size=(1280, 720),
+            frames=frames,
+            options={"crf": "23", "bf": "3", "preset": "veryfast"},
+        )
     return path
 
 
@@ -92,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode, t in times.items():
         runs = " ".join(f"{x:.3f}" for x in t)
         print(f"{mode:<8}{med[mode]:>10.3f}{best[mode]:>8.3f}{frames / med[mode]:>8.1f}   {runs}")
-    print(f"side / plain = {ratio:.2f}x median, {ratio_best:.2f}x best run (target <= 1.3);  "
-          f"side / pyav = {med['side'] / med['pyav']:.2f}x median")
+    print(
+        f"side / plain = {ratio:.2f}x median, {ratio_best:.2f}x best run (target <= 1.3);  "
+        f"side / pyav = {med['side'] / med['pyav']:.2f}x median"
+    )
 
     result = {
         "clip": str(clip),
@@ -107,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_side_over_plain_best": ratio_best,
         "ratio_side_over_pyav": med["side"] / med["pyav"],
         "target_ratio": 1.3,
-        "machine": {"python": platform.python_version(), "av": av.__version__,
-                    "cpu": platform.processor() or platform.machine()},
+        "machine": {
+            "python": platform.python_version(),
+            "av": av.__version__,
+            "cpu": platform.processor() or platform.machine(),
+        },
     }
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     args.json_out.write_text(json.dumps(result, indent=2))

@@ -171,8 +171,17 @@ def peak_rss_kb() -> int:
 
 
 def measure_rss(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.throughput", "--rss-child", str(clip),
-           "--device", args.device, "--stages", str(args.stages)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.throughput",
+        "--rss-child",
+        str(clip),
+        "--device",
+        args.device,
+        "--stages",
+        str(args.stages),
+    ]
     if args.weights:
         cmd += ["--weights", str(args.weights)]
     done = subprocess.run(cmd, cwd=ROOT.parent, capture_output=True, text=True, check=True)
@@ -180,19 +189,27 @@ def measure_rss(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]], peaks: dict[str, float], rss: dict[str, Any]) -> None:
-    print(f"{'size':6s} {'decode':>9s} {'floor':>9s} {'model':>9s} {'pipeline':>9s}"
-          f" {'GFLOP/frame':>12s} {'model GFLOP/s':>14s} {'% of peak':>9s}")  # fmt: skip
+    print(
+        f"{'size':6s} {'decode':>9s} {'floor':>9s} {'model':>9s} {'pipeline':>9s}"
+        f" {'GFLOP/frame':>12s} {'model GFLOP/s':>14s} {'% of peak':>9s}"
+    )
     peak = peaks["engine_dtype_gflops"]
     for r in rows:
         fps = [f"{r[k]['fps']:7.2f}/s" for k in ("decode", "floor", "model", "pipeline")]
-        print(f"{r['size']:6s} {' '.join(f'{x:>9s}' for x in fps)} {r['gflop_per_frame']:12.2f}"
-              f" {r['model_gflops']:14.1f} {100 * r['model_gflops'] / peak:8.1f}%")  # fmt: skip
-    print(f"matmul peak: {peaks['fp32_gflops']:.1f} GFLOP/s fp32,"
-          f" {peak:.1f} GFLOP/s in {peaks['engine_dtype']}")  # fmt: skip
+        print(
+            f"{r['size']:6s} {' '.join(f'{x:>9s}' for x in fps)} {r['gflop_per_frame']:12.2f}"
+            f" {r['model_gflops']:14.1f} {100 * r['model_gflops'] / peak:8.1f}%"
+        )
+    print(
+        f"matmul peak: {peaks['fp32_gflops']:.1f} GFLOP/s fp32,"
+        f" {peak:.1f} GFLOP/s in {peaks['engine_dtype']}"
+    )
     short, long = rss["short"], rss["long"]
-    print(f"peak RSS: {short['peak_rss_mb']} MB for {short['frames']} frames, "
-          f"{long['peak_rss_mb']} MB for {long['frames']} frames "
-          f"(x{rss['ratio']:.3f}, {'ok' if rss['ok'] else 'GROWS'})")
+    print(
+        f"peak RSS: {short['peak_rss_mb']} MB for {short['frames']} frames, "
+        f"{long['peak_rss_mb']} MB for {long['frames']} frames "
+        f"(x{rss['ratio']:.3f}, {'ok' if rss['ok'] else 'GROWS'})"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--stages", default="auto")
     parser.add_argument("--weights", type=Path, default=None, help="model file (default: shipped)")
-    parser.add_argument("--rss-frames", type=int, default=30,
-                        help="frames of the short RSS clip (the long one has 10x); enough "
-                             "to fill the queues and the encoder's lookahead")
+    parser.add_argument(
+        "--rss-frames",
+        type=int,
+        default=30,
+        help="frames of the short RSS clip (the long one has 10x); enough "
+        "to fill the queues and the encoder's lookahead",
+    )
     parser.add_argument("--rss-size", choices=SIZES, default="360p")
     parser.add_argument("--json-out", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
@@ -220,26 +241,38 @@ def main(argv: list[str] | None = None) -> int:
         "engine_dtype": str(engine.dtype).removeprefix("torch."),
     }
     peaks["engine_dtype_gflops"] = (
-        peaks["fp32_gflops"] if engine.dtype == torch.float32
+        peaks["fp32_gflops"]
+        if engine.dtype == torch.float32
         else round(matmul_peak(engine.device, engine.dtype), 1)
-    )  # fmt: skip
+    )
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         rows = [bench_size(folder, s, args.frames, engine, options) for s in args.sizes.split(",")]
         short = measure_rss(make_bench_clip(folder, args.rss_size, args.rss_frames), args)
         long = measure_rss(make_bench_clip(folder, args.rss_size, 10 * args.rss_frames), args)
     ratio = long["peak_rss_mb"] / short["peak_rss_mb"]
-    rss = {"clip": args.rss_size, "short": short, "long": long, "ratio": round(ratio, 3),
-           "ok": ratio <= RSS_TOLERANCE}  # fmt: skip
+    rss = {
+        "clip": args.rss_size,
+        "short": short,
+        "long": long,
+        "ratio": round(ratio, 3),
+        "ok": ratio <= RSS_TOLERANCE,
+    }
     print_table(rows, peaks, rss)
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads(), "device": str(engine.device),
-                    "torch": torch.__version__},  # fmt: skip
-        "engine": {"stages": args.stages, "max_stages": engine.max_stages,
-                   "weights": str(args.weights or "shipped"),
-                   "meta": {k: v for k, v in engine.meta.items()
-                            if isinstance(v, str | int | float)}},  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(engine.device),
+            "torch": torch.__version__,
+        },
+        "engine": {
+            "stages": args.stages,
+            "max_stages": engine.max_stages,
+            "weights": str(args.weights or "shipped"),
+            "meta": {k: v for k, v in engine.meta.items() if isinstance(v, str | int | float)},
+        },
         "frames": args.frames,
         "peaks": peaks,
         "sizes": rows,

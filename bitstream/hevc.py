@@ -313,8 +313,21 @@ def parse_sps(rbsp: bytes) -> SPS:
             r.skip(log2_max_poc_lsb)
             lt_used.append(r.flag())
     temporal_mvp = r.flag()
-    return SPS(sps_id, chroma, separate, width, height, bit_depth, log2_max_poc_lsb, ctb_size,
-               sets, lt_present, lt_used, temporal_mvp, sao)
+    return SPS(
+        sps_id,
+        chroma,
+        separate,
+        width,
+        height,
+        bit_depth,
+        log2_max_poc_lsb,
+        ctb_size,
+        sets,
+        lt_present,
+        lt_used,
+        temporal_mvp,
+        sao,
+    )
 
 
 def parse_pps(rbsp: bytes) -> PPS:
@@ -350,8 +363,20 @@ def parse_pps(rbsp: bytes) -> PPS:
     if r.flag():
         _skip_scaling_list_data(r)
     lists_mod = r.flag()
-    return PPS(pps_id, sps_id, dependent, output_flag, extra_bits, cabac_init, ref_defaults,
-               init_qp, weighted_pred, weighted_bipred, tiles, lists_mod)
+    return PPS(
+        pps_id,
+        sps_id,
+        dependent,
+        output_flag,
+        extra_bits,
+        cabac_init,
+        ref_defaults,
+        init_qp,
+        weighted_pred,
+        weighted_bipred,
+        tiles,
+        lists_mod,
+    )
 
 
 # ----------------------------------------------------------------- slices
@@ -387,7 +412,10 @@ def _skip_pred_weight_table(r: BitReader, sps: SPS, slice_type: int, nref: tuple
 
 
 def parse_slice_header(
-    rbsp: bytes, nal_type: int, sps_by_id: dict[int, SPS], pps_by_id: dict[int, PPS],
+    rbsp: bytes,
+    nal_type: int,
+    sps_by_id: dict[int, SPS],
+    pps_by_id: dict[int, PPS],
     previous: SliceHeader | None,
 ) -> SliceHeader:
     """Parse a slice segment header up to slice_qp_delta (H.265 7.3.6.1)."""
@@ -410,8 +438,16 @@ def parse_slice_header(
     if dependent:
         if previous is None:
             raise ValueError("dependent slice segment without a preceding slice")
-        return SliceHeader(nal_type, first, True, address, previous.slice_type, previous.qp,
-                           previous.poc_lsb, previous.pic_output)
+        return SliceHeader(
+            nal_type,
+            first,
+            True,
+            address,
+            previous.slice_type,
+            previous.qp,
+            previous.poc_lsb,
+            previous.pic_output,
+        )
     r.skip(pps.num_extra_slice_header_bits)
     slice_type = r.ue()
     if slice_type not in SLICE_TYPES:
@@ -476,8 +512,9 @@ def parse_slice_header(
     qp = pps.init_qp + r.se()
     if not -6 * (sps.bit_depth - 8) <= qp <= 51:
         raise ValueError(f"slice QP {qp} out of range")
-    return SliceHeader(nal_type, first, False, address, SLICE_TYPES[slice_type], qp, poc_lsb,
-                       pic_output)
+    return SliceHeader(
+        nal_type, first, False, address, SLICE_TYPES[slice_type], qp, poc_lsb, pic_output
+    )
 
 
 # ---------------------------------------------------------------- pictures

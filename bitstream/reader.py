@@ -83,8 +83,19 @@ URL_PREFIXES = (
 
 # Decoders that export AV_FRAME_DATA_MOTION_VECTORS with flags2=+export_mvs.
 MV_EXPORT_CODECS = frozenset(
-    {"h264", "mpeg1video", "mpeg2video", "mpeg4", "h263", "h263p", "flv", "msmpeg4v2",
-     "msmpeg4v3", "wmv1", "wmv2"}
+    {
+        "h264",
+        "mpeg1video",
+        "mpeg2video",
+        "mpeg4",
+        "h263",
+        "h263p",
+        "flv",
+        "msmpeg4v2",
+        "msmpeg4v3",
+        "wmv1",
+        "wmv2",
+    }
 )
 # "Video" codecs that are really text renderers: a .txt file opens as ANSI art.
 TEXT_CODECS = frozenset({"ansi", "bintext", "xbin", "idf", "tty"})
@@ -150,8 +161,13 @@ def _rate_control(options: dict[str, str]) -> RateControl:
     mode = options.get("rc")
     crf, qp, bitrate = (_float(options.get(k)) for k in ("crf", "qp", "bitrate"))
     if mode is None:  # x265 builds that omit rc=: infer from what is there
-        mode = "crf" if crf is not None else "cqp" if qp is not None else (
-            "abr" if bitrate is not None else None)
+        mode = (
+            "crf"
+            if crf is not None
+            else "cqp"
+            if qp is not None
+            else ("abr" if bitrate is not None else None)
+        )
     elif mode in ("2 pass", "2-pass"):
         mode = "2pass"
     if mode != "crf":
@@ -281,8 +297,10 @@ def qp_map_from_enc_params(params: Any, height: int, width: int) -> np.ndarray |
     blocks = raw[start : start + nb * stride].reshape(nb, stride)[:, :20]
     fields = np.ascontiguousarray(blocks).view(np.int32).reshape(nb, 5)
     gh, gw = grid_shape(height, width, QP_BLOCK)
-    if nb == gh * gw and (gw == 1 or fields[1, 0] == QP_BLOCK) and (
-        gh == 1 or fields[gw, 1] == QP_BLOCK
+    if (
+        nb == gh * gw
+        and (gw == 1 or fields[1, 0] == QP_BLOCK)
+        and (gh == 1 or fields[gw, 1] == QP_BLOCK)
     ):  # one block per macroblock in raster order (H.264 frames): no scatter needed
         return (fields[:, 4] + params.qp).astype(np.float32).reshape(gh, gw)
     qmap = np.full((gh, gw), np.nan, np.float32)
@@ -453,7 +471,8 @@ class VideoReader:
             chosen = [s for s in videos if s.index == stream_index]
             if not chosen:
                 raise UnsupportedInput(
-                    f"stream {stream_index} of {self.name} is not a video stream")
+                    f"stream {stream_index} of {self.name} is not a video stream"
+                )
             stream = chosen[0]
         else:
             # Skip cover art (attached pictures) when a real video stream exists.
@@ -660,7 +679,11 @@ class VideoReader:
         cols = MvColumns(mvs) if mvs is not None and len(mvs) else None
         past, past_ok, fut, fut_ok = _paint_motion(cols, height, width)
         side.mv_past, side.mv_past_valid, side.mv_future, side.mv_future_valid = (
-            past, past_ok, fut, fut_ok)
+            past,
+            past_ok,
+            fut,
+            fut_ok,
+        )
         side.mv_count = 0 if mvs is None else len(mvs)
         side.intra = ~(past_ok | fut_ok)
         side.partition = _partition_from_columns(cols, height, width)

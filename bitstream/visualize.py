@@ -55,8 +55,10 @@ def draw_motion_vectors(frame: DecodedFrame, step: int = 1) -> Image.Image:
     img = frame_image(frame)
     side = frame.side
     draw = ImageDraw.Draw(img)
-    for field, valid, colour in ((side.mv_past, side.mv_past_valid, PAST_COLOUR),
-                                 (side.mv_future, side.mv_future_valid, FUTURE_COLOUR)):
+    for field, valid, colour in (
+        (side.mv_past, side.mv_past_valid, PAST_COLOUR),
+        (side.mv_future, side.mv_future_valid, FUTURE_COLOUR),
+    ):
         if field is None or valid is None:
             continue
         rows, cols = np.nonzero(valid[::step, ::step])
@@ -121,8 +123,11 @@ def save_frame_pngs(frame: DecodedFrame, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for kind, painter in (("mv", draw_motion_vectors), ("partition", draw_partitions),
-                          ("qp", draw_qp_heatmap)):
+    for kind, painter in (
+        ("mv", draw_motion_vectors),
+        ("partition", draw_partitions),
+        ("qp", draw_qp_heatmap),
+    ):
         path = out / f"frame{frame.index:04d}_{kind}.png"
         painter(frame).save(path)
         paths.append(path)

@@ -64,9 +64,17 @@ CODECS = ("auto", "libx264", "libx265", "ffv1")
 CRF_RANGE = (0, 51)  # what x264 and x265 accept (8-bit)
 FAMILY_ENCODER = {"h264": "libx264", "hevc": "libx265"}
 PRESETS = (
-    "ultrafast", "superfast", "veryfast", "faster", "fast",
-    "medium", "slow", "slower", "veryslow", "placebo",
-)  # fmt: skip
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
+)
 LOSSLESS = frozenset({"ffv1"})
 # Encoders that need even dimensions for chroma-subsampled formats.
 EVEN_SIZE_ENCODERS = frozenset({"libx264", "libx265"})
@@ -240,8 +248,7 @@ def frame_from_planes(planes: tuple[np.ndarray, ...], pix_fmt: str) -> av.VideoF
         dtype = np.dtype("<u2") if data.dtype.itemsize == 2 else np.dtype(np.uint8)
         if data.shape != (plane.height, plane.width):
             raise ValueError(
-                f"plane of shape {data.shape} does not fit {pix_fmt} "
-                f"{plane.width}x{plane.height}"
+                f"plane of shape {data.shape} does not fit {pix_fmt} {plane.width}x{plane.height}"
             )
         row = plane.line_size // dtype.itemsize
         dst = np.frombuffer(plane, dtype=dtype, count=row * plane.height).reshape(plane.height, row)
@@ -264,9 +271,10 @@ def _display_matrix(av_frame: Any) -> list[int] | None:
 def _copy_metadata(src: dict[str, str], stale: frozenset[str]) -> dict[str, str]:
     """Tags worth copying; MP4's track name reads back as ``name`` but is written from ``title``."""
     tags = {
-        k: v for k, v in src.items()
+        k: v
+        for k, v in src.items()
         if k.lower() not in stale and not k.lower().startswith("_statistics")
-    }  # fmt: skip
+    }
     if "name" in tags and "title" not in tags:
         tags["title"] = tags.pop("name")
     return tags
@@ -298,7 +306,6 @@ def _header_accepts(stream: Any, fmt: str) -> bool:
     except (ValueError, av.error.FFmpegError):
         return False
     return True
-
 
 
 class StreamCopier:

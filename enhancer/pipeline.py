@@ -186,13 +186,15 @@ class _Stats:
         if report.qp is not None:
             self.qp_sum += float(report.qp)
             self.qp_count += 1
-        self.log.append({
-            "index": int(frame.index),
-            "pict_type": frame.side.pict_type,
-            "qp": None if report.qp is None else round(float(report.qp), 2),
-            "stages": int(report.stages),
-            "side_info": str(report.side_info),
-        })
+        self.log.append(
+            {
+                "index": int(frame.index),
+                "pict_type": frame.side.pict_type,
+                "qp": None if report.qp is None else round(float(report.qp), 2),
+                "stages": int(report.stages),
+                "side_info": str(report.side_info),
+            }
+        )
         items = dict(frame.side.sources)
         items["engine"] = str(report.side_info)
         for key, value in items.items():

@@ -70,67 +70,93 @@ class Settings(BaseSettings):
 
     host: str = setting("127.0.0.1", "address `vqe serve` listens on (0.0.0.0 for all)")
     port: int = setting(8000, "port of `vqe serve`", ge=1, le=65535)
-    data_dir: Path = setting(DEFAULT_DATA_DIR, "SQLite database and local storage",
-                             shown="~/.local/share/vqe")  # fmt: skip
-    database_url: str = setting("", "SQLAlchemy URL of the job store (PostgreSQL for many nodes)",
-                                shown="SQLite in the data dir")  # fmt: skip
-    storage_dir: Path = setting(Path(), "inputs and results (a shared volume when scaled out)",
-                                shown="`<data dir>/storage`")  # fmt: skip
-    queue_url: str | None = setting(None, "`redis://host:port/db`: jobs go through Dramatiq to "
-                                    "`vqe worker`", shown="unset (in-process)")  # fmt: skip
-    workers: int = setting(1, "job threads per process (in-process executor or `vqe worker`)",
-                           ge=1)  # fmt: skip
-    device: str = setting("auto", "where the model runs: auto, cpu, cuda, cuda:N",
-                          pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # fmt: skip
+    data_dir: Path = setting(
+        DEFAULT_DATA_DIR, "SQLite database and local storage", shown="~/.local/share/vqe"
+    )
+    database_url: str = setting(
+        "",
+        "SQLAlchemy URL of the job store (PostgreSQL for many nodes)",
+        shown="SQLite in the data dir",
+    )
+    storage_dir: Path = setting(
+        Path(), "inputs and results (a shared volume when scaled out)", shown="`<data dir>/storage`"
+    )
+    queue_url: str | None = setting(
+        None,
+        "`redis://host:port/db`: jobs go through Dramatiq to `vqe worker`",
+        shown="unset (in-process)",
+    )
+    workers: int = setting(1, "job threads per process (in-process executor or `vqe worker`)", ge=1)
+    device: str = setting(
+        "auto", "where the model runs: auto, cpu, cuda, cuda:N", pattern=r"^(auto|cpu|cuda(:\d+)?)$"
+    )
     retention: float = setting(86400.0, "seconds a finished job's result is kept", ge=0)
-    max_upload_bytes: int = setting(Limits.max_upload_bytes,
-                                    "largest upload or downloaded source of a job",
-                                    shown="4 GiB", ge=1)  # fmt: skip
+    max_upload_bytes: int = setting(
+        Limits.max_upload_bytes, "largest upload or downloaded source of a job", shown="4 GiB", ge=1
+    )
     max_width: int = setting(Limits.max_width, "widest accepted picture (pixels)", ge=1)
     max_height: int = setting(Limits.max_height, "tallest accepted picture (pixels)", ge=1)
     max_duration: float = setting(Limits.max_duration, "longest accepted video (seconds)", ge=0)
     max_frames: int = setting(Limits.max_frames, "most frames of an accepted video", ge=1)
-    sync_max_bytes: int = setting(Limits.sync_max_bytes, "largest upload of `POST /v1/enhance` "
-                                  "(413 above)", shown="64 MiB", ge=1)  # fmt: skip
-    sync_max_seconds: float = setting(Limits.sync_max_seconds,
-                                      "longest video of `POST /v1/enhance` (413 above)", ge=0)
-    sync_max_frames: int = setting(Limits.sync_max_frames,
-                                   "most frames of `POST /v1/enhance` (413 above)", ge=1)
+    sync_max_bytes: int = setting(
+        Limits.sync_max_bytes,
+        "largest upload of `POST /v1/enhance` (413 above)",
+        shown="64 MiB",
+        ge=1,
+    )
+    sync_max_seconds: float = setting(
+        Limits.sync_max_seconds, "longest video of `POST /v1/enhance` (413 above)", ge=0
+    )
+    sync_max_frames: int = setting(
+        Limits.sync_max_frames, "most frames of `POST /v1/enhance` (413 above)", ge=1
+    )
     sync_concurrency: int = setting(1, "synchronous enhancements at once", ge=1)
-    url_allowlist: CommaList = setting((), "comma list of hosts, IPs or CIDRs (optionally "
-                                       "`:port`) exempt from the SSRF rules",
-                                       shown="empty")  # fmt: skip
-    url_timeout: float = setting(20.0, "seconds a source URL may stay silent (a whole "
-                                 "download may take 30 times that)", gt=0)  # fmt: skip
+    url_allowlist: CommaList = setting(
+        (),
+        "comma list of hosts, IPs or CIDRs (optionally `:port`) exempt from the SSRF rules",
+        shown="empty",
+    )
+    url_timeout: float = setting(
+        20.0, "seconds a source URL may stay silent (a whole download may take 30 times that)", gt=0
+    )
     job_time_limit: float = setting(6 * 3600.0, "seconds one job may run", gt=0)
     job_max_retries: int = setting(3, "retries of a job after a transient failure", ge=0)
     job_min_backoff_ms: int = setting(15_000, "first retry delay in ms (doubling)", ge=0)
     job_max_backoff_ms: int = setting(600_000, "longest retry delay in ms", ge=0)
-    job_lease: float = setting(60.0, "seconds a worker's claim on a running job lasts unless "
-                               "renewed", gt=0)  # fmt: skip
-    queue_heartbeat_ms: int = setting(60_000, "Dramatiq: silence after which a worker is dead "
-                                      "and its jobs are redelivered", ge=1)  # fmt: skip
-    queue_maintenance_chance: int = setting(10_000, "Dramatiq: per-million chance a queue "
-                                            "command runs dead-worker recovery",
-                                            ge=0)  # fmt: skip
+    job_lease: float = setting(
+        60.0, "seconds a worker's claim on a running job lasts unless renewed", gt=0
+    )
+    queue_heartbeat_ms: int = setting(
+        60_000, "Dramatiq: silence after which a worker is dead and its jobs are redelivered", ge=1
+    )
+    queue_maintenance_chance: int = setting(
+        10_000, "Dramatiq: per-million chance a queue command runs dead-worker recovery", ge=0
+    )
     sweep_interval: float = setting(60.0, "seconds between sweeps for expired results", gt=0)
-    api_keys: CommaList = setting((), "comma list of bearer keys; each key sees only its own jobs",
-                                  shown="unset (open)")  # fmt: skip
-    webhook_secret: str = setting("", "HMAC-SHA256 key of webhook signatures",
-                                  shown="unset (webhooks off)")  # fmt: skip
+    api_keys: CommaList = setting(
+        (), "comma list of bearer keys; each key sees only its own jobs", shown="unset (open)"
+    )
+    webhook_secret: str = setting(
+        "", "HMAC-SHA256 key of webhook signatures", shown="unset (webhooks off)"
+    )
     webhook_timeout: float = setting(10.0, "seconds one webhook delivery attempt may take", gt=0)
-    webhook_min_backoff: float = setting(5.0, "seconds before the first webhook retry (doubling)",
-                                         ge=0)  # fmt: skip
+    webhook_min_backoff: float = setting(
+        5.0, "seconds before the first webhook retry (doubling)", ge=0
+    )
     webhook_max_backoff: float = setting(600.0, "longest wait between webhook retries", ge=0)
-    webhook_max_age: float = setting(86400.0, "seconds after which an undelivered webhook is "
-                                     "given up", ge=0)  # fmt: skip
-    events_poll: float = setting(0.5, "seconds between store reads of an `/events` stream",
-                                 ge=0.05)  # fmt: skip
+    webhook_max_age: float = setting(
+        86400.0, "seconds after which an undelivered webhook is given up", ge=0
+    )
+    events_poll: float = setting(0.5, "seconds between store reads of an `/events` stream", ge=0.05)
     log_format: Literal["json", "text"] = setting("json", "`json` (one object per line) or `text`")
-    metrics_port: int | None = setting(None, "`vqe worker`: serve `/metrics` on this port",
-                                       shown="unset", ge=1, le=65535)  # fmt: skip
-    test_frame_delay: float = setting(0.0, "TEST ONLY: seconds to sleep per enhanced frame, so "
-                                      "tests can interrupt a job mid-way", ge=0)  # fmt: skip
+    metrics_port: int | None = setting(
+        None, "`vqe worker`: serve `/metrics` on this port", shown="unset", ge=1, le=65535
+    )
+    test_frame_delay: float = setting(
+        0.0,
+        "TEST ONLY: seconds to sleep per enhanced frame, so tests can interrupt a job mid-way",
+        ge=0,
+    )
 
     @field_validator("url_allowlist", "api_keys", mode="before")
     @classmethod
@@ -190,13 +216,17 @@ class Settings(BaseSettings):
         unknown = sorted(k for k in source if k.startswith(ENV_PREFIX) and k not in ENV_VARS)
         if unknown:
             logging.getLogger("vqe.service").warning(
-                "unknown settings ignored: %s", ", ".join(unknown))  # fmt: skip
+                "unknown settings ignored: %s", ", ".join(unknown)
+            )
         given = {k: v for k, v in overrides.items() if v is not None}
         try:
             if env is None:
                 return cls(**given)
-            values = {name: source[_env_name(name)] for name in cls.model_fields
-                      if source.get(_env_name(name), "").strip()}  # fmt: skip
+            values = {
+                name: source[_env_name(name)]
+                for name in cls.model_fields
+                if source.get(_env_name(name), "").strip()
+            }
             return _FromMapping(**{**values, **given})
         except ValidationError as exc:
             raise UserError(_settings_error(exc), code="invalid_settings") from None
@@ -215,8 +245,9 @@ def _env_name(field: str) -> str:
 
 
 def _settings_error(exc: ValidationError) -> str:
-    errors = [{**e, "loc": tuple(_env_name(str(x)) for x in e.get("loc", ())[:1])}
-              for e in exc.errors()]  # fmt: skip
+    errors = [
+        {**e, "loc": tuple(_env_name(str(x)) for x in e.get("loc", ())[:1])} for e in exc.errors()
+    ]
     return options_error(errors)
 
 

@@ -78,8 +78,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        ids = [f"{k}={getattr(record, k)}" for k in ("job_id", "request_id")
-               if getattr(record, k, None)]  # fmt: skip
+        ids = [
+            f"{k}={getattr(record, k)}"
+            for k in ("job_id", "request_id")
+            if getattr(record, k, None)
+        ]
         return f"{line} [{' '.join(ids)}]" if ids else line
 
 
@@ -125,8 +128,7 @@ class RequestIdMiddleware:
 
         async def send_with_id(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                headers = [h for h in message.get("headers", [])
-                           if h[0].lower() != b"x-request-id"]  # fmt: skip
+                headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
                 message["headers"] = [*headers, (b"x-request-id", rid.encode())]
             await send(message)
 

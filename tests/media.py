@@ -45,9 +45,9 @@ def retag(
             copies[index].metadata.update(tags)
         out.metadata.update(container_metadata or {})
         if sample_aspect_ratio is not None:
-            copies[inp.streams.video[0].index].codec_context.sample_aspect_ratio = (
-                sample_aspect_ratio
-            )
+            copies[
+                inp.streams.video[0].index
+            ].codec_context.sample_aspect_ratio = sample_aspect_ratio
         if attachment is not None:
             out.add_attachment(*attachment)
         track = None

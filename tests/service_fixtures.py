@@ -44,8 +44,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1,
-              what: str = "condition") -> Any:  # fmt: skip
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition"
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; that value is returned."""
     deadline = time.monotonic() + timeout
     while True:
@@ -65,8 +66,9 @@ def count_frames(path: Path) -> int:
 class ServiceProcess:
     """``vqe serve`` or ``vqe worker`` in a subprocess, logging to a file."""
 
-    def __init__(self, kind: str, data_dir: Path, env: dict[str, str] | None = None,
-                 port: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, kind: str, data_dir: Path, env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
         self.kind = kind
         self.data_dir = data_dir
         self.port = port or (free_port() if kind == "serve" else None)
@@ -83,13 +85,22 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServiceProcess:
-        cmd = [sys.executable, "-m", "service.cli", self.kind, "--data-dir", str(self.data_dir),
-               "--log-level", "info"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            self.kind,
+            "--data-dir",
+            str(self.data_dir),
+            "--log-level",
+            "info",
+        ]
         if self.kind == "serve":
             cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen(
+                cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
         if self.kind == "serve":
             wait_for(self._healthy, START_TIMEOUT, what=f"server on {self.url}\n{self.log()}")
         return self
@@ -146,8 +157,9 @@ class Api:
         self.base = base_url
         self.http = httpx.Client(base_url=base_url, timeout=60)
 
-    def submit_file(self, path: Path, headers: dict[str, str] | None = None,
-                    **options: Any) -> httpx.Response:  # fmt: skip
+    def submit_file(
+        self, path: Path, headers: dict[str, str] | None = None, **options: Any
+    ) -> httpx.Response:
         with open(path, "rb") as fh:
             files = {"file": (path.name, fh, "application/octet-stream")}
             data = {k: str(v) for k, v in options.items()}
@@ -161,8 +173,13 @@ class Api:
         assert r.status_code == 200, r.text
         return r.json()
 
-    def wait(self, job_id: str, statuses: tuple[str, ...] = ("succeeded", "failed", "canceled"),
-             timeout: float = 120.0, **match: Any) -> dict[str, Any]:  # fmt: skip
+    def wait(
+        self,
+        job_id: str,
+        statuses: tuple[str, ...] = ("succeeded", "failed", "canceled"),
+        timeout: float = 120.0,
+        **match: Any,
+    ) -> dict[str, Any]:
         """Poll until the job's status is one of ``statuses`` (and fields match ``match``)."""
 
         def done() -> dict[str, Any] | None:
@@ -198,11 +215,22 @@ def run_redis(workdir: Path) -> Iterator[str]:
     redis-server is not installed."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        missing("redis-server is not installed (apt-get install redis-server)")
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],  # fmt: skip
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
     )
@@ -242,10 +270,15 @@ def serve_files(root: Path) -> Iterator[str]:
 
 def make_hls(source: Path, playlist: Path) -> Path:
     """Remux ``source``'s video into an HLS playlist (MPEG-TS segments) next to it."""
-    with av.open(str(source)) as inp, av.open(
-        str(playlist), "w", format="hls",
-        options={"hls_time": "0.2", "hls_list_size": "0", "hls_playlist_type": "vod"},
-    ) as out:  # fmt: skip
+    with (
+        av.open(str(source)) as inp,
+        av.open(
+            str(playlist),
+            "w",
+            format="hls",
+            options={"hls_time": "0.2", "hls_list_size": "0", "hls_playlist_type": "vod"},
+        ) as out,
+    ):
         stream = out.add_stream_from_template(inp.streams.video[0])
         for packet in inp.demux(inp.streams.video[0]):
             if packet.dts is None:
@@ -253,3 +286,11 @@ def make_hls(source: Path, playlist: Path) -> Path:
             packet.stream = stream
             out.mux(packet)
     return playlist
+
+
+def missing(reason: str) -> None:
+    """Skip for a missing system service; fail instead under ``.ci/run``
+    (``CI_REQUIRE_SERVICES=1``), so CI cannot go green without running those tests."""
+    if os.environ.get("CI_REQUIRE_SERVICES") == "1":
+        pytest.fail(reason + " (required by CI_REQUIRE_SERVICES=1)")
+    pytest.skip(reason)

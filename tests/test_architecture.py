@@ -124,9 +124,11 @@ def test_dependencies_point_one_way():
     for module, targets in GRAPH.items():
         for target in targets:
             a, b = module.split(".")[0], target.split(".")[0]
-            if LAYER[b] > LAYER[a]:
-                wrong.append(f"{module} -> {target}")
-            elif a == b == "service" and _service_rank(target) > _service_rank(module):
+            if (
+                LAYER[b] > LAYER[a]
+                or a == b == "service"
+                and _service_rank(target) > _service_rank(module)
+            ):
                 wrong.append(f"{module} -> {target}")
     assert wrong == []
 
@@ -137,8 +139,11 @@ def test_bitstream_imports_no_torch():
             tree = ast.parse(path.read_text("utf-8"))
             for node in ast.walk(tree):
                 if isinstance(node, ast.Import | ast.ImportFrom):
-                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else [
-                        node.module or ""]
+                    names = (
+                        [a.name for a in node.names]
+                        if isinstance(node, ast.Import)
+                        else [node.module or ""]
+                    )
                     assert not any(n.split(".")[0] == "torch" for n in names), module
 
 
@@ -147,8 +152,9 @@ def _loaded_after(code: str) -> list[str]:
         f"import sys\n{code}\n"
         f"print(__import__('json').dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
     )
-    res = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     return [m for m in json.loads(res.stdout.splitlines()[-1]) if m in SERVICE_STACK]
 

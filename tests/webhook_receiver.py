@@ -27,7 +27,7 @@ class Receiver:
     def delivered(self) -> list[Received]:
         """The calls answered 2xx (the first ``len(fail_first)`` were refused)."""
         with self.lock:
-            return self.calls[self._refused:]
+            return self.calls[self._refused :]
 
     _refused: int = 0
 

@@ -51,7 +51,6 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI app on ``settings`` (default: from the environment)."""
     settings = settings or Settings.from_env()
@@ -105,4 +104,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics.install(app, service.store)
     app.add_middleware(logs.RequestIdMiddleware)
     return app
-

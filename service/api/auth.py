@@ -107,8 +107,11 @@ class AuthMiddleware:
         token = bearer_token(scope.get("headers", []))
         kid = self.keys.match(token) if token is not None else None
         if kid is None:
-            message = ("missing API key: send `Authorization: Bearer <key>`" if token is None
-                       else "the API key is not valid")  # fmt: skip
+            message = (
+                "missing API key: send `Authorization: Bearer <key>`"
+                if token is None
+                else "the API key is not valid"
+            )
             await _unauthorized(send, message)
             return
         reset = _owner.set(kid)
@@ -119,12 +122,22 @@ class AuthMiddleware:
 
 
 async def _unauthorized(send: Any, message: str) -> None:
-    body = ErrorResponse.model_validate(
-        {"error": {"code": "unauthorized", "message": message}}
-    ).model_dump_json().encode()
-    await send({"type": "http.response.start", "status": 401, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", b'Bearer realm="vqe"')]})  # fmt: skip
+    body = (
+        ErrorResponse.model_validate({"error": {"code": "unauthorized", "message": message}})
+        .model_dump_json()
+        .encode()
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b'Bearer realm="vqe"'),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -141,11 +154,16 @@ def install(app: FastAPI, api_keys: tuple[str, ...]) -> None:
             spec = default()
             components = spec.setdefault("components", {})
             components.setdefault("securitySchemes", {})["apiKey"] = {
-                "type": "http", "scheme": "bearer",
+                "type": "http",
+                "scheme": "bearer",
                 "description": "One of the keys in `VQE_API_KEYS`.",
             }
-            unauthorized = {"description": "Missing or unknown API key.", "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            unauthorized = {
+                "description": "Missing or unknown API key.",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                },
+            }
             for path, ops in spec.get("paths", {}).items():
                 if not path.startswith(PROTECTED_PREFIX + "/"):
                     continue

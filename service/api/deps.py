@@ -112,9 +112,13 @@ class Service:
         )
         self.sync = _SyncPipelines(settings.sync_concurrency, settings.device)
         self.webhooks = WebhookDispatcher(self.store, settings, self.ctx.policy, render_job)
-        self.heartbeat = (metrics.Heartbeat(self.store, self.backend.runner.identity, "executor",
-                                            self.backend.threads)
-                          if isinstance(self.backend, InProcessExecutor) else None)  # fmt: skip
+        self.heartbeat = (
+            metrics.Heartbeat(
+                self.store, self.backend.runner.identity, "executor", self.backend.threads
+            )
+            if isinstance(self.backend, InProcessExecutor)
+            else None
+        )
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, name="vqe-sweeper", daemon=True)
 
@@ -164,14 +168,17 @@ class Service:
             self.backend.submit(row.id)
         except Exception as exc:  # the queue is down: do not leave a job nobody will run
             log.exception("cannot queue job %s", row.id)
-            self.store.finish(row.id, None, JobStatus.failed,
-                              error=("queue_unavailable", "the job queue is unavailable"))
+            self.store.finish(
+                row.id,
+                None,
+                JobStatus.failed,
+                error=("queue_unavailable", "the job queue is unavailable"),
+            )
             self.storage.remove_job(row.id)
             raise ApiError(
                 503, "queue_unavailable", "the job queue is unavailable; retry later"
             ) from exc
         return row, True
-
 
     def stored_result(self, job_id: str) -> tuple[JobRow, Path]:
         """The row and result file of a job whose files can be read; else the API's

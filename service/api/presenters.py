@@ -50,8 +50,12 @@ def job_model(row: JobRow) -> Job:
         expired=expired,
         deleted=row.deleted,
         cancel_requested=row.cancel_requested,
-        source=JobSource(kind=row.source_kind, filename=row.source_filename,  # type: ignore[arg-type]
-                         url=_redacted(row.source_url), bytes=row.source_bytes),
+        source=JobSource(
+            kind=row.source_kind,
+            filename=row.source_filename,  # type: ignore[arg-type]
+            url=_redacted(row.source_url),
+            bytes=row.source_bytes,
+        ),
         options=EnhanceOptions.model_validate(row.options),
         stats=stats,
         webhook_url=_redacted(row.webhook_url),
@@ -68,7 +72,6 @@ def _redacted(url: str | None) -> str | None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
-
 
 
 def render_job(row: JobRow) -> dict[str, Any]:

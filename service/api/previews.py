@@ -83,8 +83,9 @@ class PreviewCache:
         self._key_locks: dict[tuple[str, int, str], threading.Lock] = {}
         self._renders = threading.BoundedSemaphore(max_renders)
 
-    def get(self, job_id: str, frame: int, kind: PreviewKind, input_path: Path,
-            result_path: Path) -> bytes:  # fmt: skip
+    def get(
+        self, job_id: str, frame: int, kind: PreviewKind, input_path: Path, result_path: Path
+    ) -> bytes:
         """The PNG of ``kind`` for frame ``frame`` (blocking; call from a worker thread)."""
         cached = self._lookup((job_id, frame, kind))
         if cached is not None:

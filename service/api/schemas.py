@@ -37,7 +37,8 @@ class JobOptions(EnhanceOptions):
     """Options of a batch job: the enhancement's, and where to report its outcome."""
 
     webhook_url: str | None = Field(
-        None, max_length=2048,
+        None,
+        max_length=2048,
         description="http(s) URL that gets a signed POST when the job ends "
         "(`job.succeeded`, `job.failed`, `job.canceled`); see `service.jobs.webhooks`.",
     )

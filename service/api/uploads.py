@@ -122,8 +122,7 @@ async def receive_multipart(request: Request, dest: Path, limit: int, *, sync: b
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
-        raise ApiError(415, "unsupported_media_type",
-                       "send multipart/form-data with a `file` part")
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a `file` part")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
         await drain(request)
@@ -151,11 +150,11 @@ async def receive_multipart(request: Request, dest: Path, limit: int, *, sync: b
     return upload
 
 
-
 def multipart_schema() -> dict[str, Any]:
     """OpenAPI schema of the multipart body: the ``file`` part and the option fields."""
     options = JobOptions.model_json_schema()["properties"]
-    props: dict[str, Any] = {"file": {"type": "string", "format": "binary",
-                                      "description": "The video."}, **options}
+    props: dict[str, Any] = {
+        "file": {"type": "string", "format": "binary", "description": "The video."},
+        **options,
+    }
     return {"type": "object", "properties": props, "required": ["file"]}
-

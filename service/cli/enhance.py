@@ -45,25 +45,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("input", help="video file or stream URL")
     p.add_argument("output", help="output file (.mp4, .mkv, .mov) or - for stdout")
     # Option values are checked by enhancer.options.EnhanceOptions (one line, exit 2).
-    p.add_argument("--codec", default="auto", metavar="|".join(CODECS),
-                   help="output encoder (auto: the input's family; ffv1 is lossless)")
-    p.add_argument("--crf", default=None,
-                   help=f"output quality {CRF_RANGE[0]}..{CRF_RANGE[1]} (default: 12 below the "
-                        "input's CRF/QP, so re-encoding keeps the gain)")
+    p.add_argument(
+        "--codec",
+        default="auto",
+        metavar="|".join(CODECS),
+        help="output encoder (auto: the input's family; ffv1 is lossless)",
+    )
+    p.add_argument(
+        "--crf",
+        default=None,
+        help=f"output quality {CRF_RANGE[0]}..{CRF_RANGE[1]} (default: 12 below the "
+        "input's CRF/QP, so re-encoding keeps the gain)",
+    )
     p.add_argument("--preset", default="medium", help="x264/x265 preset: " + ", ".join(PRESETS))
-    p.add_argument("--stages", default="auto",
-                   help="model stages: auto (per frame, from the compression level) or 0..S "
-                        "(S from the weights)")
-    p.add_argument("--side-info", default="auto", metavar="|".join(SIDE_INFO_MODES),
-                   help="use the bitstream's QP/motion vectors, or estimate blind")
+    p.add_argument(
+        "--stages",
+        default="auto",
+        help="model stages: auto (per frame, from the compression level) or 0..S "
+        "(S from the weights)",
+    )
+    p.add_argument(
+        "--side-info",
+        default="auto",
+        metavar="|".join(SIDE_INFO_MODES),
+        help="use the bitstream's QP/motion vectors, or estimate blind",
+    )
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--tile", type=int, default=None,
-                   help="tile edge in half-resolution pixels for large frames "
-                        "(default: automatic above 960x540; 0: never tile)")
-    p.add_argument("--max-frames", default=None,
-                   help="stop after this many frames (other streams are cut to match)")
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="tile edge in half-resolution pixels for large frames "
+        "(default: automatic above 960x540; 0: never tile)",
+    )
+    p.add_argument(
+        "--max-frames",
+        default=None,
+        help="stop after this many frames (other streams are cut to match)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    return p  # fmt: skip
+    return p
 
 
 class ProgressLine:

@@ -27,17 +27,29 @@ SIDE_ITEMS = ("pict_type", "qp", "qp_map", "motion_vectors", "partitions")
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "inspect", help="show the stream and the side information the bitstream carries",
+        "inspect",
+        help="show the stream and the side information the bitstream carries",
         description="Show a video's stream info and bitstream side information.",
     )
     p.add_argument("input", help="video file or URL")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--frames", type=int, default=None, metavar="N",
-                   help="inspect only the first N frames")
-    p.add_argument("--png", type=Path, default=None, metavar="DIR",
-                   help="write MV / partition / QP pictures of the first frames to DIR")
-    p.add_argument("--png-frames", type=int, default=3, metavar="K",
-                   help="how many frames --png draws (default 3)")
+    p.add_argument(
+        "--frames", type=int, default=None, metavar="N", help="inspect only the first N frames"
+    )
+    p.add_argument(
+        "--png",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write MV / partition / QP pictures of the first frames to DIR",
+    )
+    p.add_argument(
+        "--png-frames",
+        type=int,
+        default=3,
+        metavar="K",
+        help="how many frames --png draws (default 3)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -59,8 +71,12 @@ def stream_dict(info: SequenceInfo) -> dict[str, Any]:
         "frame_rate": _num(info.frame_rate),
         "time_base": str(info.time_base) if info.time_base else None,
         "frames": info.frames,
-        "color": {"primaries": info.color_primaries, "trc": info.color_trc,
-                  "space": info.colorspace, "range": info.color_range},
+        "color": {
+            "primaries": info.color_primaries,
+            "trc": info.color_trc,
+            "space": info.colorspace,
+            "range": info.color_range,
+        },
         "rotation": info.rotation,
         "sample_aspect_ratio": str(info.sample_aspect_ratio) if info.sample_aspect_ratio else None,
         "encoder": info.encoder,
@@ -73,8 +89,9 @@ def frame_dict(frame: DecodedFrame) -> dict[str, Any]:
     parts: dict[str, int] = {}
     if side.partition is not None:
         counts = np.bincount(side.partition.ravel(), minlength=len(PARTITION_CODES))
-        parts = {PARTITION_NAMES[c]: int(n) for c, n in enumerate(counts)
-                 if n and c in PARTITION_NAMES}
+        parts = {
+            PARTITION_NAMES[c]: int(n) for c, n in enumerate(counts) if n and c in PARTITION_NAMES
+        }
     return {
         "index": side.index,
         "pts": side.pts,
@@ -82,8 +99,11 @@ def frame_dict(frame: DecodedFrame) -> dict[str, Any]:
         "qp": _num(side.qp, 2),
         "mv_count": side.mv_count,
         # null where the codec does not say which blocks are intra (e.g. HEVC P/B).
-        "intra_fraction": (round(side.intra_fraction, 4)
-                           if side.intra is not None or side.pict_type == "I" else None),
+        "intra_fraction": (
+            round(side.intra_fraction, 4)
+            if side.intra is not None or side.pict_type == "I"
+            else None
+        ),
         "partitions": parts,
     }
 
@@ -96,8 +116,9 @@ def _best_source(seen: Counter[str]) -> str:
     return "none"
 
 
-def inspect(source: str, frames: int | None = None, png: Path | None = None,
-            png_frames: int = 3) -> dict[str, Any]:
+def inspect(
+    source: str, frames: int | None = None, png: Path | None = None, png_frames: int = 3
+) -> dict[str, Any]:
     """Read ``source`` and return the report that ``--json`` prints."""
     records: list[dict[str, Any]] = []
     sources: dict[str, Counter[str]] = {k: Counter() for k in SIDE_ITEMS}
@@ -116,8 +137,10 @@ def inspect(source: str, frames: int | None = None, png: Path | None = None,
     return {
         "input": str(source),
         "stream": stream_dict(info),
-        "side_info": {k: _best_source(sources[k]) for k in ("motion_vectors", "qp_map",
-                                                            "partitions", "qp", "pict_type")},
+        "side_info": {
+            k: _best_source(sources[k])
+            for k in ("motion_vectors", "qp_map", "partitions", "qp", "pict_type")
+        },
         "frames": records,
         "errors": errors,
     }
@@ -140,13 +163,21 @@ def format_summary(report: dict[str, Any]) -> str:
     rows = [
         ("input", report["input"]),
         ("codec", f"{s['codec']} ({s['profile'] or 'unknown profile'})"),
-        ("size", f"{s['width']}x{s['height']}  {s['pix_fmt']}"
-                 + (f" (decoded {s['source_pix_fmt']})"
-                    if s["source_pix_fmt"] not in (None, s["pix_fmt"]) else "")),
+        (
+            "size",
+            f"{s['width']}x{s['height']}  {s['pix_fmt']}"
+            + (
+                f" (decoded {s['source_pix_fmt']})"
+                if s["source_pix_fmt"] not in (None, s["pix_fmt"])
+                else ""
+            ),
+        ),
         ("frame rate", f"{s['frame_rate']} fps" if s["frame_rate"] else "unknown"),
         ("frames", f"{len(frames)} read" + (f" of {s['frames']}" if s["frames"] else "")),
-        ("colour", "primaries {primaries} trc {trc} space {space} range {range}".format(
-            **s["color"])),
+        (
+            "colour",
+            "primaries {primaries} trc {trc} space {space} range {range}".format(**s["color"]),
+        ),
         ("rotation", f"{s['rotation']:g} deg"),
         ("encoder", s["encoder"] or "unknown"),
         ("rate control", rc_text),

@@ -24,10 +24,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--queue-url", default=None, help="redis://host:port/db (VQE_QUEUE_URL)")
     p.add_argument("--data-dir", default=None, help="as for `vqe serve` (VQE_DATA_DIR)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="jobs run at once by this process (VQE_WORKERS; default 1)")
-    p.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="jobs run at once by this process (VQE_WORKERS; default 1)",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     return p
 
 
@@ -42,8 +47,12 @@ def run(args: argparse.Namespace) -> int:
     from service.jobs.queue_redis import QUEUE_NAME, RedisQueue
     from service.jobs.webhooks import WebhookDispatcher
 
-    settings = cli_settings(args.log_level, data_dir=args.data_dir, workers=args.threads,
-                            queue_url=args.queue_url or None)  # fmt: skip
+    settings = cli_settings(
+        args.log_level,
+        data_dir=args.data_dir,
+        workers=args.threads,
+        queue_url=args.queue_url or None,
+    )
     if not settings.uses_redis:
         raise UserError("set VQE_QUEUE_URL (or --queue-url) to a redis:// URL")
     stop = threading.Event()

@@ -120,9 +120,7 @@ class HTTPFetcher:
         try:
             self.download(url, writer.write)
         except UploadTooLarge:
-            raise InputTooLarge(
-                f"the source is larger than the limit of {limit} bytes"
-            ) from None
+            raise InputTooLarge(f"the source is larger than the limit of {limit} bytes") from None
         except BaseException:
             writer.abort()
             raise
@@ -176,7 +174,6 @@ class SafeOpener:
         raise PermissionError(reason)
 
 
-
 @contextmanager
 def open_remote(
     checked: CheckedURL, fetcher: HTTPFetcher, budget: int, timeout: float
@@ -206,7 +203,6 @@ def open_remote(
         yield container
     finally:
         container.close()
-
 
 
 def probe_stream(checked: CheckedURL, fetcher: HTTPFetcher, limits: Limits) -> ProbeReport:

@@ -28,8 +28,15 @@ SCHEMES = {
     "rtmp": "rtmp",
     "rtsp": "rtsp",
 }
-DEFAULT_PORTS = {"http": 80, "https": 443, "hls": 443, "hls+http": 80, "hls+https": 443,
-                 "rtmp": 1935, "rtsp": 554}  # fmt: skip
+DEFAULT_PORTS = {
+    "http": 80,
+    "https": 443,
+    "hls": 443,
+    "hls+http": 80,
+    "hls+https": 443,
+    "rtmp": 1935,
+    "rtsp": 554,
+}
 METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(a)
     for a in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254")
@@ -49,9 +56,7 @@ class _AllowEntry:
         return self.host is not None and self.host == host and self.port in (None, port)
 
     def matches_address(self, address: IPAddress, port: int) -> bool:
-        return (
-            self.network is not None and address in self.network and self.port in (None, port)
-        )
+        return self.network is not None and address in self.network and self.port in (None, port)
 
 
 def _parse_allow_entry(entry: str) -> _AllowEntry:
@@ -173,5 +178,3 @@ class URLPolicy:
         if not addresses:
             raise SourceUnavailable(f"host {host!r} has no address")
         return addresses
-
-

@@ -19,11 +19,34 @@ from service.errors import InputTooLarge, NotAVideo, ServiceInputError, first_li
 #: hls, concat, image2, sdp, rtsp, tee, dash and anything else that opens other files.
 ALLOWED_FORMATS = frozenset(
     {
-        "mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm", "avi", "mpegts",
-        "mpeg", "flv", "h264", "hevc", "ivf", "obu", "av1", "asf", "nut", "mxf", "ogg",
-        "yuv4mpegpipe", "m4v", "mpegvideo", "dv", "vc1",
+        "mov",
+        "mp4",
+        "m4a",
+        "3gp",
+        "3g2",
+        "mj2",
+        "matroska",
+        "webm",
+        "avi",
+        "mpegts",
+        "mpeg",
+        "flv",
+        "h264",
+        "hevc",
+        "ivf",
+        "obu",
+        "av1",
+        "asf",
+        "nut",
+        "mxf",
+        "ogg",
+        "yuv4mpegpipe",
+        "m4v",
+        "mpegvideo",
+        "dv",
+        "vc1",
     }
-)  # fmt: skip
+)
 PLAYLIST_MAGIC = b"#EXTM3U"
 AVIO_FLAG_WRITE = 2
 
@@ -40,7 +63,6 @@ class _OneFileOpener:
             self.refused.append(url)
             raise PermissionError(f"{url}: the input may not refer to other files")
         return open(self.path, "rb")  # noqa: SIM115 - FFmpeg closes it
-
 
 
 # -- probing ----------------------------------------------------------------------
@@ -104,15 +126,15 @@ def probe_file(path: Path) -> ProbeReport:
         raise
     except (av.FFmpegError, PermissionError, OSError, ValueError) as exc:
         if opener.refused or isinstance(exc, PermissionError):
-            raise NotAVideo("the input refers to other files (a playlist or list); "
-                            "upload the video itself") from None
+            raise NotAVideo(
+                "the input refers to other files (a playlist or list); upload the video itself"
+            ) from None
         if isinstance(exc, av.InvalidDataError):
             raise NotAVideo(f"not a video file we can read: {first_line(exc)}") from None
         raise ServiceInputError(
             f"the input could not be read (truncated or corrupt?): {first_line(exc)}",
             code="corrupt_input",
         ) from None
-
 
 
 def check_limits(report: ProbeReport, limits: Limits, *, sync: bool = False) -> None:
@@ -139,5 +161,3 @@ def looks_like_playlist(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
     return head.startswith(PLAYLIST_MAGIC)
-
-

@@ -116,8 +116,9 @@ class _Watch:
         self.latest: Progress | None = None
         self.started = time.monotonic()
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"vqe-watch-{job_id[:8]}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, name=f"vqe-watch-{job_id[:8]}", daemon=True
+        )
 
     def __enter__(self) -> _Watch:
         self._thread.start()
@@ -152,8 +153,12 @@ class _Watch:
             fields: dict[str, Any] = {}
             p = self.latest
             if p is not None:
-                fields = {"phase": p.phase, "frames_done": p.frames_done, "fps": p.fps,
-                          "eta_seconds": p.eta_seconds}
+                fields = {
+                    "phase": p.phase,
+                    "frames_done": p.frames_done,
+                    "fps": p.fps,
+                    "eta_seconds": p.eta_seconds,
+                }
                 if p.frames_total:
                     fields["frames_total"] = p.frames_total
             try:
@@ -226,8 +231,7 @@ class JobRunner:
             log.warning("job %s: cannot store the per-frame log", job_id, exc_info=True)
         expires = utcnow() + timedelta(seconds=self.settings.retention)
         stats = result_stats(result, size)
-        if self.store.finish(job_id, owner, JobStatus.succeeded, stats=stats,
-                             expires_at=expires):
+        if self.store.finish(job_id, owner, JobStatus.succeeded, stats=stats, expires_at=expires):
             metrics.record_job(stats)
             log.info("job %s: succeeded (%d frames, %.2f fps)", job_id, result.frames, result.fps)
         # The input stays next to the result (before/after previews) until retention or

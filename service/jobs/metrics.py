@@ -52,11 +52,18 @@ HEARTBEAT_SECONDS = 15.0  # a runner's heartbeat period; silent for 3 periods = 
 MAX_STAGES = 16
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-JOB_SECONDS = Histogram("vqe_job_seconds", "Run time of the jobs this process finished.",
-                        buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
-                        registry=None)  # fmt: skip
-JOB_FPS = Histogram("vqe_job_fps", "Enhancement speed (frames/s) of the jobs this process ran.",
-                    buckets=(0.5, 1, 2, 5, 10, 25, 50, 100, 250), registry=None)  # fmt: skip
+JOB_SECONDS = Histogram(
+    "vqe_job_seconds",
+    "Run time of the jobs this process finished.",
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+    registry=None,
+)
+JOB_FPS = Histogram(
+    "vqe_job_fps",
+    "Enhancement speed (frames/s) of the jobs this process ran.",
+    buckets=(0.5, 1, 2, 5, 10, 25, 50, 100, 250),
+    registry=None,
+)
 
 
 class _Stages(Collector):
@@ -82,8 +89,12 @@ class _Stages(Collector):
             running += counts[stages] + (counts[0] if stages == 1 else 0)
             buckets.append((str(float(stages)), running))
         buckets.append(("+Inf", running))
-        yield HistogramMetricFamily("vqe_frame_stages", "Enhanced frames by stages run on them.",
-                                    buckets=buckets, sum_value=total)  # fmt: skip
+        yield HistogramMetricFamily(
+            "vqe_frame_stages",
+            "Enhanced frames by stages run on them.",
+            buckets=buckets,
+            sum_value=total,
+        )
 
 
 STAGES = _Stages()
@@ -121,22 +132,27 @@ class StoreCollector(Collector):
         for status in JobStatus:
             jobs.add_metric([status.value], counts["jobs"].get(status.value, 0))
         yield jobs
-        yield GaugeMetricFamily("vqe_queue_depth", "Jobs waiting for a worker.",
-                                value=counts["jobs"].get(JobStatus.queued.value, 0))
-        yield CounterMetricFamily("vqe_frames_enhanced", "Frames of succeeded jobs.",
-                                  value=counts["frames"])
-        yield GaugeMetricFamily("vqe_running_fps", "Summed frames/s of running jobs.",
-                                value=counts["fps"])
-        threads = GaugeMetricFamily("vqe_workers", "Job threads of live runners.",
-                                    labels=["kind"])
+        yield GaugeMetricFamily(
+            "vqe_queue_depth",
+            "Jobs waiting for a worker.",
+            value=counts["jobs"].get(JobStatus.queued.value, 0),
+        )
+        yield CounterMetricFamily(
+            "vqe_frames_enhanced", "Frames of succeeded jobs.", value=counts["frames"]
+        )
+        yield GaugeMetricFamily(
+            "vqe_running_fps", "Summed frames/s of running jobs.", value=counts["fps"]
+        )
+        threads = GaugeMetricFamily("vqe_workers", "Job threads of live runners.", labels=["kind"])
         for kind in ("executor", "worker"):
             threads.add_metric([kind], workers.get(kind, 0))
         yield threads
-        hooks = GaugeMetricFamily("vqe_webhook_events", "Webhook deliveries by state.",
-                                  labels=["state"])
+        hooks = GaugeMetricFamily(
+            "vqe_webhook_events", "Webhook deliveries by state.", labels=["state"]
+        )
         for state in ("pending", "delivered", "failed"):
             hooks.add_metric([state], counts["webhooks"].get(state, 0))
-        yield hooks  # fmt: skip
+        yield hooks
 
 
 def registry_for(store: JobStore, extra: tuple[Collector, ...] = ()) -> CollectorRegistry:
@@ -177,9 +193,13 @@ class LatencyMiddleware:
 
 def install(app: FastAPI, store: JobStore) -> None:
     """``GET /metrics`` and the request-latency middleware."""
-    latency = Histogram("vqe_http_request_duration_seconds", "HTTP request duration.",
-                        ["method", "route", "status"], buckets=LATENCY_BUCKETS,
-                        registry=None)  # fmt: skip
+    latency = Histogram(
+        "vqe_http_request_duration_seconds",
+        "HTTP request duration.",
+        ["method", "route", "status"],
+        buckets=LATENCY_BUCKETS,
+        registry=None,
+    )
     registry = registry_for(store, (latency,))
     app.add_middleware(LatencyMiddleware, histogram=latency)
 
@@ -191,8 +211,14 @@ def install(app: FastAPI, store: JobStore) -> None:
 class Heartbeat:
     """Tells the store this runner is alive (for ``vqe_workers``) every few seconds."""
 
-    def __init__(self, store: JobStore, identity: str, kind: str, threads: int,
-                 interval: float = HEARTBEAT_SECONDS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: JobStore,
+        identity: str,
+        kind: str,
+        threads: int,
+        interval: float = HEARTBEAT_SECONDS,
+    ) -> None:
         self.store = store
         self.identity, self.kind, self.threads = identity, kind, threads
         self.interval = interval

@@ -104,7 +104,9 @@ class RedisQueue:
         except TimeLimitExceeded:
             log.error("job %s: killed by the queue's time limit", job_id)
             self.runner.store.finish(
-                job_id, None, JobStatus.failed,
+                job_id,
+                None,
+                JobStatus.failed,
                 error=("time_limit", "the job ran past the queue's time limit"),
             )
             raise

@@ -120,8 +120,7 @@ class JobRow(Base):
     )
     owner_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
-    webhook_progress: Mapped[bool] = mapped_column(Boolean, default=False,
-                                                   server_default=false())  # fmt: skip
+    webhook_progress: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     webhook_decile: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     @property
@@ -239,8 +238,9 @@ class JobStore:
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._reads = sessionmaker(self.engine.execution_options(vqe_read_only=True),
-                                   expire_on_commit=False)  # fmt: skip
+        self._reads = sessionmaker(
+            self.engine.execution_options(vqe_read_only=True), expire_on_commit=False
+        )
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
@@ -310,7 +310,10 @@ class JobStore:
             return s.scalar(select(JobRow).where(JobRow.idempotency_key == key))
 
     def list(
-        self, status: JobStatus | None = None, limit: int = 50, cursor: str | None = None,
+        self,
+        status: JobStatus | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
         owner: str | None = None,
     ) -> tuple[list[JobRow], str | None]:
         """Newest first; returns the page and the cursor of the next one (or None).
@@ -453,9 +456,7 @@ class JobStore:
 
     def requeue(self, job_id: str, owner: str | None, error: tuple[str, str] | None = None) -> bool:
         """Give a running job back to the queue (shutdown, or a retry after a transient error)."""
-        query = update(JobRow).where(
-            JobRow.id == job_id, JobRow.status == JobStatus.running.value
-        )
+        query = update(JobRow).where(JobRow.id == job_id, JobRow.status == JobStatus.running.value)
         if owner is not None:
             query = query.where(JobRow.lease_owner == owner)
         values: dict[str, Any] = {
@@ -489,15 +490,21 @@ class JobStore:
             s.execute(
                 update(JobRow)
                 .where(running, live)
-                .values(status=JobStatus.queued.value, phase=None, lease_owner=None,
-                        lease_expires=None)
+                .values(
+                    status=JobStatus.queued.value, phase=None, lease_owner=None, lease_expires=None
+                )
             )
             now = utcnow()
             s.execute(
                 update(JobRow)
                 .where(running, JobRow.cancel_requested.is_(True))
-                .values(status=JobStatus.canceled.value, finished_at=now, updated_at=now,
-                        lease_owner=None, lease_expires=None)
+                .values(
+                    status=JobStatus.canceled.value,
+                    finished_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires=None,
+                )
             )
             for job_id in dropped:
                 _add_event(s, job_id, "job.canceled")
@@ -512,8 +519,12 @@ class JobStore:
             canceled = s.execute(
                 update(JobRow)
                 .where(JobRow.id == job_id, JobRow.status == JobStatus.queued.value)
-                .values(status=JobStatus.canceled.value, finished_at=now, updated_at=now,
-                        cancel_requested=True)
+                .values(
+                    status=JobStatus.canceled.value,
+                    finished_at=now,
+                    updated_at=now,
+                    cancel_requested=True,
+                )
             ).rowcount
             if canceled == 1:
                 _add_event(s, job_id, "job.canceled")
@@ -556,14 +567,18 @@ class JobStore:
         """Due deliveries, each leased to ``owner`` so no other process sends it meanwhile."""
         now = utcnow()
         with self._session() as s:
-            ids = list(s.scalars(
-                select(WebhookEvent.id)
-                .where(WebhookEvent.state == "pending", WebhookEvent.next_attempt_at <= now,
-                       or_(WebhookEvent.lease_expires.is_(None),
-                           WebhookEvent.lease_expires < now))
-                .order_by(WebhookEvent.created_at)
-                .limit(limit)
-            ))  # fmt: skip
+            ids = list(
+                s.scalars(
+                    select(WebhookEvent.id)
+                    .where(
+                        WebhookEvent.state == "pending",
+                        WebhookEvent.next_attempt_at <= now,
+                        or_(WebhookEvent.lease_expires.is_(None), WebhookEvent.lease_expires < now),
+                    )
+                    .order_by(WebhookEvent.created_at)
+                    .limit(limit)
+                )
+            )
             if not ids:
                 return []
             s.execute(
@@ -571,23 +586,41 @@ class JobStore:
                 .where(WebhookEvent.id.in_(ids))
                 .values(lease_owner=owner, lease_expires=now + timedelta(seconds=lease))
             )
-            return list(s.scalars(select(WebhookEvent).where(WebhookEvent.id.in_(ids))
-                                  .order_by(WebhookEvent.created_at)))  # fmt: skip
+            return list(
+                s.scalars(
+                    select(WebhookEvent)
+                    .where(WebhookEvent.id.in_(ids))
+                    .order_by(WebhookEvent.created_at)
+                )
+            )
 
     def set_webhook_body(self, event_id: str, body: str) -> str:
         """Fix the body of a delivery at its first attempt; returns the stored body."""
         with self._session() as s:
-            s.execute(update(WebhookEvent)
-                      .where(WebhookEvent.id == event_id, WebhookEvent.body.is_(None))
-                      .values(body=body))  # fmt: skip
+            s.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.id == event_id, WebhookEvent.body.is_(None))
+                .values(body=body)
+            )
             return s.scalar(select(WebhookEvent.body).where(WebhookEvent.id == event_id)) or body
 
-    def webhook_attempted(self, event_id: str, owner: str, *, delivered: bool,
-                          error: str | None = None, retry_at: datetime | None = None) -> None:
+    def webhook_attempted(
+        self,
+        event_id: str,
+        owner: str,
+        *,
+        delivered: bool,
+        error: str | None = None,
+        retry_at: datetime | None = None,
+    ) -> None:
         """Record an attempt: delivered, to retry at ``retry_at``, or given up (neither)."""
         now = utcnow()
-        values: dict[str, Any] = {"attempts": WebhookEvent.attempts + 1, "lease_owner": None,
-                                  "lease_expires": None, "last_error": error}
+        values: dict[str, Any] = {
+            "attempts": WebhookEvent.attempts + 1,
+            "lease_owner": None,
+            "lease_expires": None,
+            "last_error": error,
+        }
         if delivered:
             values.update(state="delivered", delivered_at=now)
         elif retry_at is not None:
@@ -595,9 +628,11 @@ class JobStore:
         else:
             values["state"] = "failed"
         with self._session() as s:
-            s.execute(update(WebhookEvent)
-                      .where(WebhookEvent.id == event_id, WebhookEvent.lease_owner == owner)
-                      .values(**values))  # fmt: skip
+            s.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.id == event_id, WebhookEvent.lease_owner == owner)
+                .values(**values)
+            )
 
     def webhook_events(self, job_id: str) -> list[WebhookEvent]:
         with self._read() as s:
@@ -622,40 +657,65 @@ class JobStore:
     def live_workers(self, since: datetime) -> dict[str, int]:
         """Worker threads per kind among the runners seen since ``since``."""
         with self._read() as s:
-            rows = s.execute(select(WorkerRow.kind, func.sum(WorkerRow.threads))
-                             .where(WorkerRow.seen_at >= since)
-                             .group_by(WorkerRow.kind))  # fmt: skip
+            rows = s.execute(
+                select(WorkerRow.kind, func.sum(WorkerRow.threads))
+                .where(WorkerRow.seen_at >= since)
+                .group_by(WorkerRow.kind)
+            )
             return {kind: int(n or 0) for kind, n in rows}
 
     def counts(self) -> dict[str, Any]:
         """Jobs per status, frames of succeeded jobs, summed fps of running jobs, webhooks."""
         with self._read() as s:
-            by_status = dict(s.execute(select(JobRow.status, func.count())
-                                       .group_by(JobRow.status)).all())  # fmt: skip
-            frames = s.scalar(select(func.coalesce(func.sum(JobRow.frames_done), 0))
-                              .where(JobRow.status == JobStatus.succeeded.value))  # fmt: skip
-            fps = s.scalar(select(func.coalesce(func.sum(JobRow.fps), 0.0))
-                           .where(JobRow.status == JobStatus.running.value))  # fmt: skip
-            hooks = dict(s.execute(select(WebhookEvent.state, func.count())
-                                   .group_by(WebhookEvent.state)).all())  # fmt: skip
-        return {"jobs": {k: int(v) for k, v in by_status.items()}, "frames": int(frames or 0),
-                "fps": float(fps or 0.0), "webhooks": {k: int(v) for k, v in hooks.items()}}
+            by_status = dict(
+                s.execute(select(JobRow.status, func.count()).group_by(JobRow.status)).all()
+            )
+            frames = s.scalar(
+                select(func.coalesce(func.sum(JobRow.frames_done), 0)).where(
+                    JobRow.status == JobStatus.succeeded.value
+                )
+            )
+            fps = s.scalar(
+                select(func.coalesce(func.sum(JobRow.fps), 0.0)).where(
+                    JobRow.status == JobStatus.running.value
+                )
+            )
+            hooks = dict(
+                s.execute(
+                    select(WebhookEvent.state, func.count()).group_by(WebhookEvent.state)
+                ).all()
+            )
+        return {
+            "jobs": {k: int(v) for k, v in by_status.items()},
+            "frames": int(frames or 0),
+            "fps": float(fps or 0.0),
+            "webhooks": {k: int(v) for k, v in hooks.items()},
+        }
 
 
 def _add_event(s: Session, job_id: str, type_: str) -> None:
     """Queue a webhook delivery for ``job_id`` (in the caller's transaction), if it has one."""
     url = s.scalar(select(JobRow.webhook_url).where(JobRow.id == job_id))
     if url:
-        s.add(WebhookEvent(id=f"evt_{uuid.uuid4().hex}", job_id=job_id, type=type_, url=url,
-                           created_at=utcnow(), next_attempt_at=utcnow()))  # fmt: skip
+        s.add(
+            WebhookEvent(
+                id=f"evt_{uuid.uuid4().hex}",
+                job_id=job_id,
+                type=type_,
+                url=url,
+                created_at=utcnow(),
+                next_attempt_at=utcnow(),
+            )
+        )
 
 
 def _progress_event(s: Session, job_id: str) -> None:
     """A ``job.progress`` delivery each time a job with ``webhook_progress`` passes 10 %."""
     row = s.execute(
-        select(JobRow.webhook_progress, JobRow.webhook_decile, JobRow.frames_done,
-               JobRow.frames_total).where(JobRow.id == job_id)
-    ).one_or_none()  # fmt: skip
+        select(
+            JobRow.webhook_progress, JobRow.webhook_decile, JobRow.frames_done, JobRow.frames_total
+        ).where(JobRow.id == job_id)
+    ).one_or_none()
     if row is None or not row.webhook_progress or not row.frames_total:
         return
     decile = min(9, (row.frames_done or 0) * 10 // row.frames_total)
@@ -680,6 +740,4 @@ def _add_missing_columns(engine: Engine) -> None:
                 arg: Any = column.server_default.arg  # type: ignore[attr-defined]
                 text_ = arg if isinstance(arg, str) else arg.compile(dialect=engine.dialect)
                 extra = f" DEFAULT {text_}"
-            conn.exec_driver_sql(
-                f"ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl}{extra}"
-            )
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl}{extra}")

@@ -81,8 +81,9 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"{SIGNATURE_VERSION}={mac.hexdigest()}"
 
 
-def verify(secret: str, timestamp: str, body: bytes, signature: str,
-           tolerance: float = 300.0) -> bool:  # fmt: skip
+def verify(
+    secret: str, timestamp: str, body: bytes, signature: str, tolerance: float = 300.0
+) -> bool:
     """The receiver's check (also used by the tests)."""
     try:
         fresh = abs(time.time() - int(timestamp)) <= tolerance
@@ -96,8 +97,10 @@ def check_url(url: str | None, policy: URLPolicy, settings: Settings) -> str | N
     if url is None:
         return None
     if not settings.webhook_secret:
-        raise ServiceInputError("webhooks are off on this server (VQE_WEBHOOK_SECRET is unset)",
-                                code="webhooks_disabled")  # fmt: skip
+        raise ServiceInputError(
+            "webhooks are off on this server (VQE_WEBHOOK_SECRET is unset)",
+            code="webhooks_disabled",
+        )
     try:
         policy.check(url, kinds=("http",))
     except URLNotAllowed as exc:
@@ -161,21 +164,37 @@ class WebhookDispatcher:
             status = self._post(event, body.encode())
             if 200 <= status < 300:
                 self.store.webhook_attempted(event.id, self.owner, delivered=True)
-                log.info("webhook %s (%s) delivered", event.id, event.type,
-                         extra={"job_id": event.job_id})
+                log.info(
+                    "webhook %s (%s) delivered",
+                    event.id,
+                    event.type,
+                    extra={"job_id": event.job_id},
+                )
                 return
             error = f"HTTP {status}"
         except (httpx.HTTPError, ServiceInputError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
-        delay = min(self.settings.webhook_min_backoff * 2**event.attempts,
-                    self.settings.webhook_max_backoff)  # fmt: skip
+        delay = min(
+            self.settings.webhook_min_backoff * 2**event.attempts, self.settings.webhook_max_backoff
+        )
         retry_at = utcnow() + timedelta(seconds=delay)
         give_up = retry_at > event.created_at + timedelta(seconds=self.settings.webhook_max_age)
-        self.store.webhook_attempted(event.id, self.owner, delivered=False, error=error,
-                                     retry_at=None if give_up else retry_at)  # fmt: skip
-        log.warning("webhook %s (%s) attempt %d failed: %s%s", event.id, event.type,
-                    event.attempts + 1, error, "; giving up" if give_up else "",
-                    extra={"job_id": event.job_id})  # fmt: skip
+        self.store.webhook_attempted(
+            event.id,
+            self.owner,
+            delivered=False,
+            error=error,
+            retry_at=None if give_up else retry_at,
+        )
+        log.warning(
+            "webhook %s (%s) attempt %d failed: %s%s",
+            event.id,
+            event.type,
+            event.attempts + 1,
+            error,
+            "; giving up" if give_up else "",
+            extra={"job_id": event.job_id},
+        )
 
     def _body(self, event: WebhookEvent) -> str:
         row = self.store.get(event.job_id)
@@ -203,8 +222,10 @@ class WebhookDispatcher:
             "Vqe-Webhook-Signature": sign(self.settings.webhook_secret, timestamp, body),
         }
         ext = {"sni_hostname": checked.host} if parts.scheme == "https" else {}
-        with httpx.Client(timeout=self.settings.webhook_timeout, follow_redirects=False,
-                          trust_env=False) as client:  # fmt: skip
-            request = client.build_request("POST", checked.pinned_url(), headers=headers,
-                                           content=body, extensions=ext)  # fmt: skip
+        with httpx.Client(
+            timeout=self.settings.webhook_timeout, follow_redirects=False, trust_env=False
+        ) as client:
+            request = client.build_request(
+                "POST", checked.pinned_url(), headers=headers, content=body, extensions=ext
+            )
             return client.send(request).status_code

@@ -25,8 +25,9 @@ from service.cli.inspect import inspect
 REPO = Path(__file__).resolve().parents[2]
 CONFORMANCE = Path(__file__).resolve().parents[2].parent / "shared/conformance/h264"
 UNOPENABLE = {"sps_subsetsps_bothVUI.264"}  # SPS + subset SPS: FFmpeg cannot probe it
-STREAMS = (sorted(p.name for p in CONFORMANCE.iterdir() if p.is_file())
-           if CONFORMANCE.is_dir() else [])
+STREAMS = (
+    sorted(p.name for p in CONFORMANCE.iterdir() if p.is_file()) if CONFORMANCE.is_dir() else []
+)
 READABLE = [name for name in STREAMS if name not in UNOPENABLE]
 
 pytestmark = pytest.mark.skipif(not STREAMS, reason=f"no conformance streams in {CONFORMANCE}")
@@ -65,21 +66,39 @@ def test_stream_reads_like_plain_pyav(name):
 def test_unopenable_stream_is_a_clean_error(name):
     with pytest.raises(CorruptStream):
         inspect(str(CONFORMANCE / name))
-    res = subprocess.run([sys.executable, "-m", "service.cli", "inspect", str(CONFORMANCE / name)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "service.cli", "inspect", str(CONFORMANCE / name)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr
     assert name in lines[0]
 
 
-@pytest.mark.parametrize("name", [n for n in ("BA_MW_D_IDR_LOST.264", "CVPCMNL1_SVA_C.264",
-                                              "Cisco_Men_whisper_640x320_CABAC_Bframe_9.264")
-                                  if n in READABLE])
+@pytest.mark.parametrize(
+    "name",
+    [
+        n
+        for n in (
+            "BA_MW_D_IDR_LOST.264",
+            "CVPCMNL1_SVA_C.264",
+            "Cisco_Men_whisper_640x320_CABAC_Bframe_9.264",
+        )
+        if n in READABLE
+    ],
+)
 def test_cli_json_on_conformance(name):
-    res = subprocess.run([sys.executable, "-m", "service.cli", "inspect", "--json",
-                          str(CONFORMANCE / name)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "service.cli", "inspect", "--json", str(CONFORMANCE / name)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     rep = json.loads(res.stdout)
     assert len(rep["frames"]) == plain_count(name)

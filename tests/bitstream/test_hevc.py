@@ -23,8 +23,13 @@ CQP30 = "qp=30:ipratio=1:pbratio=1:aq-mode=0:cutree=0:log-level=none"
 
 
 def x265_clip(path: Path, params: str, frames: int = 12, **kwargs) -> Path:
-    return make_clip(path, codec="libx265", frames=frames,
-                     options={"x265-params": params, **kwargs.pop("options", {})}, **kwargs)
+    return make_clip(
+        path,
+        codec="libx265",
+        frames=frames,
+        options={"x265-params": params, **kwargs.pop("options", {})},
+        **kwargs,
+    )
 
 
 def x265_csv_qp(path: Path) -> dict[int, float]:
@@ -73,9 +78,13 @@ def test_slice_qp_matches_x265_log(tmp_path, params, pix_fmt, size):
     headers alone cannot see: the slice QP is then the base QP.)
     """
     log = tmp_path / "x265.csv"
-    path = x265_clip(tmp_path / "c.mp4",
-                     f"{params}:cutree=0:csv={log}:csv-log-level=1:log-level=none",
-                     frames=16, pix_fmt=pix_fmt, size=size)
+    path = x265_clip(
+        tmp_path / "c.mp4",
+        f"{params}:cutree=0:csv={log}:csv-log-level=1:log-level=none",
+        frames=16,
+        pix_fmt=pix_fmt,
+        size=size,
+    )
     expected = x265_csv_qp(log)
     with open_video(path) as reader:
         frames = list(reader)
@@ -87,8 +96,9 @@ def test_slice_qp_matches_x265_log(tmp_path, params, pix_fmt, size):
 
 
 def test_parser_on_annexb_stream(tmp_path):
-    path = x265_clip(tmp_path / "s.hevc", "qp=27:slices=2:ipratio=1:pbratio=1:log-level=none",
-                     frames=4)
+    path = x265_clip(
+        tmp_path / "s.hevc", "qp=27:slices=2:ipratio=1:pbratio=1:log-level=none", frames=4
+    )
     parser = HevcParser()
     pics = []
     import av
@@ -107,7 +117,8 @@ def test_parser_on_annexb_stream(tmp_path):
 
 def test_emulation_prevention_and_exp_golomb():
     assert remove_emulation_prevention(b"\x00\x00\x03\x01\x00\x00\x03\x00\x00\x03") == (
-        b"\x00\x00\x01\x00\x00\x00\x00")
+        b"\x00\x00\x01\x00\x00\x00\x00"
+    )
     # 1 | 010 | 011 | 00100 | 00101 -> ue 0, 1, 2, 3, 4 ; then 011 -> se -1
     r = BitReader(bytes([0b10100110, 0b01000010, 0b10110000]))
     assert [r.ue() for _ in range(5)] == [0, 1, 2, 3, 4]
@@ -130,8 +141,10 @@ def test_picture_qp_map_paints_slices():
     from bitstream.hevc import SPS
 
     sps = SPS(0, 1, False, 128, 64, 8, 8, 32, [], False, [], False, False)  # 4x2 CTBs of 32
-    slices = [SliceHeader(1, True, False, 0, "P", 30, 0, True),
-              SliceHeader(1, False, False, 4, "B", 34, 0, True)]
+    slices = [
+        SliceHeader(1, True, False, 0, "P", 30, 0, True),
+        SliceHeader(1, False, False, 4, "B", 34, 0, True),
+    ]
     pic = PictureInfo(slices=slices, sps=sps)
     qmap = pic.qp_map(64, 128)
     assert qmap.shape == (4, 8)

@@ -124,8 +124,9 @@ def test_constant_qp(clip):
 
 
 def test_side_info_off(clip):
-    frames, _ = read_all(clip("basic.mp4", options={"crf": "23", "bf": "2", **X264_FAST},
-                              frames=12), side_info=False)
+    frames, _ = read_all(
+        clip("basic.mp4", options={"crf": "23", "bf": "2", **X264_FAST}, frames=12), side_info=False
+    )
     assert len(frames) == 12
     s = frames[1].side
     assert s.qp is None and s.qp_map is None and s.mv_past is None
@@ -208,8 +209,9 @@ def test_odd_sizes(clip, size):
 def test_non_420_is_converted(clip, pix_fmt, size, delivered, dtype):
     """Other formats are converted explicitly to 4:2:0 at the source's depth class."""
     w, h = size
-    frames, reader = read_all(clip("conv.mp4", size=size, pix_fmt=pix_fmt,
-                                   options=X264_FAST, frames=4))
+    frames, reader = read_all(
+        clip("conv.mp4", size=size, pix_fmt=pix_fmt, options=X264_FAST, frames=4)
+    )
     assert reader.info.source_pix_fmt == pix_fmt
     assert reader.info.pix_fmt == delivered
     y, u, v = frames[0].planes
@@ -274,8 +276,9 @@ def test_vp9(clip):
 
 
 def test_av1(clip):
-    frames, reader = read_all(clip("a.mkv", codec="libsvtav1",
-                                   options={"preset": "12", "crf": "40"}, frames=4))
+    frames, reader = read_all(
+        clip("a.mkv", codec="libsvtav1", options={"preset": "12", "crf": "40"}, frames=4)
+    )
     assert len(frames) == 4 and reader.info.codec == "av1"
     assert frames[0].side.pict_type == "I"
     assert frames[1].side.sources["qp"] == "none"
@@ -307,8 +310,9 @@ def test_not_video(tmp_path):
 
 
 def test_truncated_mp4(clip, tmp_path):
-    data = Path(clip("basic.mp4", options={"crf": "23", "bf": "2", **X264_FAST},
-                     frames=12)).read_bytes()
+    data = Path(
+        clip("basic.mp4", options={"crf": "23", "bf": "2", **X264_FAST}, frames=12)
+    ).read_bytes()
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: len(data) // 2])  # x264 mp4: moov is at the end
     with pytest.raises(CorruptStream) as err:
@@ -329,8 +333,7 @@ def test_truncated_annexb(clip, tmp_path):
 
 
 def test_damaged_middle_keeps_going(clip, tmp_path):
-    data = bytearray(Path(clip("raw.264", options={"bf": "2", **X264_FAST}, frames=8))
-                     .read_bytes())
+    data = bytearray(Path(clip("raw.264", options={"bf": "2", **X264_FAST}, frames=8)).read_bytes())
     rng = np.random.default_rng(3)
     mid = len(data) // 2
     data[mid : mid + 200] = rng.integers(0, 256, 200, dtype=np.uint8).tobytes()
@@ -345,20 +348,35 @@ def test_damaged_middle_keeps_going(clip, tmp_path):
 
 
 def _mvs(rows):
-    dtype = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"),
-                      ("src_y", "<i2"), ("dst_x", "<i2"), ("dst_y", "<i2"), ("flags", "<u8"),
-                      ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")])
-    return np.array([(s, w, h, 0, 0, x, y, 0, mx, my, sc) for s, w, h, x, y, mx, my, sc in rows],
-                    dtype=dtype)
+    dtype = np.dtype(
+        [
+            ("source", "<i4"),
+            ("w", "u1"),
+            ("h", "u1"),
+            ("src_x", "<i2"),
+            ("src_y", "<i2"),
+            ("dst_x", "<i2"),
+            ("dst_y", "<i2"),
+            ("flags", "<u8"),
+            ("motion_x", "<i4"),
+            ("motion_y", "<i4"),
+            ("motion_scale", "<u2"),
+        ]
+    )
+    return np.array(
+        [(s, w, h, 0, 0, x, y, 0, mx, my, sc) for s, w, h, x, y, mx, my, sc in rows], dtype=dtype
+    )
 
 
 def test_dense_motion_painting():
-    mvs = _mvs([
-        (-1, 16, 16, 8, 8, 8, -4, 4),  # MB (0,0): 2x2 cells, (2, -1)
-        (1, 8, 8, 20, 4, 3, 0, 4),  # cell (0,2) future, (0.75, 0)
-        (-1, 16, 8, 24, 20, 2, 2, 2),  # MB (1,1) top half: cells (2,2),(2,3)
-        (-1, 16, 16, 40, 40, 4, 4, 4),  # partly outside a 40x40 frame: clipped
-    ])
+    mvs = _mvs(
+        [
+            (-1, 16, 16, 8, 8, 8, -4, 4),  # MB (0,0): 2x2 cells, (2, -1)
+            (1, 8, 8, 20, 4, 3, 0, 4),  # cell (0,2) future, (0.75, 0)
+            (-1, 16, 8, 24, 20, 2, 2, 2),  # MB (1,1) top half: cells (2,2),(2,3)
+            (-1, 16, 16, 40, 40, 4, 4, 4),  # partly outside a 40x40 frame: clipped
+        ]
+    )
     past, past_ok, fut, fut_ok, has = dense_motion(mvs, 40, 40)
     assert past.shape == (5, 5, 2)
     assert past_ok[:2, :2].all() and (past[:2, :2] == [2, -1]).all()
@@ -370,24 +388,35 @@ def test_dense_motion_painting():
 
 
 def test_partition_map_codes():
-    mvs = _mvs([
-        (-1, 16, 16, 8, 8, 0, 0, 4),  # MB 0: 16x16
-        (-1, 16, 8, 24, 4, 0, 0, 4), (-1, 16, 8, 24, 12, 0, 0, 4),  # MB 1: 16x8
-        (-1, 8, 16, 36, 8, 0, 0, 4), (1, 8, 16, 44, 8, 0, 0, 4),  # MB 2: 8x16
-        (-1, 8, 8, 52, 4, 0, 0, 4),  # MB 3: 8x8
-    ])
+    mvs = _mvs(
+        [
+            (-1, 16, 16, 8, 8, 0, 0, 4),  # MB 0: 16x16
+            (-1, 16, 8, 24, 4, 0, 0, 4),
+            (-1, 16, 8, 24, 12, 0, 0, 4),  # MB 1: 16x8
+            (-1, 8, 16, 36, 8, 0, 0, 4),
+            (1, 8, 16, 44, 8, 0, 0, 4),  # MB 2: 8x16
+            (-1, 8, 8, 52, 4, 0, 0, 4),  # MB 3: 8x8
+        ]
+    )
     part = partition_map(mvs, 32, 80)
     assert part.shape == (2, 5)
     codes = PARTITION_CODES
-    assert part[0].tolist() == [codes["16x16"], codes["16x8"], codes["8x16"], codes["8x8"],
-                                codes["intra"]]
+    assert part[0].tolist() == [
+        codes["16x16"],
+        codes["16x8"],
+        codes["8x16"],
+        codes["8x8"],
+        codes["intra"],
+    ]
     assert (part[1] == codes["intra"]).all()
 
 
-X264_SEI = (b"\xdcE\xe9\xbd\xe6\xd9H\xb7\x96,\xd8 \xd9#\xee\xef"
-            b"x264 - core 165 - H.264/MPEG-4 AVC codec - Copyleft 2003-2025 - "
-            b"http://www.videolan.org/x264.html - options: cabac=1 ref=3 deblock=1:0:0 "
-            b"analyse=0x3:0x113 rc=%s mbtree=1 %s qcomp=0.60\x00")
+X264_SEI = (
+    b"\xdcE\xe9\xbd\xe6\xd9H\xb7\x96,\xd8 \xd9#\xee\xef"
+    b"x264 - core 165 - H.264/MPEG-4 AVC codec - Copyleft 2003-2025 - "
+    b"http://www.videolan.org/x264.html - options: cabac=1 ref=3 deblock=1:0:0 "
+    b"analyse=0x3:0x113 rc=%s mbtree=1 %s qcomp=0.60\x00"
+)
 
 
 @pytest.mark.parametrize(
@@ -408,10 +437,12 @@ def test_parse_x264_sei(rc, extra, mode, crf, qp, bitrate):
 
 
 def test_parse_x265_sei():
-    text = (b"\x00" * 16 + b"x265 (build 215) - 4.1:[Linux][GCC 14.2.1][64 bit] 8bit+10bit+12bit"
-            b" - H.265/HEVC codec - Copyright 2013-2018 (c) Multicoreware, Inc - "
-            b"http://x265.org - options: cpuid=1111039 frame-threads=1 no-wpp rc=crf crf=28.0 "
-            b"qcomp=0.60 ipratio=1.40 aq-mode=2 cutree")
+    text = (
+        b"\x00" * 16 + b"x265 (build 215) - 4.1:[Linux][GCC 14.2.1][64 bit] 8bit+10bit+12bit"
+        b" - H.265/HEVC codec - Copyright 2013-2018 (c) Multicoreware, Inc - "
+        b"http://x265.org - options: cpuid=1111039 frame-threads=1 no-wpp rc=crf crf=28.0 "
+        b"qcomp=0.60 ipratio=1.40 aq-mode=2 cutree"
+    )
     encoder, rcs = parse_encoder_sei(text)
     assert encoder == "x265" and rcs.mode == "crf" and rcs.crf == 28.0
     assert rcs.options["wpp"] == "0" and rcs.options["cutree"] == "1"

@@ -58,9 +58,7 @@ def test_vfr_timestamps_identical(clip, tmp_path):
     out = tmp_path / "out.mp4"
     w = passthrough(src, out)
     assert w.missing_pts == w.reordered_pts == 0 and w.warnings == []
-    assert video_summary(out).times == video_summary(src).times == [
-        Fraction(p, 90000) for p in pts
-    ]
+    assert video_summary(out).times == video_summary(src).times == [Fraction(p, 90000) for p in pts]
 
 
 def test_10bit_colour_tags_kept(clip, tmp_path):
@@ -97,14 +95,17 @@ def test_rotation_sar_metadata_kept(clip, tmp_path, ext):
 
 
 def test_subtitles_copied(clip, tmp_path):
-    src = retag(clip("s.mkv", audio=True, frames=10), tmp_path / "subs.mkv",
-                subtitles=["hello", "world"])  # fmt: skip
+    src = retag(
+        clip("s.mkv", audio=True, frames=10), tmp_path / "subs.mkv", subtitles=["hello", "world"]
+    )
     out = tmp_path / "out.mkv"
     passthrough(src, out)
     cues = packets(out, "subtitle")
-    assert [(p.seconds, p.data) for p in cues[0]] == [
-        (p.seconds, p.data) for p in packets(src, "subtitle")[0]
-    ] == [(0, b"hello"), (Fraction(1, 5), b"world")]
+    assert (
+        [(p.seconds, p.data) for p in cues[0]]
+        == [(p.seconds, p.data) for p in packets(src, "subtitle")[0]]
+        == [(0, b"hello"), (Fraction(1, 5), b"world")]
+    )
 
 
 def test_stream_the_container_cannot_hold_is_reported(clip, tmp_path):
@@ -178,8 +179,9 @@ def test_stdout_is_matroska(clip, tmp_path):
         "import sys; from tests.bitstream.test_writer import passthrough; "
         f"passthrough(__import__('pathlib').Path({str(src)!r}), '-')"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            timeout=120, check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=120, check=True
+    )
     out = tmp_path / "piped.mkv"
     out.write_bytes(result.stdout)
     assert video_summary(out).frames == 6
@@ -194,10 +196,17 @@ def test_unknown_container(name):
 
 def _info(codec="h264", crf=None, qp=None, encoder=None) -> SequenceInfo:
     return SequenceInfo(
-        codec=codec, profile=None, width=64, height=48, pix_fmt="yuv420p", bit_depth=8,
-        frame_rate=Fraction(25), time_base=Fraction(1, 25), encoder=encoder,
+        codec=codec,
+        profile=None,
+        width=64,
+        height=48,
+        pix_fmt="yuv420p",
+        bit_depth=8,
+        frame_rate=Fraction(25),
+        time_base=Fraction(1, 25),
+        encoder=encoder,
         rate_control=RateControl(crf=crf, qp=qp),
-    )  # fmt: skip
+    )
 
 
 def test_default_crf_rule():

@@ -15,8 +15,8 @@ import av
 import pytest
 
 from bitstream.reader import open_video
-from service.cli import main
 from enhancer.pipeline import EnhanceOptions, Pipeline
+from service.cli import main
 from tests.media import fast_engine
 
 CONFORMANCE = Path(__file__).resolve().parents[2].parent / "shared/conformance/h264"

@@ -11,9 +11,9 @@ from fractions import Fraction
 import pytest
 
 import enhancer.pipeline as pipeline_module
+from bitstream.errors import UserError
 from bitstream.types import UnsupportedInput
 from bitstream.writer import UnsupportedOutput
-from bitstream.errors import UserError
 from enhancer.pipeline import Cancelled, EnhanceOptions, Pipeline, probe
 from tests.clips import make_audio_only
 from tests.media import fast_engine, packets, video_summary
@@ -104,8 +104,9 @@ def test_cancel_removes_partial_output(clip, tmp_path):
             cancel.set()
 
     with pytest.raises(Cancelled):
-        Pipeline(DoubleEngine()).run(clip("c.mp4", frames=20), out, progress=progress,
-                                     cancel=cancel)  # fmt: skip
+        Pipeline(DoubleEngine()).run(
+            clip("c.mp4", frames=20), out, progress=progress, cancel=cancel
+        )
     assert not out.exists() and leftovers(tmp_path) == []
 
 

@@ -147,8 +147,12 @@ def test_stream_url_job(api: Api, file_server, clips: dict[str, Path], tmp_path:
     (root / "clip.mp4").write_bytes(clips["small"].read_bytes())
     r = api.submit_url(f"{base}/clip.mp4", stages=1)
     assert r.status_code == 202, r.text
-    assert r.json()["source"] == {"kind": "url", "filename": None,
-                                  "url": f"{base}/clip.mp4", "bytes": clips["small"].stat().st_size}
+    assert r.json()["source"] == {
+        "kind": "url",
+        "filename": None,
+        "url": f"{base}/clip.mp4",
+        "bytes": clips["small"].stat().st_size,
+    }
     done = api.wait(r.json()["id"])
     assert done["status"] == "succeeded", done
     assert count_frames(api.download(done["id"], tmp_path / "u.mp4")) == 8
@@ -252,19 +256,29 @@ def test_bad_uploads_get_clean_4xx_and_touch_nothing(
             assert_error(r, expected)
             assert r.status_code < 500, (name, endpoint, r.text)
     # Malformed requests of other kinds.
-    assert_error(api.http.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"}),
-                 415)
+    assert_error(
+        api.http.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"}), 415
+    )
     assert_error(api.http.post("/v1/jobs", json=[1, 2]), 422)
-    assert_error(api.http.post("/v1/jobs", content=b"{nope",
-                               headers={"content-type": "application/json"}), 400, "invalid_json")
+    assert_error(
+        api.http.post("/v1/jobs", content=b"{nope", headers={"content-type": "application/json"}),
+        400,
+        "invalid_json",
+    )
     assert_error(api.http.post("/v1/jobs", json={"source_url": "http://x", "stages": 99}), 422)
     with open(clips["small"], "rb") as fh:
         r = api.http.post("/v1/jobs", files={"file": ("a.mp4", fh)}, data={"codec": "divx"})
     assert_error(r, 422, "invalid_options")
     # Every option outside what the writer and the loaded weights accept: 422 at submit,
     # never an accepted job that fails later (issue 13).
-    for bad in ({"stages": 9}, {"crf": 60}, {"side_info": "magic"}, {"codec": "divx"},
-                {"preset": "warp"}, {"codec": "ffv1", "crf": 20}):
+    for bad in (
+        {"stages": 9},
+        {"crf": 60},
+        {"side_info": "magic"},
+        {"codec": "divx"},
+        {"preset": "warp"},
+        {"codec": "ffv1", "crf": 20},
+    ):
         r = api.submit_file(clips["small"], **bad)
         assert_error(r, 422, "invalid_options")
         assert_error(api.submit_url("http://example.com/a.mp4", **bad), 422)
@@ -286,8 +300,10 @@ def test_bad_uploads_get_clean_4xx_and_touch_nothing(
 def test_streamed_upload_over_the_limit_is_cut_off(api: Api, server: ServiceProcess):
     """Without a Content-Length the limit is enforced while the body streams to disk."""
     boundary = "vqeboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"big.mp4\"\r\nContent-Type: video/mp4\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="big.mp4"\r\nContent-Type: video/mp4\r\n\r\n'
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
 
     def body():  # chunked transfer encoding: the server cannot know the size up front
@@ -297,8 +313,11 @@ def test_streamed_upload_over_the_limit_is_cut_off(api: Api, server: ServiceProc
         yield tail
 
     before = _stored(server)
-    r = api.http.post("/v1/jobs", content=body(),
-                      headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    r = api.http.post(
+        "/v1/jobs",
+        content=body(),
+        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+    )
     assert_error(r, 413, "input_too_large")
     assert _stored(server) == before
 
@@ -328,14 +347,17 @@ def test_streamed_upload_over_the_limit_is_cut_off(api: Api, server: ServiceProc
 def test_refused_source_urls(api: Api, server: ServiceProcess, file_server, url: str):
     base, root = file_server
     (root / "file-playlist.m3u8").write_text(
-        "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n")
+        "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\nfile:///etc/passwd\n#EXT-X-ENDLIST\n"
+    )
     (root / "metadata-playlist.m3u8").write_text(
         "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n"
-        "http://169.254.169.254/latest/seg.ts\n#EXT-X-ENDLIST\n")
+        "http://169.254.169.254/latest/seg.ts\n#EXT-X-ENDLIST\n"
+    )
     other = int(base.rsplit(":", 1)[1]) + 1
     (root / "loopback-playlist.m3u8").write_text(
         "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n"
-        f"http://127.0.0.1:{other}/seg.ts\n#EXT-X-ENDLIST\n")
+        f"http://127.0.0.1:{other}/seg.ts\n#EXT-X-ENDLIST\n"
+    )
     before = _stored(server)
     r = api.submit_url(url.format(base=base, other=other), stages=1)
     assert_error(r, (415, 422))

@@ -21,8 +21,13 @@ from tests.clips import make_clip
 from tests.service_fixtures import Api, ServiceProcess, wait_for
 
 FRAMES = 10
-ENV = {"VQE_TEST_FRAME_DELAY": "0.4", "VQE_JOB_LEASE": "5", "VQE_EVENTS_POLL": "0.2",
-       "VQE_QUEUE_URL": "", "VQE_API_KEYS": ""}  # fmt: skip
+ENV = {
+    "VQE_TEST_FRAME_DELAY": "0.4",
+    "VQE_JOB_LEASE": "5",
+    "VQE_EVENTS_POLL": "0.2",
+    "VQE_QUEUE_URL": "",
+    "VQE_API_KEYS": "",
+}
 
 
 class StreamReader:
@@ -32,8 +37,7 @@ class StreamReader:
         self.lines: list[str] = []
         self.status: int | None = None
         self.closed = threading.Event()
-        self._thread = threading.Thread(target=self._read, args=(url, headers or {}),
-                                        daemon=True)  # fmt: skip
+        self._thread = threading.Thread(target=self._read, args=(url, headers or {}), daemon=True)
         self._thread.start()
 
     def _read(self, url: str, headers: dict[str, str]) -> None:
@@ -79,8 +83,7 @@ def test_events_continue_across_a_server_restart(tmp_path: Path):
 
     with ServiceProcess("serve", data, ENV) as second:
         last_id = before[-1]["id"]
-        resumed = StreamReader(f"{second.url}/v1/jobs/{job_id}/events",
-                               {"Last-Event-ID": last_id})  # fmt: skip
+        resumed = StreamReader(f"{second.url}/v1/jobs/{job_id}/events", {"Last-Event-ID": last_id})
         assert resumed.closed.wait(180), "the stream did not end with the job"
         after = resumed.messages()
         assert after, resumed.lines
@@ -91,11 +94,13 @@ def test_events_continue_across_a_server_restart(tmp_path: Path):
         assert final["status"] == "succeeded" and final["attempts"] == 2, final
         assert final["frames_done"] == FRAMES
         # Having the final event, a client reconnecting is told to stop (204).
-        r = httpx.get(f"{second.url}/v1/jobs/{job_id}/events",
-                      headers={"Last-Event-ID": after[-1]["id"]})  # fmt: skip
+        r = httpx.get(
+            f"{second.url}/v1/jobs/{job_id}/events", headers={"Last-Event-ID": after[-1]["id"]}
+        )
         assert r.status_code == 204
         # A fresh client of the finished job gets the final event at once.
-        fresh = parse_stream(httpx.get(f"{second.url}/v1/jobs/{job_id}/events").text
-                             .splitlines() + [""])  # fmt: skip
+        fresh = parse_stream(
+            httpx.get(f"{second.url}/v1/jobs/{job_id}/events").text.splitlines() + [""]
+        )
         assert [m["event"] for m in fresh] == ["done"]
         assert httpx.get(f"{second.url}/v1/jobs/{'0' * 32}/events").status_code == 404

@@ -26,14 +26,24 @@ from tests.service_fixtures import ServiceProcess
 
 MAX_EXAMPLES = 6
 PHASES = [Phase.explicit, Phase.generate]  # no shrinking: report the first failure fast
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance]  # fmt: skip
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    env = {"VQE_MAX_UPLOAD_BYTES": "200000", "VQE_SYNC_MAX_BYTES": "100000",
-           "VQE_URL_TIMEOUT": "2", "VQE_QUEUE_URL": "", "VQE_API_KEYS": ""}  # fmt: skip
+    env = {
+        "VQE_MAX_UPLOAD_BYTES": "200000",
+        "VQE_SYNC_MAX_BYTES": "100000",
+        "VQE_URL_TIMEOUT": "2",
+        "VQE_QUEUE_URL": "",
+        "VQE_API_KEYS": "",
+    }
     with ServiceProcess("serve", tmp_path_factory.mktemp("fuzz-data"), env) as srv:
         yield srv
 
@@ -48,8 +58,14 @@ def test_api_conforms_to_its_schema(fuzz_server: ServiceProcess) -> None:
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck), phases=PHASES)  # fmt: skip
+        @settings(
+            max_examples=MAX_EXAMPLES,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+            phases=PHASES,
+        )
         def run(case: schemathesis.Case) -> None:
             case.call_and_validate(checks=CHECKS, timeout=30)
 

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.clips import make_clip
-from tests.service_fixtures import Api, ServiceProcess
+from tests.service_fixtures import Api, ServiceProcess, missing
 
 API_KEY = "web-page-test-key"
 IMAGES = ("img-before", "img-after", "img-mv", "img-partitions", "img-qp")
@@ -57,14 +57,17 @@ def _chromium() -> str:
     if path is None and Path("/usr/bin/chromium").exists():
         path = "/usr/bin/chromium"
     if path is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
+        missing("chromium is not installed (apt-get install chromium)")
     return path
 
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
     """The system chromium's path; skips (before any server starts) without it or Playwright."""
-    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing("playwright is not installed")
     return _chromium()
 
 
@@ -85,15 +88,20 @@ def _artifact_dirs(tmp_path: Path) -> list[Path]:
     return dirs
 
 
-def test_page_upload_progress_and_comparison(chromium: str, server: ServiceProcess,
-                                              tmp_path: Path) -> None:
+def test_page_upload_progress_and_comparison(
+    chromium: str, server: ServiceProcess, tmp_path: Path
+) -> None:
     from playwright import sync_api
+
     clip = make_clip(tmp_path / "web.mp4", size=(128, 96), frames=6)
     keys_enforced = httpx.get(f"{server.url}/v1/jobs", timeout=10).status_code == 401
 
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-dev-shm-usage"])
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            headless=True,
+            args=["--no-sandbox", "--disable-dev-shm-usage"],
+        )
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1600})
             errors: list[str] = []
@@ -127,15 +135,18 @@ def test_page_upload_progress_and_comparison(chromium: str, server: ServiceProce
             assert "100%" in page.text_content("#progress-text")
 
             page.wait_for_function(IMAGES_LOADED, arg=list(IMAGES), timeout=30_000)
-            sizes = page.evaluate("(ids) => ids.map((id) => document.getElementById(id)"
-                                  ".naturalWidth)", list(IMAGES))
+            sizes = page.evaluate(
+                "(ids) => ids.map((id) => document.getElementById(id).naturalWidth)", list(IMAGES)
+            )
             assert sizes == [128] * len(IMAGES), sizes
             ink = page.evaluate(CANVAS_INK)
             assert ink["width"] > 0 and ink["ink"] > 50, ink
 
             # Another frame: the slider moves the previews, the plot marks it.
-            page.evaluate("() => { const s = document.getElementById('frame');"
-                          " s.value = '3'; s.dispatchEvent(new Event('input')); }")
+            page.evaluate(
+                "() => { const s = document.getElementById('frame');"
+                " s.value = '3'; s.dispatchEvent(new Event('input')); }"
+            )
             page.wait_for_function(IMAGES_LOADED, arg=list(IMAGES), timeout=30_000)
             assert page.text_content("#frame-label").startswith("4 / 6")
 
@@ -205,7 +216,8 @@ def test_frames_and_preview_routes(server: ServiceProcess, tmp_path: Path) -> No
 
         spec = api.http.get("/openapi.json").json()
         assert {"/v1/jobs/{job_id}/frames", "/v1/jobs/{job_id}/preview/{kind}.png"} <= set(
-            spec["paths"])
+            spec["paths"]
+        )
         assert "JobFrames" in spec["components"]["schemas"]
 
         assert api.http.delete(base).status_code == 200

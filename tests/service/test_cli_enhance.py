@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from enhancer.pipeline import Progress
 from service.cli import main
 from service.cli.enhance import ProgressLine
-from enhancer.pipeline import Progress
 from tests.clips import make_audio_only
 from tests.media import packets, video_summary
 
@@ -36,8 +36,10 @@ def test_stdout_output(clip, tmp_path):
     src = clip("a.mp4", audio=True, frames=5, size=(64, 48))
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "enhance", str(src), "-", *FAST],
-        cwd=ROOT, capture_output=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr.decode()
     out = tmp_path / "piped.mkv"
     out.write_bytes(result.stdout)
@@ -52,23 +54,35 @@ def _bad_inputs(clip, tmp_path):
     odd = clip("odd.mkv", codec="ffv1", size=(63, 47), frames=3)
     return {
         "missing": ([str(tmp_path / "nope.mp4"), str(tmp_path / "o.mp4")], "no such file"),
-        "audio-only": ([str(make_audio_only(tmp_path / "a.m4a")), str(tmp_path / "o.mp4")],
-                       "no video stream"),
+        "audio-only": (
+            [str(make_audio_only(tmp_path / "a.m4a")), str(tmp_path / "o.mp4")],
+            "no video stream",
+        ),
         "text": ([str(text), str(tmp_path / "o.mp4")], "not a video"),
         "extension": ([str(ok), str(tmp_path / "o.avi")], "cannot tell the container"),
         "json-stdout": ([str(ok), "-", "--json"], "--json"),
-        "crf-lossless": ([str(ok), str(tmp_path / "o.mkv"), "--codec", "ffv1", "--crf", "20"],
-                         "lossless"),
+        "crf-lossless": (
+            [str(ok), str(tmp_path / "o.mkv"), "--codec", "ffv1", "--crf", "20"],
+            "lossless",
+        ),
         "odd-x264": ([str(odd), str(tmp_path / "o.mp4"), "--codec", "libx264"], "odd size"),
         "folder": ([str(ok), str(tmp_path / "none" / "o.mp4")], "folder does not exist"),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "audio-only", "text", "extension", "json-stdout", "crf-lossless", "odd-x264",
-     "folder"],
-)  # fmt: skip
+    [
+        "missing",
+        "audio-only",
+        "text",
+        "extension",
+        "json-stdout",
+        "crf-lossless",
+        "odd-x264",
+        "folder",
+    ],
+)
 def test_bad_input_exits_2_with_one_line(clip, tmp_path, capsys, case):
     argv, message = _bad_inputs(clip, tmp_path)[case]
     assert main(["enhance", *argv, *FAST]) == 2

@@ -17,8 +17,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def vqe(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,15 @@ def test_json_report(h264):
     assert report["side_info"]["partitions"] == "bitstream"
     frames = report["frames"]
     assert [f["index"] for f in frames] == list(range(10))
-    assert set(frames[0]) >= {"index", "pts", "pict_type", "qp", "mv_count", "intra_fraction",
-                              "partitions"}
+    assert set(frames[0]) >= {
+        "index",
+        "pts",
+        "pict_type",
+        "qp",
+        "mv_count",
+        "intra_fraction",
+        "partitions",
+    }
     assert frames[0]["pict_type"] == "I" and frames[0]["partitions"] == {"intra": 99}
     assert any(f["mv_count"] > 0 for f in frames if f["pict_type"] == "P")
     assert all(sum(f["partitions"].values()) == 99 for f in frames)
@@ -59,8 +71,12 @@ def test_summary_frames_limit_and_png(h264, tmp_path):
 
 
 def test_hevc_json(clip):
-    path = clip("h.mkv", codec="libx265", frames=6,
-                options={"x265-params": "qp=32:ipratio=1:pbratio=1:aq-mode=0:log-level=none"})
+    path = clip(
+        "h.mkv",
+        codec="libx265",
+        frames=6,
+        options={"x265-params": "qp=32:ipratio=1:pbratio=1:aq-mode=0:log-level=none"},
+    )
     report = json.loads(vqe("inspect", path, "--json").stdout)
     assert report["side_info"]["motion_vectors"] == "none"
     assert report["side_info"]["qp"] == "header"

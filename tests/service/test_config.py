@@ -39,7 +39,10 @@ def test_nothing_writes_os_environ():
                 text = ast.unparse(target)
                 assert not text.startswith("os.environ"), f"{path}: {text}"
             if isinstance(node, ast.Call) and ast.unparse(node.func) in (
-                "os.environ.update", "os.environ.setdefault", "os.putenv"):  # fmt: skip
+                "os.environ.update",
+                "os.environ.setdefault",
+                "os.putenv",
+            ):
                 raise AssertionError(f"{path}: {ast.unparse(node)}")
 
 
@@ -47,7 +50,11 @@ def test_flags_override_the_environment_and_bad_values_name_the_variable(tmp_pat
     env = {"VQE_WORKERS": "2", "VQE_PORT": "9000", "VQE_QUEUE_URL": ""}
     s = Settings.from_env(env, workers=5, data_dir=tmp_path, host=None)
     assert (s.workers, s.port, s.host, s.queue_url) == (5, 9000, "127.0.0.1", None)
-    for bad in ({"VQE_PORT": "0"}, {"VQE_LOG_FORMAT": "xml"}, {"VQE_DEVICE": "tpu"},
-                {"VQE_WORKERS": "0"}):
+    for bad in (
+        {"VQE_PORT": "0"},
+        {"VQE_LOG_FORMAT": "xml"},
+        {"VQE_DEVICE": "tpu"},
+        {"VQE_WORKERS": "0"},
+    ):
         with pytest.raises(UserError, match=next(iter(bad))):
             Settings.from_env(bad)

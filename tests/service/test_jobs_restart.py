@@ -20,8 +20,7 @@ SLOW = {"VQE_TEST_FRAME_DELAY": "0.25", "VQE_JOB_LEASE": "5"}
 
 @pytest.fixture(scope="module")
 def slow_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_clip(tmp_path_factory.mktemp("restart") / "slow.mp4", size=(64, 48),
-                     frames=FRAMES)  # fmt: skip
+    return make_clip(tmp_path_factory.mktemp("restart") / "slow.mp4", size=(64, 48), frames=FRAMES)
 
 
 @pytest.fixture

@@ -26,9 +26,15 @@ SECRET = "whsec-test"
 
 
 def settings(tmp_path: Path, **kw: object) -> Settings:
-    base = Settings(data_dir=tmp_path, database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
-                    storage_dir=tmp_path / "storage", webhook_secret=SECRET,
-                    webhook_min_backoff=0.2, webhook_max_backoff=1.0, webhook_timeout=5)
+    base = Settings(
+        data_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+        storage_dir=tmp_path / "storage",
+        webhook_secret=SECRET,
+        webhook_min_backoff=0.2,
+        webhook_max_backoff=1.0,
+        webhook_timeout=5,
+    )
     return base.model_copy(update=kw)
 
 
@@ -37,8 +43,9 @@ def render(row) -> dict:  # noqa: ANN001 - a JobRow
 
 
 def finished_job(store: JobStore, url: str, job_id: str = "a" * 32, **kw: object) -> str:
-    store.create(NewJob(id=job_id, source_kind="upload", options={}, webhook_url=url,
-                        frames_total=10, **kw))  # type: ignore[arg-type]
+    store.create(
+        NewJob(id=job_id, source_kind="upload", options={}, webhook_url=url, frames_total=10, **kw)
+    )  # type: ignore[arg-type]
     assert store.claim(job_id, "w1", 30).value == "claimed"
     assert store.finish(job_id, "w1", JobStatus.succeeded)
     return job_id
@@ -65,8 +72,9 @@ def test_signed_delivery_retried_with_the_same_id_and_body(tmp_path: Path):
         assert h["Content-Type"] == "application/json"
         assert h["Vqe-Webhook-Signature"].startswith("v1=")
         assert verify(SECRET, h["Vqe-Webhook-Timestamp"], call.body, h["Vqe-Webhook-Signature"])
-        assert not verify("other", h["Vqe-Webhook-Timestamp"], call.body,
-                          h["Vqe-Webhook-Signature"])  # fmt: skip
+        assert not verify(
+            "other", h["Vqe-Webhook-Timestamp"], call.body, h["Vqe-Webhook-Signature"]
+        )
     body = json.loads(calls[0].body)
     assert body["id"] == ids.pop() and body["type"] == "job.succeeded"
     assert body["job_id"] == job_id and body["data"]["job"]["status"] == "succeeded"
@@ -99,8 +107,16 @@ def test_gives_up_after_max_age_and_progress_events(tmp_path: Path):
     policy = URLPolicy(["127.0.0.1"])
     with run_receiver(fail_first=[500] * 50) as receiver:
         job_id = "b" * 32
-        store.create(NewJob(id=job_id, source_kind="upload", options={},
-                            webhook_url=receiver.url, webhook_progress=True, frames_total=10))
+        store.create(
+            NewJob(
+                id=job_id,
+                source_kind="upload",
+                options={},
+                webhook_url=receiver.url,
+                webhook_progress=True,
+                frames_total=10,
+            )
+        )
         store.claim(job_id, "w1", 30)
         for done in (1, 2, 3, 5, 5, 9):
             store.report(job_id, "w1", 30, frames_done=done)
@@ -123,8 +139,14 @@ def test_gives_up_after_max_age_and_progress_events(tmp_path: Path):
 def test_webhook_urls_get_the_source_url_checks(tmp_path: Path):
     conf = settings(tmp_path)
     strict = URLPolicy()
-    for url in ("http://127.0.0.1:9/hook", "http://169.254.169.254/latest", "http://10.0.0.1/",
-                "ftp://example.com/x", "file:///etc/passwd", "http://[::1]/"):
+    for url in (
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/latest",
+        "http://10.0.0.1/",
+        "ftp://example.com/x",
+        "file:///etc/passwd",
+        "http://[::1]/",
+    ):
         with pytest.raises(URLNotAllowed):
             check_url(url, strict, conf)
     assert check_url("http://127.0.0.1:9/hook", URLPolicy(["127.0.0.1:9"]), conf)

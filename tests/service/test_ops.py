@@ -37,9 +37,13 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver):
     allow = receiver.url.removeprefix("http://").split("/")[0]
-    env = {"VQE_API_KEYS": f"{KEY_A}, {KEY_B}", "VQE_WEBHOOK_SECRET": SECRET,
-           "VQE_URL_ALLOWLIST": allow, "VQE_WEBHOOK_MIN_BACKOFF": "0.3",
-           "VQE_QUEUE_URL": ""}  # fmt: skip
+    env = {
+        "VQE_API_KEYS": f"{KEY_A}, {KEY_B}",
+        "VQE_WEBHOOK_SECRET": SECRET,
+        "VQE_URL_ALLOWLIST": allow,
+        "VQE_WEBHOOK_MIN_BACKOFF": "0.3",
+        "VQE_QUEUE_URL": "",
+    }
     with ServiceProcess("serve", tmp_path_factory.mktemp("ops-data"), env) as srv:
         yield srv
 
@@ -52,14 +56,14 @@ def http(server: ServiceProcess) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def job(http: httpx.Client, receiver: Receiver, tmp_path_factory) -> dict:
-    clip = make_clip(tmp_path_factory.mktemp("ops-clip") / "c.mp4", size=(64, 48),
-                     frames=FRAMES)  # fmt: skip
+    clip = make_clip(tmp_path_factory.mktemp("ops-clip") / "c.mp4", size=(64, 48), frames=FRAMES)
     with open(clip, "rb") as fh:
-        r = http.post("/v1/jobs", files={"file": ("c.mp4", fh)},
-                      data={"stages": "1", "webhook_url": receiver.url,
-                            "webhook_progress": "true"},
-                      headers={**A, "Idempotency-Key": "same-key",
-                               "X-Request-ID": "req-ops-submit"})  # fmt: skip
+        r = http.post(
+            "/v1/jobs",
+            files={"file": ("c.mp4", fh)},
+            data={"stages": "1", "webhook_url": receiver.url, "webhook_progress": "true"},
+            headers={**A, "Idempotency-Key": "same-key", "X-Request-ID": "req-ops-submit"},
+        )
     assert r.status_code == 202, r.text
     assert r.headers["x-request-id"] == "req-ops-submit"
     job_id = r.json()["id"]
@@ -81,8 +85,12 @@ def assert_error(r: httpx.Response, status: int, code: str) -> None:
 
 
 def test_v1_needs_a_key_and_the_rest_stays_open(http: httpx.Client):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY_A}"},
-                    {"Authorization": "Bearer"}):  # fmt: skip
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {KEY_A}"},
+        {"Authorization": "Bearer"},
+    ):
         r = http.get("/v1/jobs", headers=headers)
         assert_error(r, 401, "unauthorized")
         assert r.headers["www-authenticate"].startswith("Bearer")
@@ -104,8 +112,11 @@ def test_each_key_sees_only_its_own_jobs(http: httpx.Client, job: dict, server: 
     assert job_id in [j["id"] for j in http.get("/v1/jobs", headers=A).json()["items"]]
     assert http.get(f"/v1/jobs/{job_id}/result", headers=A).status_code == 200
     # An Idempotency-Key is private to its key: B's request is not a replay of A's job.
-    r = http.post("/v1/jobs", json={"source_url": "ftp://example.com/v.mp4"},
-                  headers={**B, "Idempotency-Key": "same-key"})  # fmt: skip
+    r = http.post(
+        "/v1/jobs",
+        json={"source_url": "ftp://example.com/v.mp4"},
+        headers={**B, "Idempotency-Key": "same-key"},
+    )
     assert_error(r, 422, "url_not_allowed")
     # Keys are never logged or stored; the key id is.
     log = server.log(tail=None)
@@ -116,8 +127,7 @@ def test_each_key_sees_only_its_own_jobs(http: httpx.Client, job: dict, server: 
 
 def test_webhooks_are_signed_retried_and_deduplicable(job: dict, receiver: Receiver):
     def terminal() -> list:
-        return [c for c in receiver.delivered()
-                if json.loads(c.body)["type"] == "job.succeeded"]  # fmt: skip
+        return [c for c in receiver.delivered() if json.loads(c.body)["type"] == "job.succeeded"]
 
     (delivered,) = wait_for(terminal, 30, what="the job.succeeded webhook")
     body = json.loads(delivered.body)
@@ -128,8 +138,9 @@ def test_webhooks_are_signed_retried_and_deduplicable(job: dict, receiver: Recei
     assert verify(SECRET, h["Vqe-Webhook-Timestamp"], delivered.body, h["Vqe-Webhook-Signature"])
     # The first call was refused (502) and retried with the same event id and body.
     first = receiver.calls[0]
-    retried = [c for c in receiver.calls if c.headers["Vqe-Webhook-Id"] ==
-               first.headers["Vqe-Webhook-Id"]]  # fmt: skip
+    retried = [
+        c for c in receiver.calls if c.headers["Vqe-Webhook-Id"] == first.headers["Vqe-Webhook-Id"]
+    ]
     assert len(retried) == 2 and retried[0].body == retried[1].body
     ids = [c.headers["Vqe-Webhook-Id"] for c in receiver.delivered()]
     assert len(ids) == len(set(ids))  # nothing delivered twice
@@ -139,8 +150,9 @@ def test_webhooks_are_signed_retried_and_deduplicable(job: dict, receiver: Recei
 
 def test_webhook_url_is_checked_like_source_urls(http: httpx.Client, tmp_path: Path):
     for url in ("http://169.254.169.254/hook", "http://127.0.0.1:1/hook", "gopher://x/"):
-        r = http.post("/v1/jobs", json={"source_url": "ftp://x/v.mp4", "webhook_url": url},
-                      headers=A)  # fmt: skip
+        r = http.post(
+            "/v1/jobs", json={"source_url": "ftp://x/v.mp4", "webhook_url": url}, headers=A
+        )
         assert r.status_code == 422 and "webhook_url" in r.json()["error"]["message"], r.text
 
 
@@ -164,8 +176,16 @@ def test_metrics(http: httpx.Client, job: dict):
     assert sample(text, "vqe_running_fps") >= 0
     assert sample(text, "vqe_frame_stages_bucket", le="1.0") >= FRAMES
     assert sample(text, "vqe_job_fps_count") >= 1
-    assert sample(text, "vqe_http_request_duration_seconds_count", method="GET",
-                  route="/v1/jobs/{job_id}", status="200") >= 1  # fmt: skip
+    assert (
+        sample(
+            text,
+            "vqe_http_request_duration_seconds_count",
+            method="GET",
+            route="/v1/jobs/{job_id}",
+            status="200",
+        )
+        >= 1
+    )
     assert sample(text, "vqe_store_up") == 1
 
 

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ENV_VARS, Limits, Settings
-from service.errors import UserError
-from service.jobs.executor import Context, JobRunner, Outcome, backoff_seconds
 from enhancer.options import EnhanceOptions
-from service.jobs.status import JobStatus
-from service.errors import InputTooLarge, SourceUnavailable, URLNotAllowed
+from service.config import ENV_VARS, Limits, Settings
+from service.errors import InputTooLarge, SourceUnavailable, URLNotAllowed, UserError
 from service.ingest.policy import URLPolicy
 from service.ingest.probe import ProbeReport, check_limits, probe_file
+from service.jobs.executor import Context, JobRunner, Outcome, backoff_seconds
+from service.jobs.status import JobStatus
 from service.jobs.storage import Storage, is_job_id, new_job_id
 from service.jobs.store import Claim, JobStore, NewJob, decode_cursor, encode_cursor, utcnow
 from tests.clips import make_clip
@@ -50,17 +49,35 @@ DNS = {
 @pytest.mark.parametrize(
     "url",
     [
-        "http://127.0.0.1/x", "http://127.1/x", "http://10.0.0.1/x", "http://172.16.5.4/x",
-        "http://192.168.0.1/x", "http://169.254.169.254/latest/", "http://100.100.100.200/",
-        "http://100.64.0.1/", "http://0.0.0.0/", "http://224.0.0.1/", "http://[::1]/",
-        "http://[fe80::1]/", "http://[fd00:ec2::254]/", "http://[::ffff:10.0.0.1]/",
-        "http://rebind.example/x", "http://internal.example/x",
-        "http://metadata.google.internal/computeMetadata/v1/", "file:///etc/passwd",
-        "concat:a|b", "subfile:,,start,0,end,0,,:/etc/passwd", "ftp://public.example/x",
-        "gopher://public.example/", "data:video/mp4;base64,AAAA", "//public.example/x",
-        "http:///x", "http://public.example/a b", "",
+        "http://127.0.0.1/x",
+        "http://127.1/x",
+        "http://10.0.0.1/x",
+        "http://172.16.5.4/x",
+        "http://192.168.0.1/x",
+        "http://169.254.169.254/latest/",
+        "http://100.100.100.200/",
+        "http://100.64.0.1/",
+        "http://0.0.0.0/",
+        "http://224.0.0.1/",
+        "http://[::1]/",
+        "http://[fe80::1]/",
+        "http://[fd00:ec2::254]/",
+        "http://[::ffff:10.0.0.1]/",
+        "http://rebind.example/x",
+        "http://internal.example/x",
+        "http://metadata.google.internal/computeMetadata/v1/",
+        "file:///etc/passwd",
+        "concat:a|b",
+        "subfile:,,start,0,end,0,,:/etc/passwd",
+        "ftp://public.example/x",
+        "gopher://public.example/",
+        "data:video/mp4;base64,AAAA",
+        "//public.example/x",
+        "http:///x",
+        "http://public.example/a b",
+        "",
     ],
-)  # fmt: skip
+)
 def test_url_policy_refuses(url: str):
     with pytest.raises((URLNotAllowed, SourceUnavailable)):
         URLPolicy(resolver=resolver(DNS)).check(url)
@@ -82,10 +99,15 @@ def test_url_policy_accepts_public_hosts_and_pins_the_address(url: str, kind: st
 
 
 def test_allowlist_entries_are_exact():
-    policy = URLPolicy(["127.0.0.1:8080", "10.0.0.0/8", "internal.example", "[::1]:9000"],
-                       resolver=resolver(DNS))  # fmt: skip
-    for ok in ("http://127.0.0.1:8080/a", "http://10.9.8.7/a", "http://internal.example/a",
-               "http://[::1]:9000/a"):  # fmt: skip
+    policy = URLPolicy(
+        ["127.0.0.1:8080", "10.0.0.0/8", "internal.example", "[::1]:9000"], resolver=resolver(DNS)
+    )
+    for ok in (
+        "http://127.0.0.1:8080/a",
+        "http://10.9.8.7/a",
+        "http://internal.example/a",
+        "http://[::1]:9000/a",
+    ):
         policy.check(ok)
     for bad in ("http://127.0.0.1:8081/a", "http://192.168.1.1/a", "http://[::1]:9001/a"):
         with pytest.raises(URLNotAllowed):
@@ -182,8 +204,9 @@ def test_storage_paths_come_from_job_ids_only(tmp_path: Path):
 
 
 def test_settings_from_env(tmp_path: Path):
-    s = Settings.from_env({"VQE_WORKERS": "3", "VQE_URL_ALLOWLIST": "a:1, 10.0.0.0/8"},
-                          data_dir=tmp_path)  # fmt: skip
+    s = Settings.from_env(
+        {"VQE_WORKERS": "3", "VQE_URL_ALLOWLIST": "a:1, 10.0.0.0/8"}, data_dir=tmp_path
+    )
     assert s.workers == 3 and s.url_allowlist == ("a:1", "10.0.0.0/8") and not s.uses_redis
     assert s.database_url == f"sqlite:///{tmp_path / 'jobs.db'}"
     assert s.storage_dir == tmp_path / "storage"
@@ -195,12 +218,22 @@ def test_settings_from_env(tmp_path: Path):
 
 
 def test_limits_on_resolution_duration_and_frames():
-    limits = Limits(max_width=1920, max_height=1080, max_duration=60, max_frames=1000,
-                    sync_max_seconds=5, sync_max_frames=100)  # fmt: skip
+    limits = Limits(
+        max_width=1920,
+        max_height=1080,
+        max_duration=60,
+        max_frames=1000,
+        sync_max_seconds=5,
+        sync_max_frames=100,
+    )
     ok = ProbeReport("mov,mp4", "h264", 1920, 1080, 30.0, 750)
     check_limits(ok, limits)
-    for report in (replace(ok, width=1921), replace(ok, height=2000), replace(ok, duration=61.0),
-                   replace(ok, frames=1001)):  # fmt: skip
+    for report in (
+        replace(ok, width=1921),
+        replace(ok, height=2000),
+        replace(ok, duration=61.0),
+        replace(ok, frames=1001),
+    ):
         with pytest.raises(InputTooLarge):
             check_limits(report, limits)
     with pytest.raises(InputTooLarge, match="/v1/jobs"):
@@ -209,8 +242,17 @@ def test_limits_on_resolution_duration_and_frames():
 
 def test_options_model_is_strict():
     assert EnhanceOptions.model_validate({"stages": "2", "crf": ""}).stages == 2
-    for bad in ({"stages": 9}, {"stages": -1}, {"codec": "divx"}, {"side_info": "x"}, {"crf": 52},
-                {"preset": "warp"}, {"codec": "ffv1", "crf": 20}, {"max_frames": 0}, {"x": 1}):
+    for bad in (
+        {"stages": 9},
+        {"stages": -1},
+        {"codec": "divx"},
+        {"side_info": "x"},
+        {"crf": 52},
+        {"preset": "warp"},
+        {"codec": "ffv1", "crf": 20},
+        {"max_frames": 0},
+        {"x": 1},
+    ):
         with pytest.raises(ValueError):
             EnhanceOptions.model_validate(bad)
 
@@ -237,9 +279,14 @@ def _queue_clip(ctx: Context, clip: Path, **options) -> str:
 
 def test_runner_time_limit_and_permanent_failure(ctx: Context, tmp_path: Path):
     clip = make_clip(tmp_path / "c.mp4", size=(64, 48), frames=12)
-    slow = Context(Settings.from_env({"VQE_JOB_TIME_LIMIT": "0.5", "VQE_TEST_FRAME_DELAY": "0.3",
-                                      "VQE_JOB_LEASE": "3"}, data_dir=tmp_path / "data"),
-                   ctx.store, ctx.storage)  # fmt: skip
+    slow = Context(
+        Settings.from_env(
+            {"VQE_JOB_TIME_LIMIT": "0.5", "VQE_TEST_FRAME_DELAY": "0.3", "VQE_JOB_LEASE": "3"},
+            data_dir=tmp_path / "data",
+        ),
+        ctx.store,
+        ctx.storage,
+    )
     job_id = _queue_clip(slow, clip)
     assert JobRunner(slow).run(job_id) is Outcome.done
     row = ctx.store.get(job_id)
@@ -271,14 +318,19 @@ def test_runner_retries_transient_failures(ctx: Context, tmp_path: Path):
     assert runner.run(job_id) is Outcome.done
     row = ctx.store.get(job_id)
     assert row.status == "succeeded" and row.attempts == 2 and row.error_code is None, (
-        row.error_code, row.error_message)
+        row.error_code,
+        row.error_message,
+    )
     assert probe_file(ctx.storage.find_result(job_id)).frames == 4
 
 
 def test_runner_stops_on_shutdown(ctx: Context, tmp_path: Path):
     clip = make_clip(tmp_path / "c.mp4", size=(64, 48), frames=40)
-    slow = Context(Settings.from_env({"VQE_TEST_FRAME_DELAY": "0.2"}, data_dir=tmp_path / "data"),
-                   ctx.store, ctx.storage)  # fmt: skip
+    slow = Context(
+        Settings.from_env({"VQE_TEST_FRAME_DELAY": "0.2"}, data_dir=tmp_path / "data"),
+        ctx.store,
+        ctx.storage,
+    )
     job_id = _queue_clip(slow, clip)
     shutdown = threading.Event()
     threading.Timer(1.5, shutdown.set).start()
@@ -307,8 +359,9 @@ def test_compose_file():
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices)
     # One shared volume, mounted where both keep their storage and database.
-    mounts = {svc: dict(m.split(":")[:2] for m in services[svc]["volumes"]) for svc in ("api",
-                                                                                        "worker")}
+    mounts = {
+        svc: dict(m.split(":")[:2] for m in services[svc]["volumes"]) for svc in ("api", "worker")
+    }
     assert mounts["api"] == mounts["worker"] and "vqe-data" in compose["volumes"]
     shared = mounts["api"]["vqe-data"]
     for svc in (api, worker):
@@ -317,7 +370,8 @@ def test_compose_file():
         assert env["VQE_QUEUE_URL"].startswith("redis://redis:")
         assert env["VQE_STORAGE_DIR"].startswith(shared)
         assert env["VQE_DATABASE_URL"] == f"sqlite:///{shared}/jobs.db" or env[
-            "VQE_DATABASE_URL"].startswith("postgresql")
+            "VQE_DATABASE_URL"
+        ].startswith("postgresql")
     assert "vqe" in api["command"] and "serve" in api["command"]
     assert worker["command"] == ["vqe", "worker"]
     assert any(p.endswith(":8000") for p in api["ports"])

@@ -31,12 +31,18 @@ def router(service: Service) -> APIRouter:
         tags=["enhance"],
         response_class=FileResponse,
         responses={
-            200: {"content": {"video/mp4": {}, "video/x-matroska": {}},
-                  "description": "The enhanced video."},
+            200: {
+                "content": {"video/mp4": {}, "video/x-matroska": {}},
+                "description": "The enhanced video.",
+            },
             **ERROR_RESPONSES,
         },
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": multipart_schema()}}}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"multipart/form-data": {"schema": multipart_schema()}},
+            }
+        },
     )
     async def enhance(request: Request) -> FileResponse:
         """Enhance a short clip and stream the result back (multipart: `file` + options).

@@ -60,15 +60,23 @@ def _last_id(value: str | None) -> int | None:
 
 
 def _signature(job: Any) -> tuple[Any, ...]:
-    return (job.status, job.phase, job.frames_done, job.frames_total, job.cancel_requested,
-            job.attempts, job.error is not None)  # fmt: skip
+    return (
+        job.status,
+        job.phase,
+        job.frames_done,
+        job.frames_total,
+        job.cancel_requested,
+        job.attempts,
+        job.error is not None,
+    )
 
 
 class JobEvents:
     """The event stream of one job for one client."""
 
-    def __init__(self, job_id: str, load: JobOr404, render: Render, poll: float,
-                 stopping: Callable[[], bool]) -> None:  # fmt: skip
+    def __init__(
+        self, job_id: str, load: JobOr404, render: Render, poll: float, stopping: Callable[[], bool]
+    ) -> None:
         self.job_id = job_id
         self.load = load
         self.render = render
@@ -85,8 +93,7 @@ class JobEvents:
             except Exception as exc:  # noqa: BLE001
                 if getattr(exc, "status", None) == 404:  # gone: the client sees 404 next time
                     return
-                log.warning("job %s: event stream cannot read the job", self.job_id,
-                            exc_info=True)  # fmt: skip
+                log.warning("job %s: event stream cannot read the job", self.job_id, exc_info=True)
                 await asyncio.sleep(self.poll)
                 continue
             job = self.render(row)
@@ -110,8 +117,10 @@ class JobEvents:
 
 
 EVENT_STREAM_DOC: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
-          "description": "Server-sent events: `status`, `progress`, then `done`."},
+    200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "Server-sent events: `status`, `progress`, then `done`.",
+    },
     204: {"description": "The job ended and the client already has its final event."},
 }
 
@@ -123,8 +132,12 @@ def router(service: Service) -> APIRouter:
     job_or_404, render, poll = service.job_or_404, job_model, service.settings.events_poll
     prefix, errors = API_PREFIX, ERROR_RESPONSES
 
-    @router.get(f"{prefix}/jobs/{{job_id}}/events", tags=["jobs"], response_class=StreamingResponse,
-             responses={**EVENT_STREAM_DOC, **errors})  # fmt: skip
+    @router.get(
+        f"{prefix}/jobs/{{job_id}}/events",
+        tags=["jobs"],
+        response_class=StreamingResponse,
+        responses={**EVENT_STREAM_DOC, **errors},
+    )
     async def job_events(
         job_id: str,
         request: Request,
@@ -144,8 +157,9 @@ def router(service: Service) -> APIRouter:
 
         events = JobEvents(job_id, job_or_404, render, poll, stopping)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events.stream(request, last_id), media_type="text/event-stream",
-                                 headers=headers)  # fmt: skip
+        return StreamingResponse(
+            events.stream(request, last_id), media_type="text/event-stream", headers=headers
+        )
 
     return router
 

@@ -19,8 +19,9 @@ def router(service: Service) -> APIRouter:
         """The process is up."""
         return Health(status="ok")
 
-    @router.get("/readyz", response_model=Health, tags=["health"],
-             responses={503: {"model": Health}})
+    @router.get(
+        "/readyz", response_model=Health, tags=["health"], responses={503: {"model": Health}}
+    )
     async def readyz() -> JSONResponse:
         """The database, the storage and the job backend all answer."""
 

@@ -46,10 +46,17 @@ def router(service: Service) -> APIRouter:
         status_code=202,
         response_model=Job,
         responses=ERROR_RESPONSES,
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "multipart/form-data": {"schema": multipart_schema()},
-            "application/json": {"schema": {"$ref": "#/components/schemas/JobCreateRequest"}},
-        }}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": multipart_schema()},
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/JobCreateRequest"}
+                    },
+                },
+            }
+        },
     )
     async def create_job(
         request: Request,
@@ -81,16 +88,21 @@ def router(service: Service) -> APIRouter:
         return _job_response(row, 202, **headers)
 
     async def _job_from_upload(request: Request, job_id: str, tmp: Path) -> NewJob:
-        upload = await receive_multipart(request, tmp, settings.limits.max_upload_bytes,
-                                         sync=False)
+        upload = await receive_multipart(request, tmp, settings.limits.max_upload_bytes, sync=False)
         options = parse_options(upload.fields, JobOptions)
         hook = await run_in_threadpool(_webhook_of, options)
         report = await run_in_threadpool(_probe_checked, tmp, settings)
         service.storage.adopt_input(job_id, tmp)
-        return NewJob(id=job_id, source_kind="upload", options=options.model_dump(
-                          exclude=set(WEBHOOK_FIELDS)),
-                      source_filename=upload.filename, source_bytes=upload.size,
-                      result_ext=report.result_ext, frames_total=report.frames, **hook)
+        return NewJob(
+            id=job_id,
+            source_kind="upload",
+            options=options.model_dump(exclude=set(WEBHOOK_FIELDS)),
+            source_filename=upload.filename,
+            source_bytes=upload.size,
+            result_ext=report.result_ext,
+            frames_total=report.frames,
+            **hook,
+        )
 
     async def _job_from_json(request: Request, job_id: str, tmp: Path) -> NewJob:
         body = bytearray()
@@ -107,23 +119,35 @@ def router(service: Service) -> APIRouter:
         req = parse_options(values, JobCreateRequest)
         hook = await run_in_threadpool(_webhook_of, req)
         fetched = await run_in_threadpool(
-            fetch_source, req.source_url, tmp, service.ctx.policy, settings.limits,
+            fetch_source,
+            req.source_url,
+            tmp,
+            service.ctx.policy,
+            settings.limits,
             settings.url_timeout,
         )
         if fetched.local:
             service.storage.adopt_input(job_id, tmp)
         options = {k: v for k, v in req.model_dump().items() if k in OPTION_FIELDS}
-        return NewJob(id=job_id, source_kind="url", options=options, source_url=req.source_url,
-                      source_bytes=fetched.size, input_ready=fetched.local,
-                      result_ext=fetched.report.result_ext if fetched.local else ".mkv",
-                      frames_total=fetched.report.frames, **hook)
+        return NewJob(
+            id=job_id,
+            source_kind="url",
+            options=options,
+            source_url=req.source_url,
+            source_bytes=fetched.size,
+            input_ready=fetched.local,
+            result_ext=fetched.report.result_ext if fetched.local else ".mkv",
+            frames_total=fetched.report.frames,
+            **hook,
+        )
 
     def _webhook_of(options: JobOptions) -> dict[str, Any]:
         url = check_url(options.webhook_url, service.ctx.policy, settings)
         return {"webhook_url": url, "webhook_progress": bool(url and options.webhook_progress)}
 
-    @router.get(f"{API_PREFIX}/jobs", tags=["jobs"], response_model=JobList,
-             responses=ERROR_RESPONSES)
+    @router.get(
+        f"{API_PREFIX}/jobs", tags=["jobs"], response_model=JobList, responses=ERROR_RESPONSES
+    )
     async def list_jobs(
         status: JobStatus | None = None,
         limit: int = Query(50, ge=1, le=200),
@@ -135,12 +159,17 @@ def router(service: Service) -> APIRouter:
                 decode_cursor(cursor)
         except ValueError:
             raise ApiError(400, "invalid_cursor", "cursor is not valid") from None
-        rows, next_cursor = await run_in_threadpool(service.store.list, status, limit, cursor,
-                                                    auth.owner())
+        rows, next_cursor = await run_in_threadpool(
+            service.store.list, status, limit, cursor, auth.owner()
+        )
         return JobList(items=[job_model(r) for r in rows], next_cursor=next_cursor)
 
-    @router.get(f"{API_PREFIX}/jobs/{{job_id}}", tags=["jobs"], response_model=Job,
-             responses=ERROR_RESPONSES)
+    @router.get(
+        f"{API_PREFIX}/jobs/{{job_id}}",
+        tags=["jobs"],
+        response_model=Job,
+        responses=ERROR_RESPONSES,
+    )
     async def get_job(job_id: str) -> Job:
         """Status, phase, progress, timing, error and stats of a job."""
         return job_model(await run_in_threadpool(service.job_or_404, job_id))
@@ -149,20 +178,31 @@ def router(service: Service) -> APIRouter:
         f"{API_PREFIX}/jobs/{{job_id}}/result",
         tags=["jobs"],
         response_class=FileResponse,
-        responses={200: {"content": {"video/mp4": {}, "video/x-matroska": {}},
-                         "description": "The enhanced video (HTTP Range supported)."},
-                   206: {"description": "Part of the video (Range request)."},
-                   **ERROR_RESPONSES},
+        responses={
+            200: {
+                "content": {"video/mp4": {}, "video/x-matroska": {}},
+                "description": "The enhanced video (HTTP Range supported).",
+            },
+            206: {"description": "Part of the video (Range request)."},
+            **ERROR_RESPONSES,
+        },
     )
     async def job_result(job_id: str) -> FileResponse:
         """Download the result of a succeeded job. Supports `Range`."""
         _row, path = await run_in_threadpool(service.stored_result, job_id)
-        return FileResponse(path, media_type=MEDIA_TYPES[path.suffix],
-                            filename=f"{job_id}{path.suffix}")
+        return FileResponse(
+            path, media_type=MEDIA_TYPES[path.suffix], filename=f"{job_id}{path.suffix}"
+        )
 
-    @router.delete(f"{API_PREFIX}/jobs/{{job_id}}", tags=["jobs"], response_model=Job,
-                responses={202: {"model": Job, "description": "Cancellation requested."},
-                           **ERROR_RESPONSES})
+    @router.delete(
+        f"{API_PREFIX}/jobs/{{job_id}}",
+        tags=["jobs"],
+        response_model=Job,
+        responses={
+            202: {"model": Job, "description": "Cancellation requested."},
+            **ERROR_RESPONSES,
+        },
+    )
     async def delete_job(job_id: str) -> JSONResponse:
         """Cancel a queued or running job (202 while a running job stops), or delete a
         finished job's files (200). The job record stays and says so."""
@@ -183,7 +223,6 @@ def router(service: Service) -> APIRouter:
 def _job_response(row: JobRow, status: int, **headers: str) -> JSONResponse:
     headers.setdefault("Location", f"{API_PREFIX}/jobs/{row.id}")
     return JSONResponse(job_model(row).model_dump(mode="json"), status_code=status, headers=headers)
-
 
 
 def _probe_checked(path: Path, settings: Settings) -> ProbeReport:

@@ -41,8 +41,12 @@ def router(service: Service) -> APIRouter:
         html = await run_in_threadpool((STATIC_DIR / "index.html").read_text, "utf-8")
         return HTMLResponse(html, headers={"Cache-Control": "no-cache"})
 
-    @router.get(f"{API_PREFIX}/jobs/{{job_id}}/frames", tags=["jobs"], response_model=JobFrames,
-             responses=ERROR_RESPONSES)
+    @router.get(
+        f"{API_PREFIX}/jobs/{{job_id}}/frames",
+        tags=["jobs"],
+        response_model=JobFrames,
+        responses=ERROR_RESPONSES,
+    )
     async def job_frames(job_id: str) -> JobFrames:
         """Per-frame QP, picture type and enhancement stages of a succeeded job."""
 
@@ -52,9 +56,13 @@ def router(service: Service) -> APIRouter:
             if log is None:
                 raise ApiError(410, "no_frame_log", "this job has no stored per-frame log")
             frames = [FrameInfo.model_validate(f) for f in log]
-            return JobFrames(job_id=job_id, count=len(frames), frames=frames,
-                             preview_kinds=[k.value for k in PreviewKind],
-                             input_available=storage.input_path(job_id).is_file())
+            return JobFrames(
+                job_id=job_id,
+                count=len(frames),
+                frames=frames,
+                preview_kinds=[k.value for k in PreviewKind],
+                input_available=storage.input_path(job_id).is_file(),
+            )
 
         return await run_in_threadpool(load)
 
@@ -62,8 +70,10 @@ def router(service: Service) -> APIRouter:
         f"{API_PREFIX}/jobs/{{job_id}}/preview/{{kind}}.png",
         tags=["jobs"],
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}, "description": "The picture."},
-                   **ERROR_RESPONSES},
+        responses={
+            200: {"content": {"image/png": {}}, "description": "The picture."},
+            **ERROR_RESPONSES,
+        },
     )
     async def job_preview(
         job_id: str,
@@ -82,7 +92,8 @@ def router(service: Service) -> APIRouter:
             return previews.get(job_id, frame, kind, storage.input_path(job_id), result)
 
         png = await run_in_threadpool(render)
-        return Response(png, media_type="image/png",
-                        headers={"Cache-Control": "private, max-age=3600"})
+        return Response(
+            png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+        )
 
     return router

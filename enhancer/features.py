@@ -132,15 +132,25 @@ def phase_planes(h: int, w: int, device: torch.device | str = "cpu") -> torch.Te
     return _PHASE_CACHE[key]
 
 
-def warp(ref: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Bilinear warp of ``ref`` (B, C, h, w) by ``flow`` (B, 2, h, w) in pixels (dx, dy)."""
+def warp(ref: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Warp ``ref`` (B, C, h, w) by ``flow`` (B, 2, h, w) in pixels (dx, dy)."""
     b, _, h, w = ref.shape
-    ys = torch.arange(h, device=ref.device, dtype=ref.dtype)
-    xs = torch.arange(w, device=ref.device, dtype=ref.dtype)
-    gx = (xs[None, None, :] + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0
-    gy = (ys[None, :, None] + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
-    grid = torch.stack([gx, gy], -1)
-    return F.grid_sample(ref, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    key = (h, w, str(ref.device), ref.dtype)
+    base = _GRID_CACHE.get(key)
+    if base is None:
+        ys = torch.arange(h, device=ref.device, dtype=ref.dtype) * (2.0 / max(h - 1, 1)) - 1.0
+        xs = torch.arange(w, device=ref.device, dtype=ref.dtype) * (2.0 / max(w - 1, 1)) - 1.0
+        base = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)], -1)[None]
+        if len(_GRID_CACHE) > 32:
+            _GRID_CACHE.clear()
+        _GRID_CACHE[key] = base
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=ref.device,
+                         dtype=ref.dtype)  # fmt: skip
+    grid = base + flow.permute(0, 2, 3, 1).to(ref.dtype) * scale
+    return F.grid_sample(ref, grid, mode=mode, padding_mode="border", align_corners=True)
+
+
+_GRID_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def pict_onehot(pict_type: str) -> list[float]:
@@ -156,7 +166,7 @@ def flow_plane_full(mv: np.ndarray | None, valid: np.ndarray | None, h: int, w: 
     return torch.from_numpy(np.ascontiguousarray(flow.transpose(2, 0, 1)))[None]
 
 
-def warp_reference(ref: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+def warp_reference(ref: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
     """Align a reference (B, 6, h, w) by a full-res luma flow (B, 2, 2h, 2w).
 
     Luma is warped at full resolution and unshuffled again (warping the
@@ -164,6 +174,6 @@ def warp_reference(ref: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     at half resolution with half the vector.
     """
     y = F.pixel_shuffle(ref[:, :4], 2)
-    yw = F.pixel_unshuffle(warp(y, flow), 2)
-    uvw = warp(ref[:, 4:], F.avg_pool2d(flow, 2) * 0.5)
+    yw = F.pixel_unshuffle(warp(y, flow, mode), 2)
+    uvw = warp(ref[:, 4:], F.avg_pool2d(flow, 2) * 0.5, mode)
     return torch.cat([yw, uvw], 1)

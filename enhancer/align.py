@@ -1,0 +1,137 @@
+"""Aligning a reference frame to the current one, per 8x8 luma block.
+
+FFmpeg exports a motion vector's direction but not which frame it points
+to, and a B-frame's vectors rarely point at the quality-peak anchor we want
+to borrow from. So the bitstream's vectors are used as *seeds*: each is
+scaled to the anchor's display distance for every plausible reference
+distance (1..``MAX_REF_DISTANCE``), i.e. the reference is identified and the
+vector chained by matching. A coarse full search at quarter resolution adds
+seeds where the bitstream has none (intra blocks, HEVC, blind input). Each
+block keeps the seed whose windowed sum of absolute differences against the
+decoded anchor is lowest, takes its neighbours' winners once, and is refined
+by steps of 2, 1 and 0.5 pixel. The result is a per-block flow (luma pixels, current
+-> reference) and its matching cost, which tells the network how far to
+trust the aligned reference.
+
+Everything runs in torch on the frame's device, on the model's half-resolution
+6-channel stack (see features.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from enhancer.features import warp, warp_reference
+
+BLOCK = 8  # luma pixels per flow cell
+MAX_REF_DISTANCE = 4  # reference distances tried for a bitstream vector
+COARSE_RADIUS = 6  # quarter-resolution search radius (+-24 luma pixels)
+REFINE_STEPS = (2.0, 1.0, 0.5)  # the coarse search is within +-2 px; then climb
+
+
+def luma_of(x6: torch.Tensor) -> torch.Tensor:
+    """(6, h, w) half-res stack -> (1, 1, 2h, 2w) full-resolution luma."""
+    return F.pixel_shuffle(x6[None, :4].float(), 2)
+
+
+def dense(flow: torch.Tensor) -> torch.Tensor:
+    """Per-block flow (N, 2, gh, gw) -> per-pixel (N, 2, 8gh, 8gw)."""
+    return flow.repeat_interleave(BLOCK, 2).repeat_interleave(BLOCK, 3)
+
+
+def _window_cost(diff: torch.Tensor) -> torch.Tensor:
+    """|cur - warped| (N, 1, H, W) -> per 8x8 block, blended with its 3x3 neighbourhood.
+
+    The wider window resists noise; the block's own error keeps the choice local.
+    """
+    own = F.avg_pool2d(diff, BLOCK)
+    around = F.avg_pool2d(own, 3, stride=1, padding=1, count_include_pad=False)
+    return (0.5 * own + 0.5 * around)[:, 0]
+
+
+def block_costs(cur_y: torch.Tensor, ref_y: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
+    """Matching cost of each candidate flow (N, 2, gh, gw) per block -> (N, gh, gw)."""
+    n = cands.shape[0]
+    warped = warp(ref_y.expand(n, -1, -1, -1), dense(cands))
+    return _window_cost((warped - cur_y).abs())
+
+
+def coarse_search(cur_y: torch.Tensor, ref_y: torch.Tensor, radius: int = COARSE_RADIUS):
+    """Full integer search at quarter resolution -> per-block flow (2, gh, gw) in luma px."""
+    c = F.avg_pool2d(cur_y, 4)
+    r = F.pad(F.avg_pool2d(ref_y, 4), (radius,) * 4, mode="replicate")
+    h, w = c.shape[-2:]
+    shifts = [(dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)]
+    stack = torch.cat(
+        [r[..., radius + dy : radius + dy + h, radius + dx : radius + dx + w] for dy, dx in shifts]
+    )
+    diff = (stack - c).abs()  # (S, 1, h, w); a luma block is 2x2 here
+    cost = F.avg_pool2d(diff, 4, stride=2, padding=1, count_include_pad=False)[:, 0]
+    # A small bias to the zero vector keeps flat areas still.
+    zero = shifts.index((0, 0))
+    cost[zero] -= 1e-3
+    best = cost.argmin(0)
+    vec = torch.tensor(shifts, dtype=torch.float32, device=cur_y.device)[best]  # (gh, gw, 2)
+    return vec.flip(-1).permute(2, 0, 1) * 4.0  # (dx, dy)
+
+
+def _pick(cur_y, ref_y, cands, best, best_cost):
+    costs = block_costs(cur_y, ref_y, cands)
+    i = costs.argmin(0)
+    c = costs.gather(0, i[None])[0]
+    take = c < best_cost
+    chosen = cands.gather(0, i[None, None].expand(1, 2, -1, -1))[0]
+    return torch.where(take[None], chosen, best), torch.where(take, c, best_cost)
+
+
+def seeds_from_vectors(
+    mv: torch.Tensor, valid: torch.Tensor, vec_dir: int, distance: int
+) -> list[torch.Tensor]:
+    """Bitstream vectors (2, gh, gw) pointing ``vec_dir`` (-1 past, +1 future) to an
+    unknown reference, as candidates for an anchor ``distance`` frames away (signed)."""
+    out = []
+    for k in range(1, MAX_REF_DISTANCE + 1):
+        scale = distance * vec_dir / k  # negative: the anchor lies the other way
+        out.append(mv * valid[None] * scale)
+    return out
+
+
+@torch.no_grad()
+def align(
+    cur6: torch.Tensor,
+    ref6: torch.Tensor,
+    seeds: list[torch.Tensor] | None = None,
+    search: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow (2, gh, gw) aligning ``ref6`` to ``cur6`` and its per-block cost (gh, gw).
+
+    ``seeds`` are candidate flows (each (2, gh, gw), luma pixels), e.g. from
+    ``seeds_from_vectors``. The cost is the mean absolute luma difference (0..1).
+    """
+    cur_y, ref_y = luma_of(cur6), luma_of(ref6)
+    gh, gw = cur_y.shape[-2] // BLOCK, cur_y.shape[-1] // BLOCK
+    cands = [torch.zeros(2, gh, gw, device=cur_y.device)]
+    if search:
+        cands.append(coarse_search(cur_y, ref_y))
+    cands += [s.to(cur_y.device, torch.float32) for s in seeds or []]
+    stack = torch.stack(cands)
+    costs = block_costs(cur_y, ref_y, stack)
+    costs[0] -= 1e-3  # prefer no motion on ties (flat areas)
+    i = costs.argmin(0)
+    best = stack.gather(0, i[None, None].expand(1, 2, -1, -1))[0]
+    best_cost = costs.gather(0, i[None])[0]
+    # One pass of neighbour propagation: a block inherits a neighbour's vector if it fits better.
+    neigh = torch.stack([torch.roll(best, s, d) for s, d in ((1, 1), (-1, 1), (1, 2), (-1, 2))])
+    best, best_cost = _pick(cur_y, ref_y, neigh, best, best_cost)
+    ring = torch.tensor([(-1.0, -1.0), (0.0, -1.0), (1.0, -1.0), (-1.0, 0.0), (1.0, 0.0),
+                         (-1.0, 1.0), (0.0, 1.0), (1.0, 1.0)], device=cur_y.device)  # fmt: skip
+    for step in REFINE_STEPS:
+        cands = best[None] + (ring * step)[:, :, None, None]
+        best, best_cost = _pick(cur_y, ref_y, cands, best, best_cost)
+    return best, best_cost
+
+
+def apply_flow(ref6: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Warp a (B, 6, h, w) reference by per-block flows (B, 2, gh, gw)."""
+    return warp_reference(ref6, dense(flow.to(ref6.dtype)), "bicubic")

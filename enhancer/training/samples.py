@@ -1,0 +1,73 @@
+"""One cached sequence frame -> model inputs and clean target, as the engine would build them.
+
+The input plan (enhancer.references.input_plan) decides, by codec and side-info
+mode, which reference slots and which side information a frame gets, so
+training and inference cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from enhancer.batch import FrameInputs, Reference, cost_plane
+from enhancer.features import partition_planes, planes_to_tensor, qp_plane
+from enhancer.references import input_plan
+from enhancer.training.data import unpack_yuv
+
+SLOT_NAMES = {"peaks": ("peak_past", "peak_future"), "adjacent": ("adj_past", "adj_future")}
+
+
+def frame_inputs(
+    sample: dict,
+    t: int,
+    crop: tuple[int, int, int] | None = None,
+    blind: bool = False,
+    drop_refs: tuple[bool, bool] = (False, False),
+) -> tuple[FrameInputs, torch.Tensor]:
+    """FrameInputs (and the clean target) for frame ``t`` of a cached sample.
+
+    ``crop`` = (y0, x0, size) in luma pixels, multiples of 16 so block phase is kept.
+    ``blind`` builds what ``--side-info blind`` gives: adjacent references aligned by
+    search, no QP map, no picture types; only the CRF from the options SEI, if any.
+    """
+    h = sample["dec"].shape[1] * 2 // 3
+    w = sample["dec"].shape[2]
+    if crop is None:
+        y0, x0, ch, cw = 0, 0, h, w
+    else:
+        y0, x0, size = crop
+        ch = cw = size
+
+    def cut(packed):
+        y, u, v = unpack_yuv(packed)
+        cy, cx = slice(y0 // 2, (y0 + ch) // 2), slice(x0 // 2, (x0 + cw) // 2)
+        return y[y0 : y0 + ch, x0 : x0 + cw], u[cy, cx], v[cy, cx]
+
+    cur = planes_to_tensor(cut(sample["dec"][t]))
+    target = planes_to_tensor(cut(sample["clean"][t]))
+    hh, ww = cur.shape[1:]
+    codec = str(sample["codec"])
+    plan = input_plan(codec, "blind" if blind else "auto")
+    pict = "IPB?"[int(sample["pict"][t])] if plan.pict_type else "?"
+    fqps = sample["frame_qp"]
+    frame_qp = float(fqps[t]) if plan.frame_qp and np.isfinite(fqps[t]) else None
+    refs: list[Reference | None] = []
+    g0, g1, gh, gw = y0 // 8, x0 // 8, -(-ch // 8), -(-cw // 8)
+    for name, drop in zip(SLOT_NAMES[plan.references], drop_refs, strict=True):
+        j = int(sample[f"{name}_idx"][t])
+        if j < 0 or drop:
+            refs.append(None)
+            continue
+        cost = sample[f"{name}_cost"][t][g0 : g0 + gh, g1 : g1 + gw]
+        cost = torch.from_numpy(cost.astype(np.float32))
+        qp = float(fqps[j]) if frame_qp is not None and np.isfinite(fqps[j]) else None
+        refs.append(Reference(planes_to_tensor(cut(sample[name][t])), cost_plane(cost, hh, ww), qp))
+    item = FrameInputs(cur=cur, refs=refs, frame_qp=frame_qp, pict_type=pict,
+                       seq_qp=float(sample["crf"]), seq_known=True)  # fmt: skip
+    qmap_arr = sample["qp_map"][t]
+    if plan.qp_map and not np.isnan(qmap_arr).any():
+        m0, m1, mh, mw = y0 // 16, x0 // 16, -(-ch // 16), -(-cw // 16)
+        item.qmap = qp_plane(qmap_arr[m0 : m0 + mh, m1 : m1 + mw], hh, ww)
+        item.parts = partition_planes(sample["partition"][t][m0 : m0 + mh, m1 : m1 + mw], hh, ww)
+    return item, target

@@ -151,6 +151,20 @@ class Engine:
                 out[:, :, y0:ye, x0:xe] = res[:, :, y0 - ya : ye - ya, x0 - xa : xe - xa]
         return out
 
+    def plan_stages(self, side, info: SequenceInfo) -> int | None:
+        """Stages ``process`` will run on a frame, from its side info alone.
+
+        None when that depends on the pixels (no QP in the stream, or the blind path,
+        whose QP is estimated). A caller can use it to copy untouched GOPs as they are.
+        """
+        if self.stages != "auto":
+            return int(self.stages)
+        if not self.policy:
+            return self.max_stages
+        if self.side_info == "blind" or side.qp is None:
+            return None
+        return self._policy_stages(side.qp, info)
+
     def _policy_stages(self, qp: float, info: SequenceInfo) -> int:
         """HEVC is calibrated by the stream's CRF (when x265 wrote it), H.264 by frame QP."""
         if info.codec == "hevc" and self.policy.hevc_stages:

@@ -11,7 +11,7 @@ $(BIN)/python:
 # torch first, pinned, so pip takes the CPU wheel that lies on disk instead of a CUDA build.
 venv: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[service,dev]'
+	$(BIN)/pip install -q -e '.[service,postgres,dev]'
 
 test: venv
 	$(BIN)/ruff check .

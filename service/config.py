@@ -132,9 +132,38 @@ class Settings(BaseSettings):
     queue_maintenance_chance: int = setting(
         10_000, "Dramatiq: per-million chance a queue command runs dead-worker recovery", ge=0
     )
+    queue_reconcile_interval: float = setting(
+        30.0,
+        "seconds between checks that Redis holds every job queued in the store "
+        "(lost ones are sent again; 0 turns it off)",
+        ge=0,
+    )
+    shutdown_grace: float = setting(
+        25.0,
+        "seconds a stopping `vqe worker` may take: a job that will finish in time runs on, "
+        "else it is handed back",
+        gt=0,
+    )
+    db_auto_upgrade: bool = setting(
+        True, "upgrade an older job database schema at start (else refuse: `vqe db upgrade`)"
+    )
+    min_free_disk: int = setting(
+        1 << 30, "`/readyz` fails when the storage has less free space (bytes)", shown="1 GiB", ge=0
+    )
     sweep_interval: float = setting(60.0, "seconds between sweeps for expired results", gt=0)
     api_keys: CommaList = setting(
         (), "comma list of bearer keys; each key sees only its own jobs", shown="unset (open)"
+    )
+    admin_keys: CommaList = setting(
+        (),
+        "comma list of admin keys: also see and manage the jobs that have no owner",
+        shown="empty",
+    )
+    metrics_token: str = setting(
+        "", "with API keys on: bearer token that may read `/metrics`", shown="unset"
+    )
+    metrics_allowlist: CommaList = setting(
+        (), "with API keys on: IPs or CIDRs that may read `/metrics` without a token", shown="empty"
     )
     webhook_secret: str = setting(
         "", "HMAC-SHA256 key of webhook signatures", shown="unset (webhooks off)"
@@ -158,7 +187,7 @@ class Settings(BaseSettings):
         ge=0,
     )
 
-    @field_validator("url_allowlist", "api_keys", mode="before")
+    @field_validator("url_allowlist", "api_keys", "admin_keys", "metrics_allowlist", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -175,6 +204,18 @@ class Settings(BaseSettings):
     def _redis_only(cls, value: str | None) -> str | None:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must be a redis:// URL, not {value!r}")
+        return value
+
+    @field_validator("metrics_allowlist")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
         return value
 
     @field_validator("log_format", mode="before")

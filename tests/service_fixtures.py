@@ -2,8 +2,14 @@
 
 * :class:`ServiceProcess` starts ``python -m service.cli serve`` (or ``worker``)
   on a free port with its own data directory and environment.
-* :func:`run_redis`: a private ``redis-server`` on a free port (the test is
-  skipped cleanly when the binary is missing).
+* :func:`run_redis` / :class:`RedisServer`: a private ``redis-server`` on a free
+  port, without persistence, that a test can restart empty on the same port.
+* :class:`PostgresServer`: a private PostgreSQL cluster from Debian's
+  ``postgresql`` package (``initdb`` + ``pg_ctl`` in a temp dir, as the
+  ``postgres`` user when run as root, trust auth on 127.0.0.1, a free port);
+  :meth:`PostgresServer.new_database` gives each test its own database.
+* Both skip the test when the binary is missing, and fail it instead under
+  ``.ci/run`` (``CI_REQUIRE_SERVICES=1``).
 * :func:`serve_files`: a ``http.server`` on 127.0.0.1 serving a folder, for
   stream-URL sources (the tests allowlist exactly its host:port).
 * :class:`Api`: a small client for the job API.
@@ -17,15 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import http.server
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -209,44 +219,148 @@ class Api:
         self.http.close()
 
 
-@contextlib.contextmanager
-def run_redis(workdir: Path) -> Iterator[str]:
-    """A private redis-server (no persistence); yields its URL. Skips the test when
-    redis-server is not installed."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        missing("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
+class RedisServer:
+    """A private redis-server on 127.0.0.1 without persistence; :meth:`restart` brings it
+    back empty on the same port (as after a crash without AOF)."""
 
-    def up() -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            missing("redis-server is not installed (apt-get install redis-server)")
+        self.binary = str(binary)
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        cmd += ["--appendonly", "no", "--dir", str(self.workdir)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        wait_for(self.up, 20, what="redis-server")
+        return self
+
+    def up(self) -> bool:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), 0.5) as s,
+        ):
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
         return False
 
+    def kill(self) -> None:
+        """SIGKILL: everything in memory is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def run_redis(workdir: Path) -> Iterator[str]:
+    """A private redis-server (no persistence); yields its URL."""
+    server = RedisServer(workdir).start()
     try:
-        wait_for(up, 20, what="redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
+
+
+def _pg_binary(name: str) -> str | None:
+    """A PostgreSQL server program: on PATH, or where Debian's package puts it."""
+    found = shutil.which(name)
+    if found:
+        return found
+    for bindir in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.access(os.path.join(bindir, name), os.X_OK):
+            return os.path.join(bindir, name)
+    return None
+
+
+class PostgresServer:
+    """A private PostgreSQL cluster for tests (fsync off: a crash may lose it, by design)."""
+
+    def __init__(self) -> None:
+        self.initdb, self.pg_ctl = _pg_binary("initdb"), _pg_binary("pg_ctl")
+        if self.initdb is None or self.pg_ctl is None:
+            missing("PostgreSQL is not installed (apt-get install postgresql)")
+        self.root = Path(tempfile.mkdtemp(prefix="vqe-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:  # the server refuses to run as root
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                missing("no `postgres` user to run PostgreSQL as (apt-get install postgresql)")
+            os.chown(self.root, user.pw_uid, user.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args: str, timeout: float = 120) -> None:
+        cmd = [*self.as_user, *args]
+        done = subprocess.run(cmd, cwd=self.root, capture_output=True, timeout=timeout)
+        if done.returncode != 0:
+            log = (self.root / "server.log").read_text(errors="replace") if self.started else ""
+            raise AssertionError(f"{args[0]} failed: {done.stderr.decode(errors='replace')}{log}")
+
+    started = False
+
+    def start(self) -> PostgresServer:
+        assert self.initdb and self.pg_ctl
+        self._run(self.initdb, "-D", str(self.data), "-U", "vqe", "--auth=trust", "-E", "UTF8",
+                  "--no-sync")  # fmt: skip
+        options = (
+            f"-c port={self.port} -c listen_addresses=127.0.0.1 "
+            f"-c unix_socket_directories={self.root} -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        self.started = True
+        self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "server.log"),
+                  "-o", options, "-w", "-t", "60", "start")  # fmt: skip
+        return self
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://vqe@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; returns its SQLAlchemy URL."""
+        from sqlalchemy import create_engine, text
+
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(f"CREATE DATABASE {name}"))
+        finally:
+            engine.dispose()
+        return self.url(name)
+
+    def stop(self) -> None:
+        if self.started and self.pg_ctl:
+            with contextlib.suppress(Exception):
+                self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,7 +29,7 @@ from service.api.deps import Service, error_response
 from service.api.routes import enhance, events, health, jobs, web
 from service.api.schemas import JobCreateRequest
 from service.config import Settings
-from service.errors import VqeError, error_info
+from service.errors import VqeError, error_info, operator_fault
 from service.jobs import metrics
 
 log = logging.getLogger("vqe.api")
@@ -90,6 +91,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         code = codes.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
 
+    async def _fault(_r: Request, exc: Exception) -> JSONResponse:
+        # Disk full, database down...: answered here (error_info logs them), so that the
+        # last-resort handler below, which re-raises to the server, sees only bugs.
+        if operator_fault(exc) is None:
+            log.exception("unhandled error")
+        return error_response(*error_info(exc))
+
+    app.add_exception_handler(OSError, _fault)
+    app.add_exception_handler(SQLAlchemyError, _fault)
+
     @app.exception_handler(Exception)
     async def _internal_error(_r: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
@@ -100,7 +111,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     _install_openapi(app)
     # Middleware: the last added runs first: request id, latency, API key, the app.
-    auth.install(app, settings.api_keys)  # after the OpenAPI wrapper: it documents 401s
+    # After the OpenAPI wrapper: it documents 401s.
+    auth.install(
+        app,
+        settings.api_keys,
+        settings.admin_keys,
+        settings.metrics_token,
+        settings.metrics_allowlist,
+    )
     metrics.install(app, service.store)
     app.add_middleware(logs.RequestIdMiddleware)
     return app

@@ -60,23 +60,28 @@ class Backend(Protocol):
 
 
 class _RedisBackend:
-    """The API's side of the Redis queue: it only sends job ids."""
+    """The API's side of the Redis queue: it sends job ids, and its reconciler re-sends
+    those Redis lost (or never got, while it was down)."""
 
-    def __init__(self, settings: Settings) -> None:
-        from service.jobs.queue_redis import RedisQueue
+    def __init__(self, settings: Settings, ctx: Context) -> None:
+        from service.jobs.queue_redis import Reconciler, RedisQueue
 
+        self.store = ctx.store
         self.queue = RedisQueue(settings)
+        self.reconciler = Reconciler(ctx.store, self.queue, settings)
 
     def start(self) -> None:
-        pass
+        self.reconciler.start()
 
     def submit(self, job_id: str) -> None:
         self.queue.submit(job_id)
+        self.store.mark_sent(job_id)
 
     def ready(self) -> bool:
         return self.queue.ping()
 
     def stop(self) -> None:
+        self.reconciler.stop()
         self.queue.close()
 
 
@@ -108,7 +113,9 @@ class Service:
         self.store = self.ctx.store
         self.storage = self.ctx.storage
         self.backend: Backend = (
-            _RedisBackend(settings) if settings.uses_redis else InProcessExecutor(self.ctx)
+            _RedisBackend(settings, self.ctx)
+            if settings.uses_redis
+            else InProcessExecutor(self.ctx)
         )
         self.sync = _SyncPipelines(settings.sync_concurrency, settings.device)
         self.webhooks = WebhookDispatcher(self.store, settings, self.ctx.policy, render_job)
@@ -166,18 +173,13 @@ class Service:
             return row, False
         try:
             self.backend.submit(row.id)
-        except Exception as exc:  # the queue is down: do not leave a job nobody will run
-            log.exception("cannot queue job %s", row.id)
-            self.store.finish(
+        except Exception as exc:  # noqa: BLE001 - the queue is down: the store keeps the job
+            # It stays queued in the store; the reconciler sends it once Redis answers.
+            log.warning(
+                "job %s: queue unavailable (%s); kept queued, sent when it is back",
                 row.id,
-                None,
-                JobStatus.failed,
-                error=("queue_unavailable", "the job queue is unavailable"),
+                type(exc).__name__,
             )
-            self.storage.remove_job(row.id)
-            raise ApiError(
-                503, "queue_unavailable", "the job queue is unavailable; retry later"
-            ) from exc
         return row, True
 
     def stored_result(self, job_id: str) -> tuple[JobRow, Path]:

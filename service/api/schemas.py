@@ -128,7 +128,12 @@ class JobList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
-    checks: dict[str, str] = Field(default_factory=dict)
+    checks: dict[str, str] = Field(
+        default_factory=dict,
+        description="`/readyz`: database, storage, disk (free space) and queue (Redis or the "
+        "in-process threads), each `ok` or `error: ...`.",
+    )
+    free_disk_bytes: int | None = Field(None, description="Free space of the storage.")
 
 
 class FrameInfo(BaseModel):

@@ -14,9 +14,10 @@ import sys
 SUBCOMMANDS = {
     "inspect": "service.cli.inspect",
     "enhance": "service.cli.enhance",
-    "train": "enhancer.train",
+    "train": "enhancer.training.train",
     "serve": "service.cli.serve",
     "worker": "service.cli.worker",
+    "db": "service.cli.db",
 }
 
 

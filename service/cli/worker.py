@@ -1,10 +1,12 @@
 """``vqe worker``: run jobs from the Redis queue (Dramatiq) until stopped.
 
 Each process loads the model once (on the GPU when there is one) and keeps
-it between jobs. SIGTERM/SIGINT stop the running job, put it back in the
-queue for another worker, and exit; a worker killed outright (SIGKILL) loses
-nothing either: its job is redelivered once its heartbeat lapses (see
-``service.jobs.queue_redis``).
+it between jobs. SIGTERM/SIGINT: within ``VQE_SHUTDOWN_GRACE`` seconds the
+worker lets a job that will be done in time finish, stops any other and puts it
+back in the queue for another worker, and exits; a worker killed outright
+(SIGKILL) loses nothing either: its job is redelivered once its heartbeat lapses
+(see ``service.jobs.queue_redis``). Each worker also runs the queue's
+reconciler (jobs Redis lost are sent again).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import logging
 import signal
 import threading
+import time
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from service.errors import UserError
     from service.jobs.executor import Context, JobRunner
     from service.jobs.metrics import Heartbeat, serve_worker_metrics
-    from service.jobs.queue_redis import QUEUE_NAME, RedisQueue
+    from service.jobs.queue_redis import QUEUE_NAME, Reconciler, RedisQueue
     from service.jobs.webhooks import WebhookDispatcher
 
     settings = cli_settings(
@@ -57,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("set VQE_QUEUE_URL (or --queue-url) to a redis:// URL")
     stop = threading.Event()
     ctx = Context.from_settings(settings)
-    runner = JobRunner(ctx, shutdown=stop)
+    runner = JobRunner(ctx, shutdown=stop, finish_within=settings.shutdown_grace)
     webhooks = WebhookDispatcher(ctx.store, settings, ctx.policy, render_job)
     heartbeat = Heartbeat(ctx.store, runner.identity, "worker", settings.workers)
     queue = RedisQueue(settings, runner)
+    reconciler = Reconciler(ctx.store, queue, settings)
     worker = Worker(queue.broker, queues=[QUEUE_NAME], worker_threads=settings.workers)
     # Fetch no more jobs than there are threads: a prefetched job would wait here
     # while another worker sits idle.
@@ -78,15 +82,20 @@ def run(args: argparse.Namespace) -> int:
     worker.start()
     webhooks.start()
     heartbeat.start()
+    reconciler.start()
     if settings.metrics_port:
         serve_worker_metrics(settings.metrics_port, ctx.store)
     try:
         while not stop.wait(1.0):
             pass
     finally:
-        # The runner stops the running job and queues it again; then Dramatiq acks it.
-        worker.stop(timeout=60_000)
+        # The runner lets a job that ends in time finish, or stops it and queues it again;
+        # then Dramatiq acks its message (and gives back the prefetched ones).
+        stopping = time.monotonic()
+        reconciler.stop()
+        worker.stop(timeout=int(settings.shutdown_grace * 1000))
         webhooks.stop()
         heartbeat.stop()
         queue.close()
+        log.info("worker %s: stopped in %.1f s", runner.identity, time.monotonic() - stopping)
     return 0

@@ -31,7 +31,7 @@ from enhancer.options import parse_options
 from enhancer.pipeline import Cancelled, EnhanceResult, Pipeline, Progress
 from service import logs
 from service.config import Settings
-from service.errors import VqeError, error_info, first_line
+from service.errors import VqeError, error_info, first_line, operator_fault, public_message
 from service.ingest.fetch import HTTPFetcher, ingest_stream
 from service.ingest.policy import URLPolicy
 from service.jobs import metrics
@@ -59,7 +59,8 @@ class Context:
     @classmethod
     def from_settings(cls, settings: Settings) -> Context:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        return cls(settings, JobStore(settings.database_url), Storage(settings.storage_dir))
+        store = JobStore(settings.database_url, upgrade=settings.db_auto_upgrade)
+        return cls(settings, store, Storage(settings.storage_dir))
 
 
 def error_of(exc: BaseException) -> tuple[str, str]:
@@ -115,6 +116,8 @@ class _Watch:
         self.reason: str | None = None  # canceled | lost | time_limit | shutdown
         self.latest: Progress | None = None
         self.started = time.monotonic()
+        self.shutdown_seen: float | None = None
+        self._finishing = False  # logged that the job may finish despite the shutdown
         self._done = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, name=f"vqe-watch-{job_id[:8]}", daemon=True
@@ -171,15 +174,39 @@ class _Watch:
                 self._stop("canceled" if row is None or row.cancel_requested else "lost")
             elif time.monotonic() - self.started > settings.job_time_limit:
                 self._stop("time_limit")
-            elif self.runner.shutdown.is_set():
+            elif self.runner.shutdown.is_set() and not self._finishes_in_time():
                 self._stop("shutdown")
+
+    def _finishes_in_time(self) -> bool:
+        """During a shutdown: will the job end within the runner's ``finish_within``
+        seconds (leaving time to hand it back if the estimate was wrong)?"""
+        now = time.monotonic()
+        if self.shutdown_seen is None:
+            self.shutdown_seen = now
+        grace = self.runner.finish_within
+        margin = min(5.0, grace / 3)
+        p = self.latest
+        if grace <= 0 or p is None or p.phase != "enhancing" or p.eta_seconds is None:
+            return False
+        keep = now - self.shutdown_seen + p.eta_seconds + 2 * WATCH_INTERVAL <= grace - margin
+        if keep and not self._finishing:
+            self._finishing = True
+            log.info(
+                "job %s: shutting down; letting it finish (ETA %.1f s)", self.job_id, p.eta_seconds
+            )
+        return keep
 
 
 class JobRunner:
     """Runs jobs by id; one per worker process (or per executor), any number of threads."""
 
-    def __init__(self, ctx: Context, shutdown: threading.Event | None = None) -> None:
+    def __init__(
+        self, ctx: Context, shutdown: threading.Event | None = None, finish_within: float = 0.0
+    ) -> None:
+        """``finish_within``: once ``shutdown`` is set, a job whose ETA fits in these seconds
+        runs to its end; any other is stopped and handed back to the queue at once."""
         self.ctx = ctx
+        self.finish_within = finish_within
         self.settings = ctx.settings
         self.store = ctx.store
         self.storage = ctx.storage
@@ -217,9 +244,17 @@ class JobRunner:
                 if watch.reason is not None:
                     return self._interrupted(job_id, owner, watch.reason)
                 log.exception("job %s: attempt %d failed", job_id, row.attempts)
-                message = f"{type(exc).__name__}: {first_line(exc)}"
+                fault = operator_fault(exc)  # disk full, database down: the operator's to fix
+                code, message = (
+                    (fault[1], fault[2])
+                    if fault is not None
+                    else (
+                        "internal_error",
+                        public_message(f"{type(exc).__name__}: {first_line(exc)}"),
+                    )
+                )
                 if final_attempt:
-                    self._fail(job_id, owner, ("internal_error", message))
+                    self._fail(job_id, owner, (code, message))
                     return Outcome.done
                 self.store.requeue(job_id, owner, error=("retrying", message))
                 return Outcome.retry

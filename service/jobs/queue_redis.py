@@ -20,21 +20,33 @@ Delivery guarantees, from Dramatiq's Redis broker:
 * ``VQE_JOB_TIME_LIMIT`` is enforced by the runner (the pipeline is stopped
   and the job fails with ``time_limit``); Dramatiq's own ``time_limit`` is set
   a little later as a backstop.
-* On SIGTERM a worker stops its running job, puts it back in the queue, and exits.
+* On SIGTERM a worker lets its running job finish when it will within
+  ``VQE_SHUTDOWN_GRACE``, else stops it and puts it back in the queue, and exits.
+* The job store, not Redis, is the source of truth: :class:`Reconciler` (in the
+  API and in every worker) looks every ``VQE_QUEUE_RECONCILE_INTERVAL`` seconds
+  for jobs that are queued in the store (or running with a long-lapsed lease)
+  but have no message in Redis -- Redis restarted empty, a message lost, a job
+  submitted while Redis was down -- and sends them again. ``jobs.queue_sent_at``
+  makes one process, not all, re-send a job; a duplicate message is harmless
+  anyway: the lease lets one worker run the job, the others find it held or done.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import dq_name
 from dramatiq.middleware import CurrentMessage, TimeLimitExceeded
 
 from service.config import Settings
 from service.jobs.executor import JobRunner, Outcome
 from service.jobs.status import JobStatus
+from service.jobs.store import JobStore
 
 log = logging.getLogger("vqe.queue")
 
@@ -57,8 +69,11 @@ class RedisQueue:
     def __init__(self, settings: Settings, runner: JobRunner | None = None) -> None:
         self.settings = settings
         self.runner = runner
+        client = redis.Redis.from_url(
+            settings.queue_url or "", socket_connect_timeout=5, health_check_interval=30
+        )
         self.broker = RedisBroker(
-            url=settings.queue_url,
+            client=client,
             namespace=NAMESPACE,
             heartbeat_timeout=settings.queue_heartbeat_ms,
             maintenance_chance=settings.queue_maintenance_chance,
@@ -81,6 +96,22 @@ class RedisQueue:
 
     def submit(self, job_id: str, delay_ms: int | None = None) -> None:
         self.actor.send_with_options(args=(job_id,), delay=delay_ms)
+        if self.runner is not None:
+            self.runner.store.mark_sent(job_id)
+
+    def job_ids(self) -> set[str]:
+        """The jobs that have a message in Redis: waiting, delayed (retries) or fetched by
+        a worker and not acked yet (Dramatiq keeps those in the queue's ``.msgs`` hash)."""
+        found: set[str] = set()
+        for queue in (QUEUE_NAME, dq_name(QUEUE_NAME)):
+            for _mid, data in self.broker.client.hscan_iter(f"{NAMESPACE}:{queue}.msgs"):
+                try:
+                    args = dramatiq.Message.decode(data).args
+                except Exception:  # noqa: BLE001 - not one of ours
+                    continue
+                if args:
+                    found.add(str(args[0]))
+        return found
 
     def ping(self) -> bool:
         try:
@@ -117,3 +148,52 @@ class RedisQueue:
         elif outcome is Outcome.held:
             # Another live worker holds it: look again once its lease could have lapsed.
             self.submit(job_id, delay_ms=int(self.settings.job_lease * 1000))
+
+
+class Reconciler:
+    """Re-sends the jobs the store says are waiting but Redis does not hold (a thread)."""
+
+    def __init__(self, store: JobStore, queue: RedisQueue, settings: Settings) -> None:
+        self.store = store
+        self.queue = queue
+        self.interval = settings.queue_reconcile_interval
+        self.lease = settings.job_lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="vqe-reconciler", daemon=True)
+        self._down = False
+
+    def start(self) -> None:
+        if self.interval > 0:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def run_once(self) -> list[str]:
+        """One pass; returns the ids sent again."""
+        candidates = self.store.resend_candidates(quiet=self.interval, lease_grace=self.lease)
+        if not candidates:
+            return []
+        held = self.queue.job_ids()
+        sent = []
+        for job_id in candidates:
+            if job_id in held or not self.store.take_for_resend(job_id, quiet=self.interval):
+                continue
+            self.queue.actor.send(job_id)
+            sent.append(job_id)
+            log.warning("job %s: in the store but not in the queue; sent again", job_id)
+        return sent
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+                if self._down:
+                    log.info("reconciler: the queue and the job store answer again")
+                self._down = False
+            except Exception as exc:  # noqa: BLE001 - Redis or the database is down: next time
+                if not self._down:
+                    log.warning("reconciler: %s: %s (retrying)", type(exc).__name__, exc)
+                self._down = True

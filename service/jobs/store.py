@@ -12,6 +12,13 @@ A job that ends (or makes progress, when asked) with a ``webhook_url`` gets a
 :class:`WebhookEvent` row in the same transaction: an outbox that whichever
 process runs :class:`service.webhooks.WebhookDispatcher` delivers. The
 ``workers`` table holds the heartbeats of live job runners (for metrics).
+
+The store is the source of truth for the queue: ``queue_sent_at`` records when a
+job was last handed to the broker, and :meth:`JobStore.take_for_resend` lets the
+reconciler (``service.jobs.queue_redis.Reconciler``) re-send, once across all
+processes, the jobs the broker lost. The schema is versioned with Alembic
+(:mod:`service.jobs.migrations`); opening a store checks it and upgrades an
+older one.
 """
 
 from __future__ import annotations
@@ -40,7 +47,6 @@ from sqlalchemy import (
     event,
     false,
     func,
-    inspect,
     literal_column,
     or_,
     select,
@@ -122,6 +128,8 @@ class JobRow(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     webhook_progress: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     webhook_decile: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Last hand-over to the broker (submit or reconciler); None: never sent (queue was down).
+    queue_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     @property
     def job_status(self) -> JobStatus:
@@ -202,7 +210,7 @@ def decode_cursor(cursor: str) -> int:
     return int(raw[1:])
 
 
-def _make_engine(url: str) -> Engine:
+def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -232,11 +240,18 @@ def _make_engine(url: str) -> Engine:
 class JobStore:
     """All reads and state transitions of jobs."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, upgrade: bool = True) -> None:
+        """Open the store at ``url``; its schema is checked and (``upgrade``) brought up to
+        date (see :func:`service.jobs.migrations.ensure_schema`)."""
+        from service.jobs.migrations import ensure_schema
+
         self.url = url
-        self.engine = _make_engine(url)
-        Base.metadata.create_all(self.engine)
-        _add_missing_columns(self.engine)
+        self.engine = make_engine(url)
+        try:
+            ensure_schema(self.engine, upgrade=upgrade)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._reads = sessionmaker(
             self.engine.execution_options(vqe_read_only=True), expire_on_commit=False
@@ -315,11 +330,15 @@ class JobStore:
         limit: int = 50,
         cursor: str | None = None,
         owner: str | None = None,
+        ownerless: bool = False,
     ) -> tuple[list[JobRow], str | None]:
         """Newest first; returns the page and the cursor of the next one (or None).
-        ``owner``: only the jobs of that API key id."""
+        ``owner``: only the jobs of that API key id (and, with ``ownerless``, the jobs
+        made while keys were off)."""
         query = select(JobRow).order_by(JobRow.seq.desc()).limit(limit + 1)
-        if owner is not None:
+        if owner is not None and ownerless:
+            query = query.where(or_(JobRow.owner_key == owner, JobRow.owner_key.is_(None)))
+        elif owner is not None:
             query = query.where(JobRow.owner_key == owner)
         if status is not None:
             query = query.where(JobRow.status == status.value)
@@ -335,6 +354,56 @@ class JobStore:
         with self._read() as s:
             query = select(JobRow.id).where(JobRow.status.in_([x.value for x in statuses]))
             return list(s.scalars(query.order_by(JobRow.seq)))
+
+    # -- the queue: what the broker should hold ------------------------------
+
+    def mark_sent(self, job_id: str) -> None:
+        """The job was handed to the broker just now."""
+        with self._session() as s:
+            s.execute(
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(queue_sent_at=utcnow(), revision=JobRow.revision)  # no /events message
+            )
+
+    def resend_candidates(self, quiet: float, lease_grace: float) -> list[str]:
+        """Jobs the broker should hold a message for, oldest first: queued ones not sent
+        (or re-sent) for ``quiet`` seconds, and running ones whose lease lapsed more than
+        ``lease_grace`` seconds ago (a worker died and its message may be gone too)."""
+        now = utcnow()
+        quiet_since = now - timedelta(seconds=quiet)
+        not_recent = or_(JobRow.queue_sent_at.is_(None), JobRow.queue_sent_at < quiet_since)
+        queued = (JobRow.status == JobStatus.queued.value) & (JobRow.updated_at < quiet_since)
+        lapsed = (JobRow.status == JobStatus.running.value) & (
+            JobRow.lease_expires < now - timedelta(seconds=lease_grace)
+        )
+        with self._read() as s:
+            query = select(JobRow.id).where(
+                or_(queued, lapsed),
+                not_recent,
+                JobRow.deleted.is_(False),
+                JobRow.cancel_requested.is_(False),
+            )
+            return list(s.scalars(query.order_by(JobRow.seq)))
+
+    def take_for_resend(self, job_id: str, quiet: float) -> bool:
+        """Mark ``job_id`` as re-sent now, unless another process did so in the last
+        ``quiet`` seconds or it no longer needs a message; True: the caller sends it."""
+        now = utcnow()
+        with self._session() as s:
+            result = s.execute(
+                update(JobRow)
+                .where(
+                    JobRow.id == job_id,
+                    JobRow.status.in_([JobStatus.queued.value, JobStatus.running.value]),
+                    or_(
+                        JobRow.queue_sent_at.is_(None),
+                        JobRow.queue_sent_at < now - timedelta(seconds=quiet),
+                    ),
+                )
+                .values(queue_sent_at=now, revision=JobRow.revision)
+            )
+            return result.rowcount == 1
 
     # -- the worker's side ---------------------------------------------------
 
@@ -723,21 +792,3 @@ def _progress_event(s: Session, job_id: str) -> None:
         return
     s.execute(update(JobRow).where(JobRow.id == job_id).values(webhook_decile=decile))
     _add_event(s, job_id, "job.progress")
-
-
-def _add_missing_columns(engine: Engine) -> None:
-    """Add columns introduced after a database was created (``create_all`` only adds
-    tables). Each has a server default or is nullable, so old rows stay valid."""
-    existing = {c["name"] for c in inspect(engine).get_columns(JobRow.__tablename__)}
-    table = JobRow.__table__
-    with engine.begin() as conn:
-        for column in table.columns:
-            if column.name in existing:
-                continue
-            ddl = column.type.compile(engine.dialect)
-            extra = ""
-            if column.server_default is not None:
-                arg: Any = column.server_default.arg  # type: ignore[attr-defined]
-                text_ = arg if isinstance(arg, str) else arg.compile(dialect=engine.dialect)
-                extra = f" DEFAULT {text_}"
-            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {ddl}{extra}")

@@ -90,6 +90,9 @@ def test_health_and_docs(api: Api):
     assert api.http.get("/healthz").json() == {"status": "ok", "checks": {}}
     ready = api.http.get("/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ok", ready.text
+    checks = ready.json()["checks"]
+    assert set(checks) == {"database", "storage", "disk", "queue"}, checks
+    assert ready.json()["free_disk_bytes"] > 0
     spec = api.http.get("/openapi.json").json()
     assert {"/v1/enhance", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/result"} <= set(
         spec["paths"]
@@ -255,6 +258,10 @@ def test_bad_uploads_get_clean_4xx_and_touch_nothing(
             expected = 413 if name == "oversized" else status
             assert_error(r, expected)
             assert r.status_code < 500, (name, endpoint, r.text)
+            # No server path (data dir, storage, tmp file) in any answer.
+            message = r.json()["error"]["message"]
+            assert str(server.data_dir) not in message and "/tmp" not in message, message
+            assert "storage" not in message, message
     # Malformed requests of other kinds.
     assert_error(
         api.http.post("/v1/jobs", content=b"x", headers={"content-type": "text/plain"}), 415

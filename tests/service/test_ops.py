@@ -16,14 +16,20 @@ import httpx
 import pytest
 
 from service.api.auth import key_id
+from service.jobs.status import JobStatus
+from service.jobs.storage import new_job_id
+from service.jobs.store import JobStore, NewJob
 from service.jobs.webhooks import verify
 from tests.clips import make_clip
 from tests.service_fixtures import ServiceProcess, wait_for
 from tests.webhook_receiver import Receiver, run_receiver
 
 KEY_A, KEY_B = "key-alpha-0123456789", "key-beta-9876543210"
+ADMIN, METRICS_TOKEN = "key-admin-5555555555", "metrics-token-777"
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
+ADM = {"Authorization": f"Bearer {ADMIN}"}
+SCRAPER = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 SECRET = "whsec-ops-test"
 FRAMES = 6
 
@@ -39,6 +45,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, receiver: Receiver):
     allow = receiver.url.removeprefix("http://").split("/")[0]
     env = {
         "VQE_API_KEYS": f"{KEY_A}, {KEY_B}",
+        "VQE_ADMIN_KEYS": ADMIN,
+        "VQE_METRICS_TOKEN": METRICS_TOKEN,
         "VQE_WEBHOOK_SECRET": SECRET,
         "VQE_URL_ALLOWLIST": allow,
         "VQE_WEBHOOK_MIN_BACKOFF": "0.3",
@@ -95,8 +103,13 @@ def test_v1_needs_a_key_and_the_rest_stays_open(http: httpx.Client):
         assert_error(r, 401, "unauthorized")
         assert r.headers["www-authenticate"].startswith("Bearer")
     assert_error(http.post("/v1/jobs", json={"source_url": "http://x"}), 401, "unauthorized")
-    for path in ("/healthz", "/readyz", "/docs", "/openapi.json", "/metrics"):
+    for path in ("/healthz", "/readyz", "/docs", "/openapi.json"):
         assert http.get(path).status_code == 200, path
+    # /metrics: the metrics token or an admin key, not a plain key nor nothing.
+    assert_error(http.get("/metrics"), 401, "unauthorized")
+    assert_error(http.get("/metrics", headers=A), 401, "unauthorized")
+    assert http.get("/metrics", headers=SCRAPER).status_code == 200
+    assert http.get("/metrics", headers=ADM).status_code == 200
     spec = http.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
     assert "401" in spec["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
@@ -166,7 +179,7 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 
 def test_metrics(http: httpx.Client, job: dict):
-    r = http.get("/metrics")
+    r = http.get("/metrics", headers=SCRAPER)
     assert r.headers["content-type"].startswith("text/plain")
     text = r.text
     assert sample(text, "vqe_jobs", status="succeeded") >= 1
@@ -195,3 +208,30 @@ def test_logs_are_json_with_job_and_request_ids(job: dict, server: ServiceProces
     about_job = [e for e in lines if f"job {job['id']}:" in e["msg"]]
     assert about_job and all(e.get("job_id") == job["id"] for e in about_job)
     assert any(e.get("request_id") == "req-ops-submit" for e in lines)
+
+
+def test_admin_key_sees_and_manages_ownerless_jobs(
+    http: httpx.Client, job: dict, server: ServiceProcess
+):
+    # Jobs made while keys were off have no owner (written to the server's store directly).
+    store = JobStore(f"sqlite:///{server.data_dir / 'jobs.db'}")
+    try:
+        queued, finished = new_job_id(), new_job_id()
+        for job_id in (queued, finished):
+            store.create(NewJob(id=job_id, source_kind="upload", options={"stages": 1}))
+        store.claim(finished, "old-server", 30)
+        store.finish(finished, "old-server", JobStatus.failed, error=("x", "y"))
+    finally:
+        store.close()
+    for key in (A, B):
+        assert_error(http.get(f"/v1/jobs/{queued}", headers=key), 404, "not_found")
+        listed = {j["id"] for j in http.get("/v1/jobs", headers=key).json()["items"]}
+        assert not {queued, finished} & listed
+    listed = {j["id"] for j in http.get("/v1/jobs", headers=ADM).json()["items"]}
+    assert {queued, finished} <= listed and job["id"] not in listed  # not A's jobs
+    assert http.get(f"/v1/jobs/{queued}", headers=ADM).json()["status"] == "queued"
+    r = http.delete(f"/v1/jobs/{queued}", headers=ADM)
+    assert r.status_code in (200, 202), r.text
+    assert http.get(f"/v1/jobs/{queued}", headers=ADM).json()["status"] == "canceled"
+    assert http.delete(f"/v1/jobs/{finished}", headers=ADM).status_code in (200, 202, 204)
+    assert_error(http.get(f"/v1/jobs/{job['id']}", headers=ADM), 404, "not_found")

@@ -160,7 +160,7 @@ def router(service: Service) -> APIRouter:
         except ValueError:
             raise ApiError(400, "invalid_cursor", "cursor is not valid") from None
         rows, next_cursor = await run_in_threadpool(
-            service.store.list, status, limit, cursor, auth.owner()
+            service.store.list, status, limit, cursor, auth.owner(), auth.is_admin()
         )
         return JobList(items=[job_model(r) for r in rows], next_cursor=next_cursor)
 

@@ -18,8 +18,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bitstream.errors import UserError
 from bitstream.writer import CODECS, CRF_RANGE, LOSSLESS, PRESETS
 
-__all__ = ["SIDE_INFO_MODES", "EnhanceOptions", "max_stages", "options_error", "parse_options"]
+__all__ = [
+    "QUALITIES",
+    "SIDE_INFO_MODES",
+    "EnhanceOptions",
+    "max_stages",
+    "options_error",
+    "parse_options",
+]
 
+# The output's size/quality choices (enhancer.output_rate reads them from here).
+QUALITIES = ("archive", "balanced", "compact")
 # The engine's modes (enhancer.engine.SIDE_INFO_MODES, which imports torch).
 SIDE_INFO_MODES = ("auto", "bitstream", "blind")
 
@@ -40,8 +49,16 @@ class EnhanceOptions(BaseModel):
     codec: Literal[CODECS] = Field(  # type: ignore[valid-type]
         "auto", description="Output encoder; `auto` keeps the input's codec family."
     )
+    quality: Literal[QUALITIES] = Field(  # type: ignore[valid-type]
+        "balanced",
+        description="Output size/quality trade-off: `balanced` (default) and `compact` re-encode "
+        "at the CRF calibrated with the weights (or pass the video through where re-encoding "
+        "would lose the gain); `archive` is lossless FFV1, all of the gain, large files.",
+    )
     crf: Annotated[float, Field(ge=CRF_RANGE[0], le=CRF_RANGE[1])] | None = Field(
-        None, description="Output CRF; default: matched to the input's quality. Not for ffv1."
+        None,
+        description="Output CRF; default: from the weights' calibrated output rate for the "
+        "input's level and `quality`. An explicit CRF wins. Not for ffv1/archive.",
     )
     preset: Literal[PRESETS] = Field("medium", description="Encoder speed preset.")  # type: ignore[valid-type]
     stages: Literal["auto"] | Annotated[int, Field(ge=0)] = Field(
@@ -71,10 +88,17 @@ class EnhanceOptions(BaseModel):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @property
+    def output_codec(self) -> str:
+        """The encoder to ask the writer for: ``archive`` means lossless FFV1."""
+        return "ffv1" if self.quality == "archive" else self.codec
+
     @model_validator(mode="after")
     def _fits_writer_and_weights(self) -> EnhanceOptions:
-        if self.crf is not None and self.codec in LOSSLESS:
-            raise ValueError(f"crf does not apply to {self.codec} (lossless)")
+        if self.quality == "archive" and self.codec not in ("auto", "ffv1"):
+            raise ValueError(f"quality archive is lossless FFV1, not {self.codec}")
+        if self.crf is not None and self.output_codec in LOSSLESS:
+            raise ValueError(f"crf does not apply to {self.output_codec} (lossless)")
         if isinstance(self.stages, int) and self.stages > (top := max_stages()):
             raise ValueError(f"stages must be auto or 0..{top}, not {self.stages}")
         return self

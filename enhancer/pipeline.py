@@ -33,9 +33,21 @@ from typing import IO, Any
 
 from bitstream.errors import UserError
 from bitstream.reader import open_video
+from bitstream.splice import GopScan, scan_gops
 from bitstream.types import DecodedFrame, SequenceInfo
-from bitstream.writer import STDOUT, VideoWriter, output_format
+from bitstream.writer import (
+    LOSSLESS,
+    STDOUT,
+    VideoWriter,
+    choose_codec,
+    input_level,
+    muxer_codecs,
+    output_format,
+    output_pix_fmt,
+    splice_problem,
+)
 from enhancer.options import SIDE_INFO_MODES, EnhanceOptions, parse_options
+from enhancer.output_rate import RateChoice, choose_rate
 
 __all__ = [
     "Cancelled",
@@ -81,6 +93,43 @@ class EnhanceResult:
     warnings: list[str] = field(default_factory=list)
     # One record per enhanced frame: index, pict_type, qp, stages, side_info (the web page).
     frame_log: list[dict[str, Any]] = field(default_factory=list)
+    # The output rate (issue 11): the quality asked for, where the CRF came from
+    # (calibrated | default | explicit | lossless), the gain the table expects after
+    # re-encoding (dB of PSNR-Y over the input; 0 for a pass-through), sizes, GOPs copied.
+    quality: str = "balanced"
+    rate_source: str = ""
+    expected_gain_db: float | None = None
+    size_ratio: float | None = None
+    gops: int = 0
+    gops_copied: int = 0
+    passthrough: bool = False  # nothing was re-encoded: the video packets are the input's
+
+    def output_report(self) -> dict[str, Any]:
+        """The output-rate fields, as the CLI's --json, the job stats and the web page show them."""
+        return {
+            "quality": self.quality,
+            "output_crf": self.crf,
+            "rate_source": self.rate_source,
+            "expected_gain_db": self.expected_gain_db,
+            "size_ratio": self.size_ratio,
+            "gops": self.gops,
+            "gops_copied": self.gops_copied,
+            "passthrough": self.passthrough,
+        }
+
+
+@dataclass
+class _Render:
+    """How the output is made: the rate choice and which GOPs are copied."""
+
+    choice: RateChoice
+    scan: GopScan | None = None
+    copy: list[bool] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def copy_all(self) -> bool:
+        return bool(self.copy) and all(self.copy)  # type: ignore[arg-type]
 
 
 def probe(source: Source) -> SequenceInfo:
@@ -179,6 +228,7 @@ class _Stats:
         self.qp_count = 0
         self.sources: dict[str, Counter[str]] = {}
         self.log: list[dict[str, Any]] = []
+        self.mismatch = 0  # enhanced frames in GOPs copied as untouched
 
     def add(self, frame: DecodedFrame, report: Any) -> None:
         self.frames += 1
@@ -206,6 +256,26 @@ class _Stats:
 
     def side_info(self) -> dict[str, str]:
         return {key: counts.most_common(1)[0][0] for key, counts in self.sources.items()}
+
+
+def _pts(frame: DecodedFrame) -> int | None:
+    src = frame.av_frame
+    return src.pts if src is not None and src.pts is not None else frame.side.pts
+
+
+def _first_frame_level(source: str, info: SequenceInfo) -> float | None:
+    """The input's level from its first frame's QP (when neither SEI nor a planning pass told)."""
+    with contextlib.suppress(UserError, StopIteration), open_video(source) as peek:
+        first = next(iter(peek))
+        return input_level(info, first.side.qp, first.side.pict_type)
+    return None
+
+
+def _size_ratio(source: str, final: Path | None) -> float | None:
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        if final is not None and Path(source).is_file():
+            return round(final.stat().st_size / Path(source).stat().st_size, 3)
+    return None
 
 
 def _temporary_name(output: Path) -> Path:
@@ -304,19 +374,36 @@ class Pipeline:
         temp = _temporary_name(final) if final is not None else None
         writer: VideoWriter | None = None
         finished = False
+        stats = _Stats()
         try:
             info = reader.info
-            writer = VideoWriter(  # before the engine: bad output options fail fast
+            fmt = output_format(output)
+            codec, _ = choose_codec(options.output_codec, info, fmt)  # bad output options fail fast
+            engine = self.engine(options)
+            render = self._plan(source, info, options, engine, codec, fmt)
+            copy = render.copy if render.copy and any(render.copy) else None
+            writer = VideoWriter(
                 temp if temp is not None else STDOUT,
                 info,
-                codec=options.codec,
-                crf=options.crf,
+                codec=options.output_codec,
+                crf=None if codec in LOSSLESS else render.choice.crf,
                 preset=options.preset,
                 source=source,
-                format=output_format(output),
+                format=fmt,
+                splice=render.scan if copy else None,
+                copy=copy,
             )
-            engine = self.engine(options)
-            stats = self._stream(reader, writer, engine, info, options, notify, run, started)
+            writer.warnings.extend(render.notes)
+            if render.copy_all:  # nothing to enhance: a remux, the engine never runs
+                reader.close()
+                writer.copy_video()
+                writer.close()
+                stats.frames = writer.frames
+                stats.stages[0] = writer.frames
+            else:
+                stats = self._stream(
+                    reader, writer, engine, info, options, notify, run, started, render
+                )
             if temp is not None and final is not None:
                 os.replace(temp, final)
             finished = True
@@ -329,6 +416,13 @@ class Pipeline:
                     with contextlib.suppress(FileNotFoundError):
                         temp.unlink()
         seconds = time.monotonic() - started
+        choice = render.choice
+        encoded = 1.0
+        if render.copy_all:
+            encoded = 0.0
+        elif copy and writer.gops:
+            encoded = 1 - writer.gops_copied / writer.gops
+        gain = None if choice.expected_gain is None else round(choice.expected_gain * encoded, 4)
         return EnhanceResult(
             frames=stats.frames,
             seconds=round(seconds, 3),
@@ -337,11 +431,93 @@ class Pipeline:
             mean_qp=stats.mean_qp,
             side_info=stats.side_info(),
             output=str(output),
-            codec=writer.codec,
-            crf=writer.crf,
+            codec="copy" if render.copy_all else writer.codec,
+            crf=None if render.copy_all else writer.crf,
             warnings=list(writer.warnings),
             frame_log=stats.log,
+            quality=options.quality,
+            rate_source="copy" if render.copy_all else choice.source,
+            expected_gain_db=0.0 if render.copy_all else gain,
+            size_ratio=_size_ratio(source, final),
+            gops=writer.gops,
+            gops_copied=writer.gops_copied,
+            passthrough=render.copy_all,
         )
+
+    def _plan(
+        self,
+        source: str,
+        info: SequenceInfo,
+        options: EnhanceOptions,
+        engine: Any,
+        codec: str,
+        fmt: str,
+    ) -> _Render:
+        """Choose the output rate and the GOPs to copy, before the model runs.
+
+        The GOPs come from the packets (bitstream.splice); whether a GOP is
+        untouched comes from the engine's ``plan_stages`` on each frame's side
+        info (a decode pass without the model). A GOP is copied only when every
+        frame of it gets 0 stages for sure (None: unknown until the pixels are seen).
+        """
+        meta = getattr(engine, "meta", None)
+        fixed = isinstance(options.stages, int) and options.stages > 0
+        copyable = (
+            codec not in LOSSLESS
+            and options.max_frames is None
+            and not fixed
+            and info.codec in muxer_codecs(fmt)
+        )
+        scan, copy, mean_qp, notes = None, None, None, []
+        plan = getattr(engine, "plan_stages", None)
+        if copyable and plan is not None:
+            scan = scan_gops(source, info.stream_index)
+            if scan.copyable is not None:
+                notes.append(f"no GOP can be copied: {scan.copyable}")
+                scan = None
+        if scan is not None:
+            copy, mean_qp = self._untouched_gops(source, info, options, scan, plan)
+        level = input_level(info, None)
+        if level is None and mean_qp is not None:
+            from enhancer.output_rate import OutputRate
+
+            level = OutputRate.from_meta(meta).level_from_qp(mean_qp)
+        if level is None:
+            level = _first_frame_level(source, info)
+        choice = choose_rate(meta, level, options.quality, codec, options.crf)
+        auto = options.stages == "auto" and getattr(engine, "stages", "auto") == "auto"
+        if scan is not None and choice.copy and auto:
+            copy = [True] * len(scan.segments)  # re-encoding would lose more than it gains
+            notes.append(
+                f"the output rate table says re-encoding at input level {level:.1f} loses the "
+                "gain: the video is passed through (use --crf or --quality archive to force it)"
+                if level is not None
+                else "the video is passed through"
+            )
+        if scan is not None and copy is not None and any(copy):
+            problem = splice_problem(scan, copy, codec, output_pix_fmt(info, codec), info)
+            if problem:
+                notes.append(f"untouched GOPs are re-encoded: {problem}")
+                copy = None
+        return _Render(choice, scan, copy, notes)
+
+    @staticmethod
+    def _untouched_gops(
+        source: str, info: SequenceInfo, options: EnhanceOptions, scan: GopScan, plan: Any
+    ) -> tuple[list[bool] | None, float | None]:
+        """Per segment: will every frame get 0 stages? And the mean frame QP (for the level)."""
+        copy = [plan is not None] * len(scan.segments)
+        qp_sum, qp_n = 0.0, 0
+        with open_video(source, side_info=options.side_info != "blind") as planner:
+            for frame in planner:
+                side = frame.side
+                if side.qp is not None:
+                    qp_sum, qp_n = qp_sum + float(side.qp), qp_n + 1
+                if plan is not None and copy[k := scan.segment_of(_pts(frame))]:
+                    copy[k] = plan(side, info) == 0
+                if not any(copy) and info.sequence_qp is not None:
+                    break  # nothing left to learn
+        return copy, (qp_sum / qp_n if qp_n else None)
 
     @staticmethod
     def _stream(
@@ -353,6 +529,7 @@ class Pipeline:
         notify: Callable[[Progress], None],
         run: _Run,
         started: float,
+        render: _Render | None = None,
     ) -> _Stats:
         decoded: queue.Queue = queue.Queue(QUEUE_FRAMES)
         enhanced: queue.Queue = queue.Queue(QUEUE_FRAMES)
@@ -379,8 +556,12 @@ class Pipeline:
         stats = _Stats()
         workers = [run.thread("decode", decode), run.thread("encode", encode)]
         try:
+            copied = render.copy if render is not None and render.copy else None
+            scan = render.scan if render is not None else None
             for frame, report in engine.process(run.drain(decoded), info):
                 stats.add(frame, report)
+                if copied and scan and report.stages and copied[scan.segment_of(_pts(frame))]:
+                    stats.mismatch += 1
                 run.put(enhanced, frame)
                 notify(_progress("enhancing", stats.frames, total, started))
             run.put(enhanced, _END)
@@ -395,6 +576,11 @@ class Pipeline:
             raise run.error or exc from None
         if stats.frames == 0:
             raise UserError("no frame was enhanced")
+        if stats.mismatch:
+            writer.warnings.append(
+                f"{stats.mismatch} frame(s) were enhanced in GOPs that plan_stages said were "
+                "untouched; those GOPs were copied as they were"
+            )
         return stats
 
 

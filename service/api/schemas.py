@@ -86,6 +86,19 @@ class JobStats(BaseModel):
     )
     output_bytes: int | None = None
     warnings: list[str] = Field(default_factory=list)
+    # The output rate (issue 11).
+    quality: str | None = Field(None, description="archive, balanced or compact.")
+    output_crf: float | None = Field(None, description="The CRF the output was encoded at.")
+    rate_source: str | None = Field(
+        None, description="Where the CRF came from: calibrated, default, explicit, lossless, copy."
+    )
+    expected_gain_db: float | None = Field(
+        None, description="Net PSNR-Y gain over the input the calibration expects (dB)."
+    )
+    size_ratio: float | None = Field(None, description="Output size / input size.")
+    gops: int | None = Field(None, description="GOPs of the input (closed, IDR-started).")
+    gops_copied: int | None = Field(None, description="GOPs copied from the input as they were.")
+    passthrough: bool | None = Field(None, description="The video packets are the input's.")
 
 
 class JobLinks(BaseModel):

@@ -54,8 +54,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--crf",
         default=None,
-        help=f"output quality {CRF_RANGE[0]}..{CRF_RANGE[1]} (default: 12 below the "
-        "input's CRF/QP, so re-encoding keeps the gain)",
+        help=f"output CRF {CRF_RANGE[0]}..{CRF_RANGE[1]}; wins over --quality (default: the "
+        "weights' calibrated output rate for the input's CRF/QP)",
+    )
+    p.add_argument(
+        "--quality",
+        default="balanced",
+        metavar="archive|balanced|compact",
+        help="balanced (default): the calibrated CRF that keeps most of the gain; compact: the "
+        "smallest file that still gains; archive: lossless FFV1, all of the gain. Where "
+        "re-encoding would lose the gain, balanced/compact copy the input as it is",
     )
     p.add_argument("--preset", default="medium", help="x264/x265 preset: " + ", ".join(PRESETS))
     p.add_argument(
@@ -137,7 +145,7 @@ def _interrupt(signum: int, frame: object) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.json and args.output == STDOUT:
         raise UserError("--json prints to stdout, which OUTPUT - already uses")
-    fields = ("codec", "crf", "preset", "stages", "side_info", "max_frames")
+    fields = ("codec", "quality", "crf", "preset", "stages", "side_info", "max_frames")
     options = parse_options({name: getattr(args, name) for name in fields})
     pipeline = Pipeline(device=args.device, tile=args.tile)
     bar = ProgressLine(sys.stderr) if sys.stderr.isatty() else None
@@ -158,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
     elif bar is not None:
         print(
             f"{result.frames} frames in {result.seconds:.1f} s ({result.fps:.1f} fps), "
-            f"{result.codec} crf {result.crf} -> {result.output}",
+            f"{result.codec} crf {result.crf} ({result.quality}, expected "
+            f"{result.expected_gain_db} dB, {result.gops_copied}/{result.gops} GOPs copied, "
+            f"size x{result.size_ratio}) -> {result.output}",
             file=sys.stderr,
         )
     return 0

@@ -79,6 +79,7 @@ def result_stats(result: EnhanceResult, output_bytes: int | None) -> dict[str, A
         "side_info": dict(result.side_info),
         "output_bytes": output_bytes,
         "warnings": list(getattr(result, "warnings", []) or []),
+        **(result.output_report() if hasattr(result, "output_report") else {}),
     }
 
 

@@ -126,6 +126,7 @@ function setupSubmit() {
 function options() {
   const values = {
     codec: $("opt-codec").value,
+    quality: $("opt-quality").value,
     stages: $("opt-stages").value,
     side_info: $("opt-side-info").value,
   };
@@ -304,6 +305,13 @@ function showJob(job) {
   if (job.status === "succeeded" && job.stats) {
     parts.push(`${job.stats.seconds.toFixed(1)} s`);
     if (job.stats.mean_qp != null) parts.push(`mean QP ${job.stats.mean_qp}`);
+    const st = job.stats;
+    if (st.passthrough) parts.push("passed through (nothing worth re-encoding)");
+    else if (st.output_crf != null) parts.push(`output CRF ${st.output_crf} (${st.quality}, ${st.rate_source})`);
+    else if (st.quality) parts.push(`${st.quality} (lossless)`);
+    if (st.expected_gain_db != null) parts.push(`expected ${st.expected_gain_db >= 0 ? "+" : ""}${st.expected_gain_db} dB`);
+    if (st.size_ratio != null) parts.push(`size ×${st.size_ratio}`);
+    if (st.gops) parts.push(`${st.gops_copied}/${st.gops} GOPs copied`);
   }
   $("progress-text").textContent = parts.join(" · ");
   let error = job.error ? `${job.error.message} (${job.error.code})` : "";

@@ -81,8 +81,9 @@ DATABASE_UNAVAILABLE = (503, "database_unavailable", "the job database is unavai
 STORAGE_UNAVAILABLE = (503, "storage_unavailable", "the server's storage is unavailable")
 
 # An absolute path of two components or more (not the path part of a URL: no letter,
-# digit, ':' or '/' before it) and an IP address, with an optional port.
-_PATH = re.compile(r"(?<![\w:/.~-])/(?:[^\s'\"/:]+/)+[^\s'\",:;)]*")
+# digit, ':' or '/' before it; not one of the API's own routes, /v1/...) and an IP
+# address, with an optional port.
+_PATH = re.compile(r"(?<![\w:/.~-])/(?!v1/)(?:[^\s'\"/:]+/)+[^\s'\",:;)]*")
 _ADDRESS = re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b|\[[0-9a-fA-F:]+\](?::\d+)?")
 
 

@@ -68,8 +68,11 @@ def test_error_mapping(exc: BaseException, status: int, code: str, caplog):
 
 
 def test_public_message_keeps_urls_and_relative_names():
-    text = "cannot fetch https://example.com/a/b.mp4: HTTP 404 (in.mp4)"
-    assert public_message(text) == text
+    for text in (
+        "cannot fetch https://example.com/a/b.mp4: HTTP 404 (in.mp4)",
+        "over the limit. Submit it as a batch job: POST /v1/jobs",
+    ):
+        assert public_message(text) == text
 
 
 def test_a_job_whose_weights_are_missing_fails_as_an_operator_fault(

@@ -16,7 +16,9 @@ def router(service: Service) -> APIRouter:
     """The routes of this resource, bound to ``service``."""
     router = APIRouter()
 
-    @router.get("/healthz", response_model=Health, tags=["health"])
+    @router.get(
+        "/healthz", response_model=Health, tags=["health"], response_model_exclude_none=True
+    )
     async def healthz() -> Health:
         """The process is up."""
         return Health(status="ok")

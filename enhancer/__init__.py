@@ -1,7 +1,7 @@
 """Torch side: side info -> tensors, the early-exit model, training, inference engine.
 
 The library's entry point is :func:`enhancer.enhance` (see :mod:`enhancer.api`);
-it is imported lazily so ``import enhancer.model`` stays as light as before.
+it is imported lazily so ``import enhancer.network`` stays as light as before.
 """
 
 from typing import Any

@@ -8,10 +8,11 @@ distance (1..``MAX_REF_DISTANCE``), i.e. the reference is identified and the
 vector chained by matching. A coarse full search at quarter resolution adds
 seeds where the bitstream has none (intra blocks, HEVC, blind input). Each
 block keeps the seed whose windowed sum of absolute differences against the
-decoded anchor is lowest, takes its neighbours' winners once, and is refined
-by steps of 2, 1 and 0.5 pixel. The result is a per-block flow (luma pixels, current
--> reference) and its matching cost, which tells the network how far to
-trust the aligned reference.
+decoded anchor is lowest (compared at half resolution, for speed), takes its
+neighbours' winners once, and is refined by steps of 2, 1 and 0.5 pixel.
+The result is a per-block flow (luma pixels, current -> reference) and its
+full-resolution matching cost, which tells the network how far to trust the
+aligned reference.
 
 Everything runs in torch on the frame's device, on the model's half-resolution
 6-channel stack (see features.py).
@@ -35,26 +36,32 @@ def luma_of(x6: torch.Tensor) -> torch.Tensor:
     return F.pixel_shuffle(x6[None, :4].float(), 2)
 
 
-def dense(flow: torch.Tensor) -> torch.Tensor:
-    """Per-block flow (N, 2, gh, gw) -> per-pixel (N, 2, 8gh, 8gw)."""
-    return flow.repeat_interleave(BLOCK, 2).repeat_interleave(BLOCK, 3)
+def dense(flow: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """Per-block flow (N, 2, gh, gw) -> per-pixel (N, 2, block*gh, block*gw)."""
+    return F.interpolate(flow, scale_factor=block, mode="nearest")
 
 
-def _window_cost(diff: torch.Tensor) -> torch.Tensor:
-    """|cur - warped| (N, 1, H, W) -> per 8x8 block, blended with its 3x3 neighbourhood.
+def _window_cost(diff: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """|cur - warped| (N, 1, H, W) -> per block, blended with its 3x3 neighbourhood.
 
     The wider window resists noise; the block's own error keeps the choice local.
     """
-    own = F.avg_pool2d(diff, BLOCK)
+    own = F.avg_pool2d(diff, block)
     around = F.avg_pool2d(own, 3, stride=1, padding=1, count_include_pad=False)
     return (0.5 * own + 0.5 * around)[:, 0]
 
 
-def block_costs(cur_y: torch.Tensor, ref_y: torch.Tensor, cands: torch.Tensor) -> torch.Tensor:
-    """Matching cost of each candidate flow (N, 2, gh, gw) per block -> (N, gh, gw)."""
+def block_costs(
+    cur_y: torch.Tensor, ref_y: torch.Tensor, cands: torch.Tensor, scale: int = 1
+) -> torch.Tensor:
+    """Matching cost of candidate flows (N, 2, gh, gw), in luma px, per block -> (N, gh, gw).
+
+    ``cur_y``/``ref_y`` are luma downscaled by ``scale`` (1 or 2).
+    """
     n = cands.shape[0]
-    warped = warp(ref_y.expand(n, -1, -1, -1), dense(cands))
-    return _window_cost((warped - cur_y).abs())
+    block = BLOCK // scale
+    warped = warp(ref_y.expand(n, -1, -1, -1), dense(cands, block) / scale)
+    return _window_cost((warped - cur_y).abs(), block)
 
 
 def coarse_search(cur_y: torch.Tensor, ref_y: torch.Tensor, radius: int = COARSE_RADIUS):
@@ -76,8 +83,8 @@ def coarse_search(cur_y: torch.Tensor, ref_y: torch.Tensor, radius: int = COARSE
     return vec.flip(-1).permute(2, 0, 1) * 4.0  # (dx, dy)
 
 
-def _pick(cur_y, ref_y, cands, best, best_cost):
-    costs = block_costs(cur_y, ref_y, cands)
+def _pick(cur_y, ref_y, cands, best, best_cost, scale):
+    costs = block_costs(cur_y, ref_y, cands, scale)
     i = costs.argmin(0)
     c = costs.gather(0, i[None])[0]
     take = c < best_cost
@@ -111,25 +118,31 @@ def align(
     """
     cur_y, ref_y = luma_of(cur6), luma_of(ref6)
     gh, gw = cur_y.shape[-2] // BLOCK, cur_y.shape[-1] // BLOCK
+    # Candidates are compared at half resolution (4x cheaper); the chosen flow's cost,
+    # which the network sees, is measured at full resolution.
+    cur_h, ref_h = F.avg_pool2d(cur_y, 2), F.avg_pool2d(ref_y, 2)
     cands = [torch.zeros(2, gh, gw, device=cur_y.device)]
     if search:
         cands.append(coarse_search(cur_y, ref_y))
     cands += [s.to(cur_y.device, torch.float32) for s in seeds or []]
     stack = torch.stack(cands)
-    costs = block_costs(cur_y, ref_y, stack)
+    costs = block_costs(cur_h, ref_h, stack, 2)
     costs[0] -= 1e-3  # prefer no motion on ties (flat areas)
     i = costs.argmin(0)
     best = stack.gather(0, i[None, None].expand(1, 2, -1, -1))[0]
     best_cost = costs.gather(0, i[None])[0]
     # One pass of neighbour propagation: a block inherits a neighbour's vector if it fits better.
     neigh = torch.stack([torch.roll(best, s, d) for s, d in ((1, 1), (-1, 1), (1, 2), (-1, 2))])
-    best, best_cost = _pick(cur_y, ref_y, neigh, best, best_cost)
-    ring = torch.tensor([(-1.0, -1.0), (0.0, -1.0), (1.0, -1.0), (-1.0, 0.0), (1.0, 0.0),
-                         (-1.0, 1.0), (0.0, 1.0), (1.0, 1.0)], device=cur_y.device)  # fmt: skip
-    for step in REFINE_STEPS:
-        cands = best[None] + (ring * step)[:, :, None, None]
-        best, best_cost = _pick(cur_y, ref_y, cands, best, best_cost)
-    return best, best_cost
+    best, best_cost = _pick(cur_h, ref_h, neigh, best, best_cost, 2)
+    for step, ring in zip(REFINE_STEPS, (_RING, _CROSS, _CROSS), strict=True):
+        cands = best[None] + (ring.to(cur_y.device) * step)[:, :, None, None]
+        best, best_cost = _pick(cur_h, ref_h, cands, best, best_cost, 2)
+    return best, block_costs(cur_y, ref_y, best[None])[0]
+
+
+_RING = torch.tensor([(-1.0, -1.0), (0.0, -1.0), (1.0, -1.0), (-1.0, 0.0), (1.0, 0.0),
+                      (-1.0, 1.0), (0.0, 1.0), (1.0, 1.0)])  # fmt: skip
+_CROSS = torch.tensor([(-1.0, 0.0), (1.0, 0.0), (0.0, -1.0), (0.0, 1.0)])
 
 
 def apply_flow(ref6: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:

@@ -7,19 +7,21 @@ from pathlib import Path
 
 import torch
 
-from enhancer.model import ModelConfig, QPEstimator, VQENet
+from enhancer.network import ModelConfig, QPEstimator, VQENet
 from enhancer.policy import ExitPolicy
 
+FORMAT = "vqe-model/2"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v1.pt"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v2.pt"
 
 
-def save_model(path: Path, model: VQENet, estimator: QPEstimator, policy: ExitPolicy | None,
-               meta: dict) -> None:  # fmt: skip
+def save_model(
+    path: Path, model: VQENet, estimator: QPEstimator, policy: ExitPolicy | None, meta: dict
+) -> None:
     """Write a self-describing model file (fp16 weights keep it small)."""
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
     blob = {
-        "format": "vqe-model/1",
+        "format": FORMAT,
         "config": model.cfg.to_dict(),
         "model": half(model.state_dict()),
         "estimator": half(estimator.state_dict()),
@@ -41,8 +43,8 @@ def load_model(path: str | Path | None = None, map_location: str = "cpu"):
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a torch file at all
         raise ValueError(f"{path} is not a vqe model file ({type(exc).__name__})") from None
-    if not isinstance(blob, dict) or blob.get("format") != "vqe-model/1":
-        raise ValueError(f"{path} is not a vqe model file")
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a vqe model file (format {FORMAT})")
     model = VQENet(ModelConfig.from_dict(blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["model"].items()})
     est = QPEstimator()

@@ -36,9 +36,15 @@ class ExitPolicy:
         return table[min(max(i, 0), len(table) - 1)]
 
     def to_dict(self) -> dict:
-        return {"edges": self.edges, "stages": self.stages, "gains": self.gains,
-                "tolerance": self.tolerance, "max_stages": self.max_stages,
-                "hevc_stages": self.hevc_stages, "hevc_gains": self.hevc_gains}  # fmt: skip
+        return {
+            "edges": self.edges,
+            "stages": self.stages,
+            "gains": self.gains,
+            "tolerance": self.tolerance,
+            "max_stages": self.max_stages,
+            "hevc_stages": self.hevc_stages,
+            "hevc_gains": self.hevc_gains,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ExitPolicy:
@@ -75,5 +81,6 @@ def calibrate(
     for i, c in enumerate(chosen):
         if c < 0:
             chosen[i] = chosen[min(known, key=lambda j: abs(j - i))]
-    return ExitPolicy(edges=edges, stages=chosen, gains=table, tolerance=tolerance,
-                      max_stages=max_stages)  # fmt: skip
+    return ExitPolicy(
+        edges=edges, stages=chosen, gains=table, tolerance=tolerance, max_stages=max_stages
+    )

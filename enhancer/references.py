@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from enhancer.align import align, seeds_from_vectors
 
@@ -87,9 +88,20 @@ def vector_seeds(side, distance: int, device="cpu") -> list[torch.Tensor]:
     return seeds
 
 
+def _fit_grid(seed: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
+    """A (2, ceil(H/8), ceil(W/8)) vector grid edge-padded to the frame's padded grid."""
+    seed = seed[:, :gh, :gw]
+    ph, pw = gh - seed.shape[1], gw - seed.shape[2]
+    if ph or pw:
+        seed = F.pad(seed[None], (0, pw, 0, ph), mode="replicate")[0]
+    return seed
+
+
 def align_reference(cur6, ref6, side=None, distance: int = 0, bitstream: bool = False):
     """Flow and cost aligning ``ref6`` (decoded) to ``cur6``; see align.align."""
-    seeds = vector_seeds(side, distance, cur6.device) if bitstream and side is not None else []
-    flow, cost = align(cur6, ref6, seeds, search=True)
     gh, gw = cur6.shape[-2] // 4, cur6.shape[-1] // 4
+    seeds = vector_seeds(side, distance, cur6.device) if bitstream and side is not None else []
+    # Frames are padded to 16 pixels; the stream's vector grid covers only ceil(H/8) rows.
+    seeds = [_fit_grid(s, gh, gw) for s in seeds]
+    flow, cost = align(cur6, ref6, seeds, search=True)
     return flow[:, :gh, :gw], cost[:gh, :gw]

@@ -36,8 +36,12 @@ SIZE = (256, 176)  # training crops (width, height)
 VAL_SIZE = (384, 256)
 VAL_CRFS = (17, 22, 27, 32, 37, 42, 47)
 # reference slots stored per frame: (name, plan)
-SLOTS = (("peak_past", "peaks"), ("peak_future", "peaks"),
-         ("adj_past", "adjacent"), ("adj_future", "adjacent"))  # fmt: skip
+SLOTS = (
+    ("peak_past", "peaks"),
+    ("peak_future", "peaks"),
+    ("adj_past", "adjacent"),
+    ("adj_future", "adjacent"),
+)
 
 
 @dataclass
@@ -155,8 +159,9 @@ def decode_sample(data: bytes, clean: list[tuple], settings: EncodeSettings) -> 
             j = idx[t]
             if j < 0:
                 continue
-            flow, cost = align_reference(tens[t], tens[j], sides[t], j - t,
-                                         bitstream=plan.bitstream_vectors)  # fmt: skip
+            flow, cost = align_reference(
+                tens[t], tens[j], sides[t], j - t, bitstream=plan.bitstream_vectors
+            )
             warped = apply_flow(tens[j][None], flow[None])[0]
             refs[t] = pack(tensor_to_planes(warped, h, w))
             costs[t] = cost.numpy()
@@ -213,8 +218,7 @@ def build(
         else:
             settings = random_settings(rng)
             pool = clips if clips and rng.random() < 0.25 else photos
-            clean = clean_sequence(pool[rng.integers(len(pool))], photos, cache, rng, FRAMES,
-                                   SIZE)  # fmt: skip
+            clean = clean_sequence(pool[rng.integers(len(pool))], photos, cache, rng, FRAMES, SIZE)
         try:
             sample = decode_sample(encode_planes(clean, settings), clean, settings)
         except Exception as exc:  # one bad encode must not stop a long build

@@ -63,8 +63,14 @@ def frame_inputs(
         cost = torch.from_numpy(cost.astype(np.float32))
         qp = float(fqps[j]) if frame_qp is not None and np.isfinite(fqps[j]) else None
         refs.append(Reference(planes_to_tensor(cut(sample[name][t])), cost_plane(cost, hh, ww), qp))
-    item = FrameInputs(cur=cur, refs=refs, frame_qp=frame_qp, pict_type=pict,
-                       seq_qp=float(sample["crf"]), seq_known=True)  # fmt: skip
+    item = FrameInputs(
+        cur=cur,
+        refs=refs,
+        frame_qp=frame_qp,
+        pict_type=pict,
+        seq_qp=float(sample["crf"]),
+        seq_known=True,
+    )
     qmap_arr = sample["qp_map"][t]
     if plan.qp_map and not np.isnan(qmap_arr).any():
         m0, m1, mh, mw = y0 // 16, x0 // 16, -(-ch // 16), -(-cw // 16)

@@ -20,9 +20,7 @@ import av
 import numpy as np
 from PIL import Image
 
-VALIDATION_SOURCES = frozenset(
-    {"Bridge", "Kite", "Wine", "FallenLeaf", "seeding", "Kay", "vtest"}
-)
+VALIDATION_SOURCES = frozenset({"Bridge", "Kite", "Wine", "FallenLeaf", "seeding", "Kay", "vtest"})
 PICT_CODES = {"I": 0, "P": 1, "B": 2, "?": 3}
 PRESETS = ["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"]
 
@@ -94,8 +92,14 @@ def photo_sequence(
             mask = np.ones((lh, lw), bool)
         lspeed = rng.uniform(1.0, 7.0)
         la = rng.uniform(0, 2 * math.pi)
-        layer = (patch, mask, rng.uniform(0, w - lw), rng.uniform(0, h - lh),
-                 lspeed * math.cos(la), lspeed * math.sin(la))  # fmt: skip
+        layer = (
+            patch,
+            mask,
+            rng.uniform(0, w - lw),
+            rng.uniform(0, h - lh),
+            lspeed * math.cos(la),
+            lspeed * math.sin(la),
+        )
     out = []
     for t in range(frames):
         s = 1.0 + zoom * t
@@ -108,9 +112,11 @@ def photo_sequence(
             px, py = lx + lvx * t, ly + lvy * t
             ix, iy = int(math.floor(px)), int(math.floor(py))
             shifted = Image.fromarray(patch).transform(
-                patch.shape[1::-1], Image.AFFINE, (1, 0, ix - px, 0, 1, iy - py),
+                patch.shape[1::-1],
+                Image.AFFINE,
+                (1, 0, ix - px, 0, 1, iy - py),
                 resample=Image.BICUBIC,
-            )  # fmt: skip
+            )
             sp = np.asarray(shifted)
             y1, x1 = max(iy, 0), max(ix, 0)
             y2, x2 = min(iy + patch.shape[0], h), min(ix + patch.shape[1], w)
@@ -129,20 +135,32 @@ def clip_frames(path: Path, max_frames: int | None = None) -> list[tuple]:
         s = c.streams.video[0]
         w2, h2 = (s.width // 2) // 16 * 16, (s.height // 2) // 16 * 16
         for f in c.decode(s):
-            g = f.reformat(width=s.width // 2, height=s.height // 2, format="yuv420p",
-                           interpolation="AREA").to_ndarray()  # fmt: skip
+            g = f.reformat(
+                width=s.width // 2, height=s.height // 2, format="yuv420p", interpolation="AREA"
+            ).to_ndarray()
             hh, ww = s.height // 2, s.width // 2
             y = g[:hh]
             uv = g[hh:].reshape(2, hh // 2, ww // 2)
-            out.append((y[:h2, :w2].copy(), uv[0, : h2 // 2, : w2 // 2].copy(),
-                        uv[1, : h2 // 2, : w2 // 2].copy()))  # fmt: skip
+            out.append(
+                (
+                    y[:h2, :w2].copy(),
+                    uv[0, : h2 // 2, : w2 // 2].copy(),
+                    uv[1, : h2 // 2, : w2 // 2].copy(),
+                )
+            )
             if max_frames and len(out) >= max_frames:
                 break
     return out
 
 
-def clean_sequence(path: Path, photos: list[Path], clip_cache: dict, rng: np.random.Generator,
-                   frames: int, size: tuple[int, int]) -> list[tuple]:
+def clean_sequence(
+    path: Path,
+    photos: list[Path],
+    clip_cache: dict,
+    rng: np.random.Generator,
+    frames: int,
+    size: tuple[int, int],
+) -> list[tuple]:
     """A clean yuv420p sequence of ``frames`` frames of at most ``size`` from one source."""
     if path.parent.name == "clips":
         if path.stem not in clip_cache:
@@ -154,7 +172,13 @@ def clean_sequence(path: Path, photos: list[Path], clip_cache: dict, rng: np.ran
         ch, cw = min(size[1], h), min(size[0], w)
         y0 = int(rng.integers(0, h - ch + 1)) // 16 * 16
         x0 = int(rng.integers(0, w - cw + 1)) // 16 * 16
-        return [(y[y0:y0 + ch, x0:x0 + cw], u[y0 // 2:(y0 + ch) // 2, x0 // 2:(x0 + cw) // 2],
-                 v[y0 // 2:(y0 + ch) // 2, x0 // 2:(x0 + cw) // 2]) for y, u, v in seq]  # fmt: skip
+        return [
+            (
+                y[y0 : y0 + ch, x0 : x0 + cw],
+                u[y0 // 2 : (y0 + ch) // 2, x0 // 2 : (x0 + cw) // 2],
+                v[y0 // 2 : (y0 + ch) // 2, x0 // 2 : (x0 + cw) // 2],
+            )
+            for y, u, v in seq
+        ]
     others = [p for p in photos if p != path]
     return [rgb_to_yuv420(f) for f in photo_sequence(path, others, rng, size, frames)]

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from enhancer.batch import collate
-from enhancer.features import phase_planes
-from enhancer.model_file import load_model, save_model
+from enhancer.checkpoint import load_model, save_model
+from enhancer.features import cpu_has_bf16, phase_planes
 from enhancer.network import ModelConfig, QPEstimator, VQENet
 from enhancer.policy import calibrate
 from enhancer.training.data import build, load_cache
@@ -40,15 +40,6 @@ from enhancer.training.samples import frame_inputs
 
 CHANNEL_WEIGHTS = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.5]).view(1, 6, 1, 1)
 ABLATIONS = ("references", "qp_map", "partitions", "phase", "frame_cond")
-
-
-def cpu_has_bf16() -> bool:
-    """AMX or AVX-512 BF16: bf16 convolutions run several times faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def qp_weight(qp: torch.Tensor) -> torch.Tensor:
@@ -135,17 +126,43 @@ class Log:
 
 
 def build_dataset(footage: Path, work: Path, count: int, seed: int, workers: int, log) -> None:
-    for name, validation, n, codec in (("val", True, 0, "libx264"), ("train", False, count, ""),
-                                       ("val-hevc", True, 0, "libx265")):  # fmt: skip
+    for name, validation, n, codec in (
+        ("val", True, 0, "libx264"),
+        ("train", False, count, ""),
+        ("val-hevc", True, 0, "libx265"),
+    ):
         out = work / "cache" / name
         have = len(list(out.glob("*.npz"))) if out.exists() else 0
         log(f"dataset {name}: {have} samples cached, building the rest")
         t0 = time.time()
-        with ProcessPoolExecutor(workers) as pool:
-            futs = [pool.submit(build, footage, out, validation=validation, count=n, seed=seed,
-                                val_codec=codec or "libx264", worker=i, workers=workers)
-                    for i in range(workers)]  # fmt: skip
-            written = sum(f.result() for f in futs)
+        if workers == 1:  # in this process (build sets one torch thread: restore ours)
+            threads = torch.get_num_threads()
+            written = build(
+                footage,
+                out,
+                validation=validation,
+                count=n,
+                seed=seed,
+                val_codec=codec or "libx264",
+            )
+            torch.set_num_threads(threads)
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                futs = [
+                    pool.submit(
+                        build,
+                        footage,
+                        out,
+                        validation=validation,
+                        count=n,
+                        seed=seed,
+                        val_codec=codec or "libx264",
+                        worker=i,
+                        workers=workers,
+                    )
+                    for i in range(workers)
+                ]
+                written = sum(f.result() for f in futs)
         log(f"dataset {name}: wrote {written} in {time.time() - t0:.0f}s")
 
 
@@ -181,10 +198,17 @@ def train(args) -> Path:
         step, best = ck["step"], ck["best"]
         log(f"resumed from step {step} (best score {best:+.3f})")
     elif args.init:
-        init_model, init_est, _, meta = load_model(args.init)
-        model.load_state_dict(init_model.state_dict())
-        est.load_state_dict(init_est.state_dict())
-        log(f"initialised from {args.init} (trained {meta.get('step')} steps)")
+        blob = torch.load(args.init, map_location="cpu", weights_only=False)
+        if isinstance(blob, dict) and blob.get("format"):  # an exported model file (fp16)
+            init_model, init_est, _, meta = load_model(args.init)
+            blob = {
+                "model": init_model.state_dict(),
+                "estimator": init_est.state_dict(),
+                "step": meta.get("step"),
+            }
+        model.load_state_dict({k: v.float() for k, v in blob["model"].items()})
+        est.load_state_dict({k: v.float() for k, v in blob["estimator"].items()})
+        log(f"initialised from {args.init} (trained {blob.get('step')} steps)")
     log(f"config {json.dumps(cfg.to_dict())}; {sum(p.numel() for p in model.parameters())} params")
     sampler = PatchSampler(train_set, args.patch, args.seed + step, args.blind_p, args.drop_ref_p)
     phase = phase_planes(args.patch // 2, args.patch // 2)[None]
@@ -231,16 +255,25 @@ def train(args) -> Path:
             rate = args.log_every / (time.time() - t0)
             t0 = time.time()
             stages = " ".join(f"s{i + 1}={v:.4f}" for i, v in enumerate(r[:-2]))
-            log(f"step {step} lr {lr:.2e} rel-charb {stages} train-dPSNR {r[-2]:+.3f} dB "
-                f"est-L1 {r[-1]:.2f} QP {rate:.2f} it/s")  # fmt: skip
+            log(
+                f"step {step} lr {lr:.2e} rel-charb {stages} train-dPSNR {r[-2]:+.3f} dB "
+                f"est-L1 {r[-1]:.2f} QP {rate:.2f} it/s"
+            )
         if step % args.val_every == 0 or step == args.steps:
             res = validate(model, est, val_set, max_frames=args.val_frames, bf16=bf16)
             sc = score(res, cfg.stages)
-            log(f"validation at step {step} (ΔPSNR-Y dB vs input, held-out sources), "
-                f"score {sc:+.4f}\n" + format_table(res, cfg.stages))  # fmt: skip
-            ck = {"model": model.state_dict(), "estimator": est.state_dict(),
-                  "opt": opt.state_dict(), "step": step, "best": max(best, sc),
-                  "config": cfg.to_dict()}  # fmt: skip
+            log(
+                f"validation at step {step} (ΔPSNR-Y dB vs input, held-out sources), "
+                f"score {sc:+.4f}\n" + format_table(res, cfg.stages)
+            )
+            ck = {
+                "model": model.state_dict(),
+                "estimator": est.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "best": max(best, sc),
+                "config": cfg.to_dict(),
+            }
             if sc > best:
                 best = sc
                 torch.save(ck, work / "best.pt")
@@ -268,8 +301,12 @@ def export(work: Path, val_set, args, log) -> Path:
         hevc_policy = calibrate(hevc["hevc_records"], model.cfg.stages)
         policy.hevc_stages, policy.hevc_gains = hevc_policy.stages, hevc_policy.gains
         log(f"HEVC exit policy: stages {policy.hevc_stages}")
-    meta = {"version": args.version, "step": ck["step"], "recipe": vars(args) | {"work": str(work)},
-            "validation": {str(k): v for k, v in res["crf"].items()}}  # fmt: skip
+    meta = {
+        "version": args.version,
+        "step": ck["step"],
+        "recipe": vars(args) | {"work": str(work)},
+        "validation": {str(k): v for k, v in res["crf"].items()},
+    }
     out = work / f"{args.version}.pt"
     save_model(out, model, est, policy, meta)
     log(f"exported {out} ({out.stat().st_size / 1e6:.2f} MB)")
@@ -288,9 +325,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, default=48)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--charb-eps", type=float, default=1e-2,
-                   help="Charbonnier epsilon (pixel scale 0-1): errors below it are penalised "
-                   "quadratically (mean-seeking), above it linearly (median-seeking)")  # fmt: skip
+    p.add_argument(
+        "--charb-eps",
+        type=float,
+        default=1e-2,
+        help="Charbonnier epsilon (pixel scale 0-1): errors below it are penalised "
+        "quadratically (mean-seeking), above it linearly (median-seeking)",
+    )
     p.add_argument("--blind-p", type=float, default=0.25)
     p.add_argument("--drop-ref-p", type=float, default=0.1)
     p.add_argument("--disable", nargs="*", choices=ABLATIONS, help="ablate model parts")
@@ -302,10 +343,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-frames", type=int, default=8)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     p.add_argument("--skip-build", action="store_true")
-    p.add_argument("--export-only", action="store_true",
-                   help="calibrate and export WORK/best.pt without training")  # fmt: skip
-    p.add_argument("--init", help="start from an exported model file (fine-tuning) instead of "
-                   "random weights; ignored when WORK/last.pt exists")  # fmt: skip
+    p.add_argument(
+        "--export-only",
+        action="store_true",
+        help="calibrate and export WORK/best.pt without training",
+    )
+    p.add_argument(
+        "--init",
+        help="start from an exported model file (fine-tuning) instead of "
+        "random weights; ignored when WORK/last.pt exists",
+    )
 
 
 def add_parser(sub) -> None:

@@ -1,0 +1,323 @@
+"""enhancer.engine: streaming order, reference plans, stage counts, precision, tiling.
+
+The engine runs a tiny exported model (8 channels, 3 stages, a known exit
+policy, see tests/enhancer/tiny.py) on small real encodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import enhancer.engine as engine_module
+from enhancer.batch import FrameInputs, collate
+from enhancer.engine import Engine, pick_device
+from enhancer.features import cpu_has_bf16, planes_to_tensor, qp_plane
+from enhancer.references import ANCHOR_TYPES, MAX_PENDING, input_plan, reference_indices
+from tests.enhancer.tiny import HEVC_STAGES, decode, same_planes, tiny_policy, write_weights
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return write_weights(tmp_path_factory.mktemp("w") / "tiny.pt", tiny_policy())
+
+
+@pytest.fixture(scope="module")
+def h264(clip):
+    """A 128x96 H.264 clip with I, P and B frames, decoded once with side information."""
+    info, frames = decode(clip("a.mp4", size=(128, 96), frames=8))
+    assert {f.side.pict_type for f in frames} == {"I", "P", "B"}
+    return info, frames
+
+
+def enhance(engine: Engine, info, frames):
+    return list(engine.process(frames, info))
+
+
+def equal_frames(a: list, b: list) -> list[bool]:
+    """Per frame: do two runs (lists of (frame, report) or of frames) hold the same planes?"""
+    planes = lambda r: r[0].planes if isinstance(r, tuple) else r.planes  # noqa: E731
+    return [same_planes(planes(x), planes(y)) for x, y in zip(a, b, strict=True)]
+
+
+def spy_alignments(monkeypatch) -> list[tuple[int, int, bool]]:
+    """Record (frame index, reference index, bitstream seeds) of every alignment."""
+    calls = []
+    original = engine_module.align_reference
+
+    def spy(cur, ref, side, distance, bitstream):
+        calls.append((side.index, side.index + distance, bitstream))
+        return original(cur, ref, side, distance, bitstream)
+
+    monkeypatch.setattr(engine_module, "align_reference", spy)
+    return calls
+
+
+def planned_pairs(frames, plan) -> set[tuple[int, int]]:
+    past, future = reference_indices([f.side.pict_type for f in frames], plan)
+    return {(t, j) for t in range(len(frames)) for j in (past[t], future[t]) if j >= 0}
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def test_engine_streams_in_display_order_with_reports(h264, weights, monkeypatch):
+    info, frames = h264
+    pulled = []
+
+    def source():
+        for f in frames:
+            pulled.append(f.index)
+            yield f
+
+    calls = spy_alignments(monkeypatch)
+    engine = Engine(weights, device="cpu")
+    assert engine.policy is not None and engine.stages == "auto"
+    results = []
+    for out, rep in engine.process(source(), info):
+        results.append((out, rep))
+        assert len(pulled) - len(results) <= MAX_PENDING
+        if out.side.pict_type in ANCHOR_TYPES:
+            assert pulled[-1] == out.index  # an anchor comes out as soon as it is in
+        else:  # a B-frame is held back until its next anchor has arrived
+            later = [f.index for f in frames[out.index + 1 :] if f.side.pict_type in ANCHOR_TYPES]
+            assert not later or later[0] in pulled
+    assert pulled == [f.index for f in frames]  # everything consumed, once
+    assert [out.index for out, _ in results] == [f.index for f in frames]  # display order kept
+    # The codec-aware path: the quality-peak anchors, seeded by the bitstream's vectors.
+    assert {(t, j) for t, j, _ in calls} == planned_pairs(frames, input_plan("h264"))
+    assert all(bits for _, _, bits in calls)
+    for (out, rep), src in zip(results, frames, strict=True):
+        assert rep.index == out.index == src.index
+        assert out.side is src.side and out.av_frame is src.av_frame
+        for a, b in zip(out.planes, src.planes, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype == np.uint8
+        assert rep.side_info == "bitstream"
+        assert rep.qp == pytest.approx(src.side.qp)
+        assert rep.stages == engine.policy.stages_for(rep.qp)
+        assert rep.stages == engine.plan_stages(src.side, info)  # known before the pixels
+        assert rep.seconds > 0
+        assert same_planes(out.planes, src.planes) == (rep.stages == 0)
+    assert {0, 1, 2} <= {rep.stages for _, rep in results}  # the policy really decides
+
+
+def test_engine_holds_back_at_most_max_pending_frames(clip, weights):
+    info, frames = decode(clip("b.mp4", size=(64, 48), frames=MAX_PENDING + 4))
+    # A stream whose B-frames never see a future anchor.
+    frames = [frames[0]] + [replace(f, side=replace(f.side, pict_type="B")) for f in frames[1:]]
+    pulled, lags = [], []
+
+    def source():
+        for f in frames:
+            pulled.append(f.index)
+            yield f
+
+    results = []
+    for out, _ in Engine(weights, device="cpu", stages=1).process(source(), info):
+        results.append(out.index)
+        lags.append(len(pulled) - len(results))
+    assert results == [f.index for f in frames]
+    assert max(lags) == MAX_PENDING  # they wait, but no longer than that
+    assert lags[-1] == 0
+
+
+def test_engine_fixed_stage_counts(h264, weights):
+    info, frames = h264
+    one_engine = Engine(weights, device="cpu", stages=1)
+    one = enhance(one_engine, info, frames)
+    three = enhance(Engine(weights, device="cpu", stages="3"), info, frames)
+    none = enhance(Engine(weights, device="cpu", stages=0), info, frames)
+    assert [r.stages for _, r in one] == [1] * len(frames)
+    assert [r.stages for _, r in three] == [3] * len(frames)
+    assert [r.stages for _, r in none] == [0] * len(frames)
+    assert all(equal_frames(none, frames))  # 0 stages: exactly the decoded planes
+    assert not any(equal_frames(three, frames))
+    assert not all(equal_frames(one, three))
+    assert one_engine.plan_stages(frames[0].side, info) == 1
+    # The engine can be used again, for the same result.
+    assert all(equal_frames(enhance(one_engine, info, frames), one))
+
+
+def test_engine_recurrence_borrows_the_enhanced_anchors(h264, weights):
+    info, frames = h264
+    rec = enhance(Engine(weights, device="cpu", stages=3), info, frames)
+    plain = enhance(Engine(weights, device="cpu", stages=3, recurrent=False), info, frames)
+    same = equal_frames(rec, plain)
+    assert same[0]  # the first I-frame has nothing to borrow
+    assert not any(same[1:])  # every other frame borrows the (enhanced or decoded) frame 0 on
+    # With no stages nothing is enhanced, so there is nothing different to borrow.
+    a = enhance(Engine(weights, device="cpu", stages=0), info, frames)
+    b = enhance(Engine(weights, device="cpu", stages=0, recurrent=False), info, frames)
+    assert all(equal_frames(a, b))
+
+
+def test_engine_rejects_bad_settings(weights, tmp_path):
+    with pytest.raises(ValueError, match="stages"):
+        Engine(weights, device="cpu", stages=4)
+    with pytest.raises(ValueError, match="stages"):
+        Engine(weights, device="cpu", stages=-1)
+    with pytest.raises(ValueError, match="side_info"):
+        Engine(weights, device="cpu", side_info="psychic")
+    with pytest.raises(ValueError, match="precision"):
+        Engine(weights, device="cpu", precision="fp8")
+    with pytest.raises(ValueError, match="unknown device"):
+        pick_device("tpu")
+    with pytest.raises(FileNotFoundError):
+        Engine(tmp_path / "missing.pt", device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+def test_engine_device_and_precision_on_cpu(weights):
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA"):
+        pick_device("cuda")
+    engine = Engine(weights, stages=1)
+    assert engine.device.type == "cpu" and engine.dtype == torch.float32
+    assert next(engine.model.parameters()).device.type == "cpu"
+    assert engine.precision == ("bf16" if cpu_has_bf16() else "fp32")
+    assert engine.autocast == cpu_has_bf16()
+    fp32 = Engine(weights, device="cpu", precision="fp32")
+    assert fp32.precision == "fp32" and not fp32.autocast
+    bf16 = Engine(weights, device="cpu", precision="bf16")
+    assert bf16.precision == "bf16" and bf16.autocast
+
+
+def test_engine_without_a_policy_runs_every_stage(h264, tmp_path):
+    info, frames = h264
+    engine = Engine(write_weights(tmp_path / "nopol.pt"), device="cpu")
+    assert engine.policy is None
+    reports = [r for _, r in enhance(engine, info, frames[:3])]
+    assert [r.stages for r in reports] == [3, 3, 3]
+    assert engine.plan_stages(frames[0].side, info) == 3
+
+
+# ---------------------------------------------------------------- side information
+
+
+def test_engine_blind_uses_adjacent_frames_and_reports_estimated(h264, weights, monkeypatch):
+    info, frames = h264
+    calls = spy_alignments(monkeypatch)
+    engine = Engine(weights, device="cpu", stages=2, side_info="blind")
+    pulled, lags = [], []
+
+    def source(fs):
+        for f in fs:
+            pulled.append(f.index)
+            yield f
+
+    blind = []
+    for r in engine.process(source(frames), info):
+        blind.append(r)
+        lags.append(len(pulled) - len(blind))
+    assert max(lags) == 1  # one frame of look-ahead
+    assert [out.index for out, _ in blind] == [f.index for f in frames]
+    n = len(frames)
+    assert {(t, j) for t, j, _ in calls} == {(t, j) for t in range(n) for j in (t - 1, t + 1)
+                                             if 0 <= j < n}  # fmt: skip
+    assert not any(bits for _, _, bits in calls)  # aligned by search only
+    bits = enhance(Engine(weights, device="cpu", stages=2, side_info="bitstream"), info, frames)
+    assert [r.side_info for _, r in blind] == ["estimated"] * n
+    assert [r.side_info for _, r in bits] == ["bitstream"] * n
+    for _, r in blind:
+        assert 0.1 * 51 - 1e-3 <= r.qp <= 51 + 1e-3  # the estimator's clamped range
+    assert not all(equal_frames(blind, bits))
+    assert engine.plan_stages(frames[0].side, info) == 2
+    auto_blind = Engine(weights, device="cpu", side_info="blind")
+    assert auto_blind.plan_stages(frames[0].side, info) is None  # the QP is estimated
+    # Only the neighbours matter: change frame 4 and frames 3-5 change, the others do not.
+    altered = list(frames)
+    altered[4] = replace(frames[4], planes=tuple(255 - p for p in frames[4].planes))
+    changed = enhance(engine, info, altered)
+    assert equal_frames(changed, blind) == [True, True, True, False, False, False, True, True]
+
+
+def test_engine_hevc_takes_the_peaks_plan_with_header_qp(clip, weights, monkeypatch):
+    """HEVC: picture types and QP from the slice headers, quality-peak anchors aligned by
+    search (no vectors), an estimated QP map; stages from the HEVC table by CRF."""
+    path = clip("h27.mp4", codec="libx265", size=(64, 48), frames=6,
+                options={"crf": "27", "x265-params": "log-level=none"})  # fmt: skip
+    info, frames = decode(path)
+    assert info.codec == "hevc" and info.sequence_qp == 27
+    assert frames[0].side.sources["qp_map"] == "header"
+    assert "B" in {f.side.pict_type for f in frames}
+    calls = spy_alignments(monkeypatch)
+    engine = Engine(weights, device="cpu")
+    results = enhance(engine, info, frames)
+    assert [out.index for out, _ in results] == [f.index for f in frames]
+    assert {(t, j) for t, j, _ in calls} == planned_pairs(frames, input_plan("hevc"))
+    assert not any(bits for _, _, bits in calls)
+    want = HEVC_STAGES[2]  # CRF 27 is in the [24, 28) bin of the HEVC table
+    assert want == engine.policy.stages_for(27.0, hevc=True) != engine.policy.stages_for(27.0)
+    # Neither table at the frames' own QP would answer the same: the CRF is what counts.
+    reports = [rep for _, rep in results]
+    assert any(engine.policy.stages_for(r.qp, hevc=True) != want for r in reports)
+    assert any(engine.policy.stages_for(r.qp) != want for r in reports)
+    for (out, rep), src in zip(results, frames, strict=True):
+        assert rep.side_info == "estimated"
+        assert rep.qp == pytest.approx(src.side.qp)  # the slice header's QP
+        assert rep.stages == want == engine.plan_stages(src.side, info)
+        assert not same_planes(out.planes, src.planes)
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def test_engine_tiles_large_frames_seamlessly(h264, weights):
+    info, frames = h264
+    calls = {}
+
+    def counted(engine, key):
+        calls[key] = 0
+
+        def hook(*_):
+            calls[key] += 1
+
+        engine.model.register_forward_hook(hook)
+        return engine
+
+    whole_engine = counted(Engine(weights, device="cpu", stages=3, tile=0), "whole")
+    tiled_engine = counted(Engine(weights, device="cpu", stages=3, tile=32), "tiled")
+    whole = enhance(whole_engine, info, frames)
+    tiled = enhance(tiled_engine, info, frames)
+    auto = enhance(counted(Engine(weights, device="cpu", stages=3), "auto"), info, frames)
+    n = len(frames)
+    assert calls == {"whole": n, "tiled": 4 * n, "auto": n}  # 64x48 model grid: 2x2 tiles
+    for (a, _), (b, _), (c, _) in zip(whole, tiled, auto, strict=True):
+        assert same_planes(a.planes, c.planes)
+        for x, y in zip(a.planes, b.planes, strict=True):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+    # Before rounding, in fp32: the overlap hides the seams entirely.
+    whole_fp32 = Engine(weights, device="cpu", stages=3, tile=0, precision="fp32")
+    tiled_fp32 = Engine(weights, device="cpu", stages=3, tile=32, precision="fp32")
+    cur = planes_to_tensor(frames[0].planes)
+    qmap = qp_plane(frames[0].side.qp_map, *cur.shape[1:])
+    it = FrameInputs(cur=cur, qmap=qmap, frame_qp=frames[0].side.qp, pict_type="I")
+    batch = collate([it], whole_fp32.model, whole_fp32.estimator)
+    a, b = whole_fp32._run_model(batch, 3), tiled_fp32._run_model(batch, 3)
+    assert float((a - b).abs().max()) < 1e-5 < float((a - batch.x).abs().max())
+
+
+def test_engine_ten_bit_odd_size(clip, weights):
+    info, frames = decode(clip("ten.mp4", size=(90, 70), frames=3, pix_fmt="yuv420p10le"))
+    assert info.bit_depth == 10
+    results = enhance(Engine(weights, device="cpu", stages=2), info, frames)
+    assert len(results) == 3
+    for (out, rep), src in zip(results, frames, strict=True):
+        assert rep.side_info == "bitstream"
+        assert [p.shape for p in out.planes] == [(70, 90), (35, 45), (35, 45)]
+        assert all(p.dtype == np.uint16 and p.max() <= 1023 for p in out.planes)
+        assert not same_planes(out.planes, src.planes)
+        # 10-bit stays 10-bit: the output is near the input, not squeezed into 8 bits.
+        assert out.planes[0].max() > 255
+        assert np.abs(out.planes[0].astype(int) - src.planes[0].astype(int)).mean() < 60

@@ -1,0 +1,460 @@
+"""enhancer v2 model, batch assembly, features, exit policy and model files.
+
+Tiny 8-channel models on 16x24 half-resolution tensors (see tests/enhancer/tiny.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitstream.types import PARTITION_CODES
+from enhancer.batch import COST_SCALE, FrameInputs, Reference, collate, cost_plane
+from enhancer.checkpoint import DEFAULT_WEIGHTS, FORMAT, load_model, save_model
+from enhancer.features import (
+    PARTITION_CHANNELS,
+    PHASE_CHANNELS,
+    cpu_has_bf16,
+    flow_plane_full,
+    mask_plane,
+    partition_planes,
+    phase_planes,
+    planes_to_tensor,
+    qp_plane,
+    tensor_to_planes,
+    warp_reference,
+)
+from enhancer.network import FRAME_COND, REFERENCES, ModelConfig, QPEstimator, VQENet
+from enhancer.policy import DEFAULT_EDGES, ExitPolicy, calibrate
+from enhancer.training import train
+from tests.enhancer.tiny import H, W, item, reference, run, same_planes, tiny_cfg, tiny_model
+
+FLAGS = ("references", "qp_map", "partitions", "phase", "frame_cond")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---------------------------------------------------------------- model
+
+
+def test_forward_one_output_per_stage_shaped_like_input():
+    model = tiny_model()
+    batch, outs = run(model, [item(0), item(1)])
+    assert len(outs) == model.cfg.stages == 3
+    for o in outs:
+        assert o.shape == batch.x.shape == (2, 6, H, W)
+        assert torch.isfinite(o).all()
+        assert not torch.equal(o, batch.x)  # the heads do correct something
+    assert not torch.equal(outs[0], outs[2])
+    # Early exit: asking for fewer stages gives exactly the first outputs of the full run.
+    with torch.no_grad():
+        two = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond, 2)
+        assert len(two) == 2
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(two, outs[:2], strict=True))
+        # Out-of-range requests are clamped to 1..S.
+        assert len(model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond, 0)) == 1
+        assert len(model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond, 9)) == 3
+
+
+def test_output_is_input_plus_correction_and_clipped_only_on_conversion():
+    model = tiny_model()
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.head.weight.zero_()
+            stage.head.bias.fill_(0.3)  # a constant correction of +0.3 everywhere
+    batch, outs = run(model, [item(0)])
+    for o in outs:
+        assert torch.allclose(o, batch.x + 0.3, atol=1e-6)
+    assert outs[-1].max() > 1.0  # the network output itself is not clipped...
+    y, u, v = tensor_to_planes(outs[-1][0], 2 * H, 2 * W)  # ...the planes are
+    assert y.dtype == np.uint8 and y.shape == (2 * H, 2 * W) and u.shape == (H, W)
+    assert y.max() == 255 and (y == 255).sum() > 0
+    expected = np.round(np.clip(F.pixel_shuffle(batch.x[:, :4] + 0.3, 2)[0, 0].numpy(), 0, 1) * 255)
+    assert np.array_equal(y, expected.astype(np.uint8))
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.head.bias.fill_(-2.0)
+    _, outs = run(model, [item(0)])
+    for plane in tensor_to_planes(outs[-1][0], 2 * H, 2 * W, bit_depth=10):
+        assert plane.dtype == np.uint16 and plane.max() == 0
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.head.bias.fill_(2.0)
+    _, outs = run(model, [item(0)])
+    for plane in tensor_to_planes(outs[-1][0], 2 * H, 2 * W, bit_depth=10):
+        assert plane.min() == plane.max() == 1023
+
+
+def test_ablation_flags_are_exactly_the_boolean_config_fields():
+    bools = {f.name for f in fields(ModelConfig) if f.type in (bool, "bool")}
+    assert bools == set(FLAGS) == set(train.ABLATIONS)
+
+
+@pytest.mark.parametrize(
+    "flag,fewer",
+    [("references", 2 * 7), ("qp_map", 1), ("partitions", PARTITION_CHANNELS),
+     ("phase", PHASE_CHANNELS), ("frame_cond", 0)],
+)  # fmt: skip
+def test_each_ablation_is_one_flag_and_still_runs(flag, fewer):
+    full, cfg = tiny_cfg(), tiny_cfg(**{flag: False})
+    differing = [f.name for f in fields(ModelConfig)
+                 if getattr(full, f.name) != getattr(cfg, f.name)]  # fmt: skip
+    assert differing == [flag]
+    assert full.in_channels() == 6 + 2 * (6 + 1) + 1 + 4 + 4 == 29
+    assert cfg.in_channels() == full.in_channels() - fewer
+    model = tiny_model(**{flag: False})
+    assert model.inp.in_channels == cfg.in_channels()
+    missing = item(1, refs=[None, None], qmap=None, parts=None, pict_type="I")
+    batch, outs = run(model, [item(0), missing])
+    assert batch.inputs.shape == (2, cfg.in_channels(), H, W)
+    assert len(outs) == 3 and all(o.shape == (2, 6, H, W) for o in outs)
+    assert all((s.film is None) == (flag == "frame_cond") for s in model.stages)
+
+
+PERTURB = {  # flag -> a change of one input that only that flag lets into the model
+    "references": dict(refs=[reference(7, 28.0), reference(8, 32.0)]),
+    "qp_map": dict(qmap=torch.full((1, H, W), 45 / 51)),
+    "partitions": dict(parts=torch.zeros(PARTITION_CHANNELS, H, W)),
+    "frame_cond": dict(pict_type="P"),
+}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("flag", sorted(PERTURB))
+def test_disabled_input_no_longer_affects_the_output(flag, enabled):
+    model = tiny_model(**{flag: enabled})
+    _, a = run(model, [item(3)])
+    _, b = run(model, [item(3, **PERTURB[flag])])
+    assert torch.equal(a[-1], b[-1]) != enabled
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_each_reference_and_its_cost_reach_the_model(which):
+    model = tiny_model()
+    base = item(4)
+    _, a = run(model, [base])
+    moved = item(4)
+    moved.refs[which] = Reference(moved.refs[which].pixels + 0.1, moved.refs[which].cost)
+    _, b = run(model, [moved])
+    assert not torch.equal(a[-1], b[-1])
+    costed = item(4)
+    costed.refs[which] = Reference(costed.refs[which].pixels, torch.ones(1, H, W), 28.0)
+    _, c = run(model, [costed])
+    assert not torch.equal(a[-1], c[-1])
+
+
+def test_assemble_feeds_each_reference_as_its_difference_and_cost():
+    model = tiny_model()
+    it = item(5)
+    batch = collate([it], model, None)
+    inp = batch.inputs[0]
+    assert inp.shape[0] == 29
+    # x 0-5, past - x 6-11, past cost 12, future - x 13-18, future cost 19,
+    # QP 20, partitions 21-24, phase 25-28
+    assert torch.equal(inp[0:6], it.cur)
+    assert torch.allclose(inp[6:12], it.refs[0].pixels - it.cur)
+    assert torch.equal(inp[12:13], it.refs[0].cost)
+    assert torch.allclose(inp[13:19], it.refs[1].pixels - it.cur)
+    assert torch.equal(inp[19:20], it.refs[1].cost)
+    assert torch.equal(inp[20:21], it.qmap)
+    assert torch.equal(inp[21:25], it.parts)
+    assert torch.equal(inp[25:29], phase_planes(H, W))
+    # A reference identical to the frame is an all-zero difference.
+    refs = torch.stack([it.cur, it.cur])[None]
+    costs = torch.zeros(1, REFERENCES, 1, H, W)
+    qmap, parts = it.qmap[None], it.parts[None]
+    out = model.assemble(it.cur[None], refs, costs, qmap, parts, phase_planes(H, W)[None])
+    assert out[0, 6:20].abs().sum() == 0
+
+
+def test_qp_estimator_one_value_per_macroblock():
+    est = QPEstimator().eval()
+    x = torch.rand(2, 6, 32, 48)
+    with torch.no_grad():
+        out = est(x, phase_planes(32, 48)[None])
+        assert out.shape == (2, 1, 4, 6) and torch.isfinite(out).all()
+        for m in est.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.zero_()
+                m.bias.zero_()
+        # The offset puts an untrained estimator at QP 0.6 * 51 ~ 31 rather than at 0.
+        assert torch.equal(est(x, phase_planes(32, 48)[None]), torch.full((2, 1, 4, 6), 0.6))
+
+
+# ---------------------------------------------------------------- batch
+
+
+def test_collate_fills_missing_side_info_and_references():
+    model = tiny_model()
+    est = QPEstimator().eval()
+    with pytest.raises(ValueError, match="estimator"):
+        collate([item(0, qmap=None)], model, None)
+    blind = item(0, qmap=None, refs=[None, None], parts=None, frame_qp=None,
+                 pict_type="?", seq_qp=None, seq_known=False)  # fmt: skip
+    batch = collate([item(1), blind], model, est)
+    assert batch.est_qmap.shape == (2, 1, H // 8, W // 8)
+    assert ((batch.est_qmap >= 0.1) & (batch.est_qmap <= 1.0)).all()
+    qp_est = F.interpolate(batch.est_qmap[1:], scale_factor=8, mode="nearest")[0]
+    assert torch.equal(batch.inputs[1, 20:21], qp_est)
+    assert torch.equal(batch.inputs[0, 20:21], item(1).qmap)  # a known map wins
+    # A missing reference is the frame itself (a zero difference) with the worst cost, 1.
+    assert batch.inputs[1, 6:12].abs().sum() == 0 and batch.inputs[1, 13:19].abs().sum() == 0
+    assert torch.equal(batch.inputs[1, 12], torch.ones(H, W))
+    assert torch.equal(batch.inputs[1, 19], torch.ones(H, W))
+    assert batch.inputs[1, 21:25].abs().sum() == 0  # unknown partitions: all zero
+    assert batch.frame_qp[0] == 30.0
+    assert float(batch.frame_qp[1]) == pytest.approx(float(qp_est.mean()) * 51, rel=1e-5)
+    # seq_cond: (seq QP / 51, known)
+    assert torch.allclose(batch.seq_cond[0], torch.tensor([28 / 51, 1.0]))
+    assert batch.seq_cond[1, 1] == 0.0  # unknown CRF: the estimated QP stands in
+    assert batch.seq_cond[1, 0] == pytest.approx(float(batch.frame_qp[1]) / 51, rel=1e-5)
+    # frame_cond: QP/51, (QP - seq)/10, I, P, B, has_past, has_future, past and future
+    # QP - frame QP (/10), reference QPs known
+    assert batch.frame_cond.shape == (2, FRAME_COND)
+    want = torch.tensor([30 / 51, 0.2, 0, 0, 1, 1, 1, -0.2, 0.2, 1])
+    assert torch.allclose(batch.frame_cond[0], want)
+    assert batch.frame_cond[1, 1] == 0.0 and batch.frame_cond[1, 2:].abs().sum() == 0
+
+
+def test_frame_cond_reference_flags_and_qp_deltas():
+    model = tiny_model()
+
+    def cond(**kw):
+        return collate([item(2, **kw)], model, QPEstimator().eval()).frame_cond[0].tolist()
+
+    # A P-frame with only its past anchor: the missing future counts as known.
+    p = cond(refs=[reference(1, 26.0), None], pict_type="P")
+    assert p[2:] == pytest.approx([0, 1, 0, 1, 0, -0.4, 0, 1])
+    # An I-frame with no references at all.
+    assert cond(refs=[None, None], pict_type="I")[2:] == pytest.approx([1, 0, 0, 0, 0, 0, 0, 1])
+    # A reference without a QP (or a frame without one) voids every delta.
+    unknown = cond(refs=[reference(1, None), reference(2, 33.0)])
+    assert unknown[5:] == pytest.approx([1, 1, 0, 0, 0])
+    no_fqp = cond(frame_qp=None)
+    assert no_fqp[5:] == pytest.approx([1, 1, 0, 0, 0])
+
+
+def test_cost_plane_expands_blocks_and_saturates():
+    cost = torch.tensor([[0.0, 0.01], [0.05, 1.0]])
+    plane = cost_plane(cost, 7, 6)  # crops to the half-res frame
+    assert plane.shape == (1, 7, 6)
+    assert plane[0, 0, 0] == 0 and plane[0, 3, 3] == 0
+    assert float(plane[0, 0, 4]) == pytest.approx(0.01 * COST_SCALE)
+    assert float(plane[0, 4, 0]) == 1.0 and float(plane[0, 6, 5]) == 1.0  # clamped to 1
+    assert plane.dtype == torch.float32
+    assert cost_plane(torch.full((2, 2), -1.0), 8, 8).min() == 0
+
+
+# ---------------------------------------------------------------- features
+
+
+@pytest.mark.parametrize("bit_depth,size", [(8, (30, 46)), (8, (64, 32)), (10, (30, 46))])
+def test_planes_to_tensor_round_trip_is_lossless(bit_depth, size):
+    rng = np.random.default_rng(bit_depth)
+    h, w = size
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    maxv = (1 << bit_depth) - 1
+    planes = (rng.integers(0, maxv + 1, (h, w)).astype(dtype),
+              rng.integers(0, maxv + 1, ((h + 1) // 2, (w + 1) // 2)).astype(dtype),
+              rng.integers(0, maxv + 1, ((h + 1) // 2, (w + 1) // 2)).astype(dtype))  # fmt: skip
+    t = planes_to_tensor(planes, bit_depth)
+    assert t.shape == (6, -(-h // 16) * 8, -(-w // 16) * 8) and t.dtype == torch.float32
+    assert t.min() >= 0.0 and t.max() <= 1.0
+    # The unshuffle puts luma phase (dy, dx) in channel 2*dy + dx.
+    assert float(t[1, 0, 0]) == pytest.approx(planes[0][0, 1] / maxv)
+    assert float(t[2, 0, 0]) == pytest.approx(planes[0][1, 0] / maxv)
+    back = tensor_to_planes(t, h, w, bit_depth)
+    for a, b in zip(back, planes, strict=True):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert np.array_equal(a, b)
+
+
+def test_warp_reference_zero_motion_is_identity_and_integer_motion_shifts():
+    rng = np.random.default_rng(1)
+    h, w = 32, 48
+    planes = (rng.integers(0, 256, (h, w), dtype=np.uint8),
+              rng.integers(0, 256, (h // 2, w // 2), dtype=np.uint8),
+              rng.integers(0, 256, (h // 2, w // 2), dtype=np.uint8))  # fmt: skip
+    ref = planes_to_tensor(planes)[None]
+    grid = (h // 8, w // 8)
+    mv = np.zeros((*grid, 2), np.float32)
+    valid = np.ones(grid, bool)
+    same = warp_reference(ref, flow_plane_full(mv, valid, h, w))
+    err = float((same - ref).abs().max())
+    assert err < 1e-4, err  # grid_sample's coordinate round trip costs a few ulp, no more
+    assert same_planes(tensor_to_planes(same[0], h, w), planes)
+    assert torch.equal(flow_plane_full(None, None, h, w), torch.zeros(1, 2, h, w))
+    # dx = +2 luma px: the current pixel x predicts from reference pixel x + 2.
+    mv[..., 0] = 2.0
+    y, u, v = tensor_to_planes(warp_reference(ref, flow_plane_full(mv, valid, h, w))[0], h, w)
+    assert np.array_equal(y[:, :-2], planes[0][:, 2:])
+    assert np.array_equal(u[:, :-1], planes[1][:, 1:])  # chroma moves by half
+    assert np.array_equal(v[:, :-1], planes[2][:, 1:])
+    # The same in bicubic (what apply_flow uses): integer shifts stay exact.
+    flow = flow_plane_full(mv, valid, h, w)
+    y, _, _ = tensor_to_planes(warp_reference(ref, flow, "bicubic")[0], h, w)
+    assert np.array_equal(y[:, :-2], planes[0][:, 2:])
+    # Invalid blocks carry no motion.
+    assert flow_plane_full(mv, np.zeros(grid, bool), h, w).abs().sum() == 0
+
+
+def test_qp_partition_and_mask_planes_expand_blocks_to_the_model_grid():
+    qmap = np.array([[20, 30, 40], [25, 35, 45]], np.float32)
+    q = qp_plane(qmap, 16, 24)
+    assert q.shape == (1, 16, 24)
+    assert float(q[0, 0, 0]) == float(q[0, 7, 7]) == pytest.approx(20 / 51)
+    assert float(q[0, 8, 8]) == pytest.approx(35 / 51)
+    assert float(q[0, 15, 23]) == pytest.approx(45 / 51)
+    codes = PARTITION_CODES
+    part = np.array([[codes["intra"], codes["16x16"], codes["16x8"]],
+                     [codes["8x16"], codes["8x8"], codes["unknown"]]], np.uint8)  # fmt: skip
+    p = partition_planes(part, 16, 24)
+    assert p.shape == (4, 16, 24)
+    expect = [0, 1, 2, 2, 3, None]  # channel of each block, row-major
+    for k, ch in enumerate(expect):
+        cell = p[:, (k // 3) * 8, (k % 3) * 8]
+        if ch is None:
+            assert cell.sum() == 0
+        else:
+            assert cell.tolist() == [float(c == ch) for c in range(4)]
+    assert partition_planes(None, 16, 24).abs().sum() == 0
+    # 8x8 luma blocks are 4x4 model pixels; a short grid is edge-padded to the frame.
+    valid = np.array([[True, False], [False, True]])
+    m = mask_plane(valid, 10, 8)
+    assert m.shape == (1, 10, 8)
+    assert m[0, 0, 0] == 1 and m[0, 0, 4] == 0 and m[0, 4, 0] == 0 and m[0, 9, 7] == 1
+
+
+def test_phase_planes_mark_block_edges():
+    ph = phase_planes(16, 16)
+    assert ph.shape == (PHASE_CHANNELS, 16, 16)
+    # 8x8 luma blocks are 4 model pixels: columns 0, 3, 4, 7, ... are edges.
+    assert ph[0, 0].tolist() == [1.0 if x % 4 in (0, 3) else 0.0 for x in range(16)]
+    assert ph[1, :, 0].tolist() == ph[0, 0].tolist()
+    assert ph[2, 0].tolist() == [1.0 if x % 8 in (0, 7) else 0.0 for x in range(16)]
+
+
+def test_cpu_has_bf16_follows_cpuinfo():
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    assert cpu_has_bf16() is ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+# ---------------------------------------------------------------- exit policy
+
+
+def test_calibrate_picks_fewest_stages_within_tolerance():
+    records = [
+        (22.0, [0.10, 0.26, 0.30]),  # bin [20, 24): mean of the two rows below -> 2 stages
+        (23.0, [0.10, 0.30, 0.30]),
+        (34.0, [0.50, 0.50, 0.52]),  # bin [32, 36): 1 stage is within 0.05 dB of 3
+        (38.0, [-0.20, -0.10, -0.05]),  # bin [36, 40): every count loses -> 0
+        (45.0, [-0.04, 0.50, 0.0]),  # bin [44, 48): not monotone, the best is 2 stages
+    ]
+    pol = calibrate(records, max_stages=3)
+    assert pol.edges == DEFAULT_EDGES and pol.max_stages == 3
+    # Empty bins borrow the nearest calibrated bin.
+    assert pol.stages == [2, 2, 2, 1, 1, 0, 0, 2, 2]
+    assert pol.gains[1] == [0.1, 0.28, 0.3] and pol.gains[0] == []
+    assert calibrate(records, 3, tolerance=0.001).stages[1] == 3
+    assert pol.stages_for(21.5) == 2 and pol.stages_for(33.0) == 1 and pol.stages_for(39) == 0
+    assert pol.stages_for(-5) == 2 and pol.stages_for(200) == 2  # clamped to the end bins
+    assert pol.stages_for(None) == 3 and pol.stages_for(float("nan")) == 3
+    assert all(type(s) is int for s in pol.stages)  # stored in a weights_only model file
+
+
+def test_policy_without_data_runs_everything_and_round_trips():
+    empty = calibrate([], max_stages=2)
+    assert empty.stages == [] and empty.stages_for(30.0) == 2
+    pol = calibrate([(30.0, [0.2, 0.3]), (45.0, [0.4, 0.4])], max_stages=2, tolerance=0.02)
+    d = json.loads(json.dumps(pol.to_dict()))
+    back = ExitPolicy.from_dict(d)
+    assert back == pol and back.tolerance == 0.02
+    assert [back.stages_for(q) for q in (None, 10, 30, 45)] == [2, 2, 2, 1]
+    # HEVC has its own table when calibrated, else falls back to the H.264 one.
+    assert back.stages_for(45, hevc=True) == 1
+    back.hevc_stages = [0] * len(back.stages)
+    assert back.stages_for(45, hevc=True) == 0 and back.stages_for(45) == 1
+    assert ExitPolicy.from_dict(json.loads(json.dumps(back.to_dict()))) == back
+
+
+# ---------------------------------------------------------------- model files
+
+
+def test_save_and_load_model_round_trip(tmp_path):
+    model = tiny_model(seed=5, partitions=False)
+    est = QPEstimator().eval()
+    pol = calibrate([(30.0, [0.1, 0.2, 0.2])], max_stages=3)
+    path = tmp_path / "sub" / "m.pt"
+    save_model(path, model, est, pol, {"version": "t", "step": 7})
+    assert path.exists() and not path.with_suffix(".tmp").exists()
+    assert torch.load(path, weights_only=True)["format"] == FORMAT == "vqe-model/2"
+    model2, est2, pol2, meta = load_model(path)
+    assert model2.cfg == model.cfg and not model2.training and not est2.training
+    assert pol2 == pol and meta == {"version": "t", "step": 7}
+    items = [item(0, parts=None), item(1, qmap=None, refs=[None, reference(3, 30.0)])]
+    batch, outs = run(model, items)
+    with torch.no_grad():
+        outs2 = model2(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)
+        x = torch.rand(1, 6, 16, 16)
+        e1, e2 = est(x, phase_planes(16, 16)[None]), est2(x, phase_planes(16, 16)[None])
+    for a, b in zip(outs, outs2, strict=True):
+        assert torch.allclose(a, b, atol=1e-2)  # fp16 weights
+    assert torch.allclose(e1, e2, atol=1e-2)
+    # Exactly the original weights rounded to fp16.
+    for k, v in model.state_dict().items():
+        assert torch.equal(model2.state_dict()[k], v.half().float())
+    save_model(path, model, est, None, {})
+    assert load_model(path)[2] is None
+
+
+def test_load_model_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "nope.pt")
+    cases = {
+        "other.pt": {"format": "something-else", "model": {}},
+        "v1.pt": {"format": "vqe-model/1", "config": {}, "model": {}},  # the old format
+        "list.pt": [1, 2, 3],
+        "training.pt": {"model": tiny_model().state_dict(), "step": 3},  # a last.pt, not exported
+    }
+    for name, payload in cases.items():
+        torch.save(payload, tmp_path / name)
+    (tmp_path / "text.pt").write_text("definitely not a model\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in [*cases, "text.pt", "empty.pt"]:
+        with pytest.raises(ValueError, match="not a vqe model file"):
+            load_model(tmp_path / name)
+
+
+def test_shipped_weights_load_and_run():
+    """Holds for the placeholder and for trained weights alike."""
+    assert DEFAULT_WEIGHTS.name == "vqe-v2.pt" and DEFAULT_WEIGHTS.exists()
+    assert torch.load(DEFAULT_WEIGHTS, weights_only=True)["format"] == FORMAT
+    model, est, pol, meta = load_model()
+    assert isinstance(model, VQENet) and isinstance(est, QPEstimator)
+    assert isinstance(meta, dict) and isinstance(meta.get("version"), str)
+    assert model.cfg.in_channels() == model.inp.in_channels
+    if pol is not None:
+        assert pol.max_stages == model.cfg.stages
+        assert len(pol.stages) in (0, len(pol.edges) - 1)
+        assert all(0 <= s <= model.cfg.stages for s in pol.stages + pol.hevc_stages)
+    it = FrameInputs(cur=torch.rand(6, 16, 16), frame_qp=30.0, pict_type="I")
+    batch = collate([it], model, est)
+    with torch.no_grad():
+        outs = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)
+    assert len(outs) == model.cfg.stages and all(torch.isfinite(o).all() for o in outs)

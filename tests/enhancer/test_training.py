@@ -1,0 +1,334 @@
+"""enhancer.training: sources, encodes, the cached dataset, samples, metrics, and one real run.
+
+The run is tiny: three 512x384 synthetic photos, 6-frame 128x128 sequences,
+two validation CRFs, an 8-channel 2-stage model and a handful of steps.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from enhancer.checkpoint import load_model
+from enhancer.references import input_plan, reference_indices
+from enhancer.training import data, train
+from enhancer.training.evaluate import format_table, psnr_y, score
+from enhancer.training.samples import frame_inputs
+from enhancer.training.sources import (
+    VALIDATION_SOURCES,
+    clean_sequence,
+    footage_sources,
+    split_sources,
+)
+
+FRAMES, SIZE, VAL_CRFS = 6, (128, 128), (27, 42)  # photo_sequence needs 120 px
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_footage(root: Path) -> Path:
+    """Three small synthetic photos: one validation source (Kite), two for training."""
+    photos = root / "photos"
+    photos.mkdir(parents=True)
+    assert "Kite" in VALIDATION_SOURCES
+    for seed, name in enumerate(["Kite", "alpha", "beta"]):
+        rng = np.random.default_rng(seed)
+        coarse = rng.integers(0, 256, (25, 33, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(coarse).resize((512, 384), Image.BICUBIC), np.int16)
+        img = img + rng.integers(-12, 13, img.shape)
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(photos / f"{name}.png")
+    (root / "photos" / "notes.txt").write_text("not a photo\n")
+    return root
+
+
+# ---------------------------------------------------------------- sources and encodes
+
+
+def test_footage_sources_and_split_by_source(tmp_path):
+    footage = make_footage(tmp_path / "f")
+    (footage / "clips").mkdir()
+    (footage / "clips" / "vtest.mp4").write_bytes(b"")
+    (footage / "clips" / "walk.mkv").write_bytes(b"")
+    sources = footage_sources(footage)
+    assert [n for n, _ in sources] == ["Kite", "alpha", "beta", "vtest", "walk"]  # photos first
+    assert [n for n, _ in split_sources(sources, True)] == ["Kite", "vtest"]
+    assert [n for n, _ in split_sources(sources, False)] == ["alpha", "beta", "walk"]
+    assert footage_sources(tmp_path / "nothing") == []
+
+
+def test_clean_sequence_from_a_photo(tmp_path):
+    footage = make_footage(tmp_path / "f")
+    photos = sorted((footage / "photos").glob("*.png"))
+    seq = clean_sequence(photos[0], photos, {}, np.random.default_rng(0), 4, (144, 128))
+    assert len(seq) == 4
+    for y, u, v in seq:
+        assert y.shape == (128, 144) and u.shape == v.shape == (64, 72)
+        assert y.dtype == u.dtype == np.uint8
+    assert not np.array_equal(seq[0][0], seq[3][0])  # the camera moves
+    again = clean_sequence(photos[0], photos, {}, np.random.default_rng(0), 4, (144, 128))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(seq, again, strict=True))
+
+
+def test_encode_settings_options():
+    assert data.EncodeSettings(crf=27).options() == {"crf": "27", "preset": "medium"}
+    s = data.EncodeSettings(crf=31.5, preset="fast", bframes=2, b_pyramid="none", ref=1, keyint=12)
+    assert s.options() == {"crf": "31.5", "preset": "fast",
+                           "x264-params": "bframes=2:keyint=12:b-pyramid=none:ref=1"}  # fmt: skip
+    h = data.EncodeSettings(codec="libx265", crf=30, bframes=0, b_pyramid="none", ref=2)
+    assert h.options() == {"crf": "30", "preset": "medium",
+                           "x265-params": "bframes=0:log-level=none"}  # fmt: skip
+
+
+def test_random_settings_are_seeded_and_plausible():
+    draws = [data.random_settings(np.random.default_rng([0, k])) for k in range(40)]
+    again = [data.random_settings(np.random.default_rng([0, k])) for k in range(40)]
+    assert draws == again
+    assert {s.codec for s in draws} == {"libx264", "libx265"}
+    for s in draws:
+        assert 14 <= s.crf <= 51 and s.preset in data.PRESETS
+        if s.codec == "libx265":
+            assert s.b_pyramid is None and s.ref is None
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_psnr_y_score_and_table():
+    x = torch.full((1, 6, 4, 4), 100 / 255)
+    assert float(psnr_y(x, x)) > 100
+    assert float(psnr_y(x + 1 / 255, x)) == pytest.approx(20 * np.log10(255), abs=1e-3)
+    assert float(psnr_y(x + 5.0, x)) == pytest.approx(float(psnr_y(torch.ones_like(x), x)))
+    result = {"crf": {27.0: {"input": 30.0, "s1": 0.1, "s2": 0.2, "blind": -0.1},
+                      42.0: {"input": 25.0, "s1": 0.2, "s2": 0.3, "blind": 0.1}}}  # fmt: skip
+    # Mean of both paths at full depth, losses counted double: (0.2 - 0.2 + 0.3 + 0.1) / 4.
+    assert score(result, 2) == pytest.approx(0.1)
+    table = format_table(result, 2).splitlines()
+    assert table[0].split() == ["CRF", "input", "s1", "s2", "blind"]
+    assert table[1].split() == ["27", "30.00", "+0.100", "+0.200", "-0.100"]
+    assert len(table) == 3
+    weights = train.qp_weight(torch.tensor([37.0, 31.0, 60.0])).tolist()
+    assert weights == pytest.approx([1.0, 2.0, 2 ** (-14 / 6)])  # QP clamped to 51
+
+
+# ---------------------------------------------------------------- one real run
+
+
+def train_args(footage: Path, work: Path, steps: int, *extra: str) -> list[str]:
+    return ["--footage", str(footage), "--work", str(work), "--version", "tiny",
+            "--train-count", "2", "--steps", str(steps), "--batch", "2", "--patch", "32",
+            "--channels", "8", "--stages", "2", "--blocks", "1", "--val-every", "2",
+            "--val-frames", "1", "--log-every", "2", "--workers", "1", "--threads", "1",
+            *extra]  # fmt: skip
+
+
+def fork_work(src: Path, dst: Path, files=("last.pt", "best.pt", "train.log")) -> Path:
+    """A copy of a work folder's checkpoints and log, sharing the (read-only) cache."""
+    dst.mkdir(parents=True)
+    for name in files:
+        shutil.copy2(src / name, dst / name)
+    (dst / "cache").symlink_to(src / "cache")
+    return dst
+
+
+def log_after(path: Path, marker: str | None = None) -> str:
+    text = path.read_text()
+    return text[text.rindex(marker) :] if marker else text
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    """Shrink the dataset (6 frames of 64x48, two validation CRFs) for this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "FRAMES", FRAMES)
+        mp.setattr(data, "SIZE", SIZE)
+        mp.setattr(data, "VAL_SIZE", SIZE)
+        mp.setattr(data, "VAL_CRFS", VAL_CRFS)
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_data):
+    """One real `python -m enhancer.training.train` run: build, 4 steps, validation, export."""
+    root = tmp_path_factory.mktemp("train")
+    footage = make_footage(root / "footage")
+    work = root / "work"
+    assert train.main(train_args(footage, work, 4)) == 0
+    return root, footage, work
+
+
+def test_train_builds_trains_validates_and_exports(trained):
+    _, _, work = trained
+    cache = work / "cache"
+    val = sorted(p.stem for p in (cache / "val").glob("*.npz"))
+    assert val == sorted(f"Kite_crf{c}" for c in VAL_CRFS)  # only the validation source
+    hevc = sorted(p.stem for p in (cache / "val-hevc").glob("*.npz"))
+    assert hevc == sorted(f"Kite_libx265_crf{c}" for c in VAL_CRFS)
+    assert sorted(p.stem for p in (cache / "train").glob("*.npz")) == ["s00000", "s00001"]
+    log = (work / "train.log").read_text()
+    assert "dataset val: wrote 2" in log and "dataset train: wrote 2" in log
+    assert "dataset val-hevc: wrote 2" in log
+    assert "loaded 2 train / 2 validation samples" in log
+    assert "step 2 lr" in log and "step 4 lr" in log
+    for step in (2, 4):
+        assert f"validation at step {step}" in log
+    assert "new best" in log
+    header = re.findall(r"CRF\s+input\s+s1\s+s2\s+blind\n", log)
+    assert len(header) == 4  # two validations, the final one and the x265 one
+    assert "x265 validation" in log and "HEVC exit policy: stages" in log
+    for crf in VAL_CRFS:  # one row per CRF and table, each with 4 finite numbers
+        rows = re.findall(rf"^\s+{crf} ((?:\s+[-+]?\d+\.\d+){{4}})$", log, re.M)
+        assert len(rows) == 4, crf
+    assert "exit policy: edges" in log and "exported" in log
+    last = torch.load(work / "last.pt", weights_only=False)
+    best = torch.load(work / "best.pt", weights_only=False)
+    assert last["step"] == 4 and best["step"] in (2, 4)
+    model, est, pol, meta = load_model(work / "tiny.pt")
+    assert (model.cfg.channels, model.cfg.stages, model.cfg.blocks_per_stage) == (8, 2, 1)
+    assert pol.max_stages == 2 and len(pol.stages) == len(pol.edges) - 1
+    assert len(pol.hevc_stages) == len(pol.edges) - 1
+    assert meta["version"] == "tiny" and meta["step"] == best["step"]
+    assert sorted(float(k) for k in meta["validation"]) == list(map(float, VAL_CRFS))
+    for k, v in best["model"].items():  # the export is the best checkpoint in fp16
+        assert torch.equal(model.state_dict()[k], v.half().float())
+
+
+def test_cached_samples_hold_the_planned_references(trained):
+    _, _, work = trained
+    samples = data.load_cache(work / "cache" / "train") + data.load_cache(work / "cache" / "val")
+    assert len(samples) == 4
+    w, h = SIZE
+    for s in samples:
+        assert s["dec"].shape == s["clean"].shape == (FRAMES, h * 3 // 2, w)
+        assert s["qp_map"].shape == s["partition"].shape == (FRAMES, h // 16, w // 16)
+        picts = ["IPB?"[int(p)] for p in s["pict"]]
+        assert picts[0] == "I"
+        codec = str(s["codec"])
+        for name, kind in data.SLOTS:
+            plan = input_plan(codec, "auto" if kind == "peaks" else "blind")
+            past, future = reference_indices(picts, plan)
+            idx = s[f"{name}_idx"].tolist()
+            assert idx == (past if name.endswith("past") else future), name
+            assert s[name].shape == s["dec"].shape
+            cost = s[f"{name}_cost"].astype(np.float32)
+            assert cost.shape == (FRAMES, h // 8, w // 8)
+            assert ((cost >= 0) & (cost <= 1)).all()
+            for t, j in enumerate(idx):
+                if j < 0:  # no reference: nothing stored, the worst cost
+                    assert s[name][t].max() == 0 and (cost[t] == 1).all()
+                else:
+                    assert s[name][t].max() > 0 and cost[t].mean() < 0.2
+        if codec == "libx264":
+            assert np.isfinite(s["qp_map"]).all() and np.isfinite(s["frame_qp"]).all()
+    crfs = sorted(float(s["crf"]) for s in samples if str(s["codec"]) == "libx264")
+    assert {27.0, 42.0} <= set(crfs)
+
+
+def test_frame_inputs_follow_the_input_plan(trained):
+    _, _, work = trained
+    sample = data.load_cache(work / "cache" / "val")[0]  # Kite at CRF 27, libx264
+    assert str(sample["codec"]) == "libx264" and float(sample["crf"]) == 27.0
+    picts = ["IPB?"[int(p)] for p in sample["pict"]]
+    t = next(i for i in range(1, FRAMES) if sample["peak_past_idx"][i] >= 0)
+    item, target = frame_inputs(sample, t)
+    assert item.cur.shape == target.shape == (6, 64, 64)
+    assert item.pict_type == picts[t] and item.frame_qp == pytest.approx(sample["frame_qp"][t])
+    assert item.seq_qp == 27.0 and item.seq_known
+    assert item.qmap.shape == (1, 64, 64) and item.parts.shape == (4, 64, 64)
+    j = int(sample["peak_past_idx"][t])
+    assert item.refs[0].qp == pytest.approx(sample["frame_qp"][j])
+    assert item.refs[0].pixels.shape == (6, 64, 64) and item.refs[0].cost.shape == (1, 64, 64)
+    assert (item.refs[1] is None) == (sample["peak_future_idx"][t] < 0)
+    # The first frame has no past anchor.
+    assert frame_inputs(sample, 0)[0].refs[0] is None
+    # Crops keep the block grid; dropped references are missing.
+    crop, ctarget = frame_inputs(sample, t, (16, 32, 32), drop_refs=(True, False))
+    assert crop.cur.shape == ctarget.shape == (6, 16, 16) and crop.refs[0] is None
+    assert torch.equal(crop.cur, item.cur[:, 8:24, 16:32])
+    assert torch.equal(crop.qmap, item.qmap[:, 8:24, 16:32])
+    # Blind: the adjacent frames, no QP map, picture type or frame QP; the CRF stays.
+    blind, _ = frame_inputs(sample, t, blind=True)
+    assert blind.qmap is None and blind.parts is None
+    assert blind.pict_type == "?" and blind.frame_qp is None
+    assert blind.seq_qp == 27.0 and all(r is None or r.qp is None for r in blind.refs)
+    assert int(sample["adj_past_idx"][t]) == t - 1 and blind.refs[0] is not None
+    assert torch.equal(blind.cur, item.cur)
+
+
+def test_patch_sampler_is_seeded_and_fits(trained):
+    _, _, work = trained
+    samples = data.load_cache(work / "cache" / "train")
+    a = train.PatchSampler(samples, 32, seed=3, blind_p=0.5, drop_ref_p=0.5)
+    b = train.PatchSampler(samples, 32, seed=3, blind_p=0.5, drop_ref_p=0.5)
+    items, target = a.batch(4)
+    items_b, target_b = b.batch(4)
+    assert target.shape == (4, 6, 16, 16) and torch.equal(target, target_b)
+    for it, ib in zip(items, items_b, strict=True):
+        assert it.cur.shape == (6, 16, 16) and torch.equal(it.cur, ib.cur)
+        assert len(it.refs) == 2
+        for r in it.refs:
+            assert r is None or (r.pixels.shape == (6, 16, 16) and r.cost.shape == (1, 16, 16))
+    assert train.PatchSampler(samples, 144, 0, 0.0, 0.0).samples == []  # 128 px: no 144 patch
+
+
+def test_train_resumes_from_last_checkpoint(trained, tmp_path):
+    _, footage, work = trained
+    work2 = fork_work(work, tmp_path / "w")
+    assert train.main(train_args(footage, work2, 6)) == 0
+    log = log_after(work2 / "train.log", "dataset val: 2 samples cached")
+    assert "dataset train: 2 samples cached" in log and "wrote 2" not in log  # nothing rebuilt
+    assert "resumed from step 4" in log
+    assert "validation at step 6" in log and "validation at step 2" not in log
+    assert "step 6 lr" in log and "step 2 lr" not in log
+    assert torch.load(work2 / "last.pt", weights_only=False)["step"] == 6
+    assert load_model(work2 / "tiny.pt")[3]["step"] in (2, 4, 6)
+
+
+def test_train_export_only(trained, tmp_path):
+    _, footage, work = trained
+    work2 = fork_work(work, tmp_path / "w")
+    before = (work2 / "last.pt").read_bytes()
+    assert train.main(train_args(footage, work2, 6, "--export-only", "--skip-build")) == 0
+    log = log_after(work2 / "train.log", "final validation")
+    assert "exported" in log
+    log = log_after(work2 / "train.log")[len((work / "train.log").read_text()) :]
+    assert "loaded" not in log and "validation at step" not in log and "dataset" not in log
+    assert (work2 / "last.pt").read_bytes() == before  # no training happened
+    best = torch.load(work2 / "best.pt", weights_only=False)
+    model, _, _, meta = load_model(work2 / "tiny.pt")
+    assert meta["step"] == best["step"]
+    for k, v in best["model"].items():
+        assert torch.equal(model.state_dict()[k], v.half().float())
+
+
+@pytest.mark.parametrize("source", ["exported", "checkpoint"])
+def test_train_init_from_model_file(trained, tmp_path, source):
+    _, footage, work = trained
+    init = work / ("tiny.pt" if source == "exported" else "best.pt")
+    init_step = torch.load(work / "best.pt", weights_only=False)["step"]
+    work2 = tmp_path / "w"
+    work2.mkdir()
+    (work2 / "cache").symlink_to(work / "cache")
+    # lr 0: the weights must come out exactly as they went in.
+    args = train_args(footage, work2, 2, "--skip-build", "--init", str(init), "--lr", "0")
+    assert train.main(args) == 0
+    log = (work2 / "train.log").read_text()
+    assert f"initialised from {init} (trained {init_step} steps)" in log
+    assert "resumed" not in log
+    out, out_est, _, _ = load_model(work2 / "tiny.pt")
+    ref, ref_est, _, _ = load_model(work / "tiny.pt")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(out.state_dict()[k], v), k
+    for k, v in ref_est.state_dict().items():
+        assert torch.equal(out_est.state_dict()[k], v), k

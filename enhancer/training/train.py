@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -135,33 +136,22 @@ def build_dataset(footage: Path, work: Path, count: int, seed: int, workers: int
         have = len(list(out.glob("*.npz"))) if out.exists() else 0
         log(f"dataset {name}: {have} samples cached, building the rest")
         t0 = time.time()
+        job = partial(
+            build,
+            footage,
+            out,
+            validation=validation,
+            count=n,
+            seed=seed,
+            val_codec=codec or "libx264",
+        )
         if workers == 1:  # in this process (build sets one torch thread: restore ours)
             threads = torch.get_num_threads()
-            written = build(
-                footage,
-                out,
-                validation=validation,
-                count=n,
-                seed=seed,
-                val_codec=codec or "libx264",
-            )
+            written = job()
             torch.set_num_threads(threads)
         else:
             with ProcessPoolExecutor(workers) as pool:
-                futs = [
-                    pool.submit(
-                        build,
-                        footage,
-                        out,
-                        validation=validation,
-                        count=n,
-                        seed=seed,
-                        val_codec=codec or "libx264",
-                        worker=i,
-                        workers=workers,
-                    )
-                    for i in range(workers)
-                ]
+                futs = [pool.submit(job, worker=i, workers=workers) for i in range(workers)]
                 written = sum(f.result() for f in futs)
         log(f"dataset {name}: wrote {written} in {time.time() - t0:.0f}s")
 

@@ -40,13 +40,7 @@ from enhancer.training.data import EncodeSettings, encode_planes
 from enhancer.training.sources import rgb_to_yuv420
 from tests.enhancer.tiny import psnr
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- input plans

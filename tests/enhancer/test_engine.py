@@ -19,13 +19,7 @@ from enhancer.features import cpu_has_bf16, planes_to_tensor, qp_plane
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, input_plan, reference_indices
 from tests.enhancer.tiny import HEVC_STAGES, decode, same_planes, tiny_policy, write_weights
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -39,12 +39,7 @@ from tests.enhancer.tiny import H, W, item, reference, run, same_planes, tiny_cf
 FLAGS = ("references", "qp_map", "partitions", "phase", "frame_cond")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- model

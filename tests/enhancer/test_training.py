@@ -30,12 +30,7 @@ from enhancer.training.sources import (
 FRAMES, SIZE, VAL_CRFS = 6, (128, 128), (27, 42)  # photo_sequence needs 120 px
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_footage(root: Path) -> Path:

@@ -78,6 +78,12 @@ class _Anchor:
     qp: float | None
 
 
+def _as_samples(out: torch.Tensor, ctx: dict) -> torch.Tensor:
+    """The enhanced frame as the integer samples that are written (what training borrows)."""
+    maxv = (1 << ctx["bit_depth"]) - 1
+    return (out.float().clamp(0.0, 1.0) * maxv).round() / maxv
+
+
 class Engine:
     """Loads the model once; ``process`` may be called for many videos."""
 
@@ -277,12 +283,8 @@ class Engine:
                     yield self._run_one(waiting.popleft(), [anchor, None], info, ctx)
                 continue
             out, n, qp, bits = self._enhance(p, [anchor, None], info, ctx)
-            new = _Anchor(
-                frame.index,
-                p.cur,
-                p.cur if out is None or not self.recurrent else out,
-                frame.side.qp,
-            )
+            kept = p.cur if out is None or not self.recurrent else _as_samples(out, ctx)
+            new = _Anchor(frame.index, p.cur, kept, frame.side.qp)
             while waiting:
                 yield self._run_one(waiting.popleft(), [anchor, new], info, ctx)
             anchor = new

@@ -155,6 +155,7 @@ def decode_sample(data: bytes, clean: list[tuple], settings: EncodeSettings) -> 
         idx = past if name.endswith("past") else future
         refs = np.zeros((n, h * 3 // 2, w), np.uint8)
         costs = np.ones((n, -(-h // 8), -(-w // 8)), np.float16)
+        flows = np.zeros((n, 2, -(-h // 8), -(-w // 8)), np.float16)
         for t in range(n):
             j = idx[t]
             if j < 0:
@@ -165,9 +166,11 @@ def decode_sample(data: bytes, clean: list[tuple], settings: EncodeSettings) -> 
             warped = apply_flow(tens[j][None], flow[None])[0]
             refs[t] = pack(tensor_to_planes(warped, h, w))
             costs[t] = cost.numpy()
+            flows[t] = flow.numpy()
         out[f"{name}_idx"] = np.array(idx, np.int16)
         out[name] = refs
         out[f"{name}_cost"] = costs
+        out[f"{name}_flow"] = flows
     crf = info.rate_control.crf
     return out | {
         "clean": np.stack([pack(p) for p in clean[:n]]),

@@ -2,9 +2,9 @@
 
 Used during training (to catch a model that only learns identity or learns
 to blur), by the early-exit calibration at export and for the ablations of
-the model card. References here are the decoded anchors (as in training);
-the engine's recurrent use of enhanced anchors is measured end to end by
-bench/quality.py.
+the model card. With ``enhanced`` the codec-aware path borrows from the
+anchors as the current model enhanced them (training.anchors), as the
+recurrent engine does; bench/quality.py measures the engine end to end.
 """
 
 from __future__ import annotations
@@ -50,10 +50,13 @@ def validate(
     blind: bool = True,
     bf16: bool = True,
     edit=None,
+    enhanced: bool = False,
 ) -> dict:
     """ΔPSNR-Y per CRF for every stage count (and the blind path at full depth).
 
     ``edit(item, sample, t)`` may change each frame's inputs (ablations).
+    ``enhanced``: the codec-aware path borrows from enhanced anchors (training.anchors
+    attached them), as the recurrent engine does.
     Returns {"crf": {crf: {"input": psnr, "s1": Δ, ..., "blind": Δ}}, "records":
     [(frame_qp, [Δ per stage])] for calibration, "hevc_records": the same for x265
     samples, by CRF}.
@@ -66,7 +69,10 @@ def validate(
         n = min(max_frames, len(sample["dec"]))
         crf = float(sample["crf"])
         for is_blind in [False, True] if blind else [False]:
-            pairs = [frame_inputs(sample, t, blind=is_blind) for t in range(n)]
+            pairs = [
+                frame_inputs(sample, t, blind=is_blind, enhanced=enhanced and not is_blind)
+                for t in range(n)
+            ]
             items = [p[0] for p in pairs]
             if edit is not None:
                 items = [edit(it, sample, t) for t, it in enumerate(items)]

@@ -24,12 +24,15 @@ def frame_inputs(
     crop: tuple[int, int, int] | None = None,
     blind: bool = False,
     drop_refs: tuple[bool, bool] = (False, False),
+    enhanced: bool = False,
 ) -> tuple[FrameInputs, torch.Tensor]:
     """FrameInputs (and the clean target) for frame ``t`` of a cached sample.
 
     ``crop`` = (y0, x0, size) in luma pixels, multiples of 16 so block phase is kept.
     ``blind`` builds what ``--side-info blind`` gives: adjacent references aligned by
     search, no QP map, no picture types; only the CRF from the options SEI, if any.
+    ``enhanced`` takes the quality-peak slots warped from the enhanced anchors
+    (training.anchors), as the recurrent engine does, where the sample has them.
     """
     h = sample["dec"].shape[1] * 2 // 3
     w = sample["dec"].shape[2]
@@ -62,7 +65,9 @@ def frame_inputs(
         cost = sample[f"{name}_cost"][t][g0 : g0 + gh, g1 : g1 + gw]
         cost = torch.from_numpy(cost.astype(np.float32))
         qp = float(fqps[j]) if frame_qp is not None and np.isfinite(fqps[j]) else None
-        refs.append(Reference(planes_to_tensor(cut(sample[name][t])), cost_plane(cost, hh, ww), qp))
+        key = f"{name}_enh" if enhanced and f"{name}_enh" in sample else name
+        pixels = planes_to_tensor(cut(sample[key][t]))
+        refs.append(Reference(pixels, cost_plane(cost, hh, ww), qp))
     item = FrameInputs(
         cur=cur,
         refs=refs,

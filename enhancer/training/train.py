@@ -35,6 +35,7 @@ from enhancer.checkpoint import load_model, save_model
 from enhancer.features import cpu_has_bf16, phase_planes
 from enhancer.network import ModelConfig, QPEstimator, VQENet
 from enhancer.policy import calibrate
+from enhancer.training.anchors import attach_all
 from enhancer.training.data import build, load_cache
 from enhancer.training.evaluate import autocast, format_table, score, validate
 from enhancer.training.samples import frame_inputs
@@ -61,12 +62,20 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class PatchSampler:
     """Random MB-aligned patches with dihedral augmentation and side-info dropout."""
 
-    def __init__(self, samples, patch: int, seed: int, blind_p: float, drop_ref_p: float):
+    def __init__(
+        self,
+        samples,
+        patch: int,
+        seed: int,
+        blind_p: float,
+        drop_ref_p: float,
+        enhanced_p: float = 0.0,
+    ):
         fits = lambda s: min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2]) >= patch  # noqa: E731
         self.samples = [s for s in samples if fits(s)]
         self.patch = patch
         self.rng = np.random.default_rng(seed)
-        self.blind_p, self.drop_ref_p = blind_p, drop_ref_p
+        self.blind_p, self.drop_ref_p, self.enhanced_p = blind_p, drop_ref_p, enhanced_p
 
     def batch(self, n: int):
         items, targets = [], []
@@ -78,7 +87,10 @@ class PatchSampler:
             x0 = int(self.rng.integers(0, (w - self.patch) // 16 + 1)) * 16
             drops = tuple(bool(self.rng.random() < self.drop_ref_p) for _ in range(2))
             blind = self.rng.random() < self.blind_p
-            item, target = frame_inputs(s, t, (y0, x0, self.patch), blind=blind, drop_refs=drops)
+            enhanced = self.rng.random() < self.enhanced_p
+            item, target = frame_inputs(
+                s, t, (y0, x0, self.patch), blind=blind, drop_refs=drops, enhanced=enhanced
+            )
             if self.rng.random() < 0.15:  # streams without an options SEI: CRF unknown
                 item.seq_qp, item.seq_known = None, False
             k = int(self.rng.integers(8))
@@ -200,7 +212,17 @@ def train(args) -> Path:
         est.load_state_dict({k: v.float() for k, v in blob["estimator"].items()})
         log(f"initialised from {args.init} (trained {blob.get('step')} steps)")
     log(f"config {json.dumps(cfg.to_dict())}; {sum(p.numel() for p in model.parameters())} params")
-    sampler = PatchSampler(train_set, args.patch, args.seed + step, args.blind_p, args.drop_ref_p)
+    sampler = PatchSampler(
+        train_set, args.patch, args.seed + step, args.blind_p, args.drop_ref_p, args.enhanced_p
+    )
+
+    def refresh() -> None:  # the references the engine would hand this model
+        t_r = time.time()
+        n = attach_all(train_set, model, est, bf16=bf16)
+        log(f"enhanced the anchors of {n} training sequences in {time.time() - t_r:.0f}s")
+
+    if args.enhanced_p > 0 and (step > 0 or args.init):
+        refresh()
     phase = phase_planes(args.patch // 2, args.patch // 2)[None]
     t0, running = time.time(), []
     while step < args.steps:
@@ -250,7 +272,10 @@ def train(args) -> Path:
                 f"est-L1 {r[-1]:.2f} QP {rate:.2f} it/s"
             )
         if step % args.val_every == 0 or step == args.steps:
-            res = validate(model, est, val_set, max_frames=args.val_frames, bf16=bf16)
+            attach_all(val_set, model, est, bf16=bf16)
+            res = validate(
+                model, est, val_set, max_frames=args.val_frames, bf16=bf16, enhanced=True
+            )
             sc = score(res, cfg.stages)
             log(
                 f"validation at step {step} (ΔPSNR-Y dB vs input, held-out sources), "
@@ -269,6 +294,8 @@ def train(args) -> Path:
                 torch.save(ck, work / "best.pt")
                 log(f"new best {best:+.4f}")
             torch.save(ck, last)
+            if args.enhanced_p > 0 and step % args.refresh_every == 0 and step < args.steps:
+                refresh()
             t0 = time.time()
     return export(work, val_set, args, log)
 
@@ -280,13 +307,15 @@ def export(work: Path, val_set, args, log) -> Path:
     model.load_state_dict(ck["model"])
     est.load_state_dict(ck["estimator"])
     bf16 = not args.fp32 and cpu_has_bf16()
-    res = validate(model, est, val_set, max_frames=16, bf16=bf16)
+    attach_all(val_set, model, est, bf16=bf16)
+    res = validate(model, est, val_set, max_frames=16, bf16=bf16, enhanced=True)
     policy = calibrate(res["records"], model.cfg.stages)
     log("final validation (best checkpoint, all frames)\n" + format_table(res, model.cfg.stages))
     log(f"exit policy: edges {policy.edges} stages {policy.stages}")
     hevc_set = load_cache(work / "cache" / "val-hevc")
     if hevc_set:
-        hevc = validate(model, est, hevc_set, max_frames=16, bf16=bf16)
+        attach_all(hevc_set, model, est, bf16=bf16)
+        hevc = validate(model, est, hevc_set, max_frames=16, bf16=bf16, enhanced=True)
         log("x265 validation\n" + format_table(hevc, model.cfg.stages))
         hevc_policy = calibrate(hevc["hevc_records"], model.cfg.stages)
         policy.hevc_stages, policy.hevc_gains = hevc_policy.stages, hevc_policy.gains
@@ -324,6 +353,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--blind-p", type=float, default=0.25)
     p.add_argument("--drop-ref-p", type=float, default=0.1)
+    p.add_argument(
+        "--enhanced-p",
+        type=float,
+        default=0.8,
+        help="share of codec-aware samples that borrow from enhanced anchors (as the engine)",
+    )
+    p.add_argument(
+        "--refresh-every",
+        type=int,
+        default=2000,
+        help="steps between re-enhancing the training anchors with the current model",
+    )
     p.add_argument("--disable", nargs="*", choices=ABLATIONS, help="ablate model parts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

@@ -6,6 +6,7 @@ two validation CRFs, an 8-channel 2-stage model and a handful of steps.
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 from pathlib import Path
@@ -15,10 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from enhancer.checkpoint import load_model
+from bitstream.reader import open_video
+from enhancer.batch import collate
+from enhancer.checkpoint import load_model, save_model
+from enhancer.engine import Engine
 from enhancer.references import input_plan, reference_indices
 from enhancer.training import data, train
-from enhancer.training.evaluate import format_table, psnr_y, score
+from enhancer.training.anchors import attach_all
+from enhancer.training.evaluate import format_table, luma, psnr_y, score
 from enhancer.training.samples import frame_inputs
 from enhancer.training.sources import (
     VALIDATION_SOURCES,
@@ -327,3 +332,42 @@ def test_train_init_from_model_file(trained, tmp_path, source):
         assert torch.equal(out.state_dict()[k], v), k
     for k, v in ref_est.state_dict().items():
         assert torch.equal(out_est.state_dict()[k], v), k
+
+
+def test_enhanced_anchors_are_what_the_engine_borrows(trained, tmp_path):
+    """Training's enhanced-anchor inputs give the recurrent engine's output, frame for frame."""
+    root, footage, work = trained
+    model, est, policy, meta = load_model(work / "tiny.pt")
+    with torch.no_grad():  # a model whose output moves far from its input, refs included
+        for stage in model.stages:
+            stage.head.weight.mul_(300.0)
+    weights = tmp_path / "loud.pt"
+    save_model(weights, model, est, policy, meta)
+    model, est, _, _ = load_model(weights)
+    photos = sorted((footage / "photos").glob("*.png"))
+    clean = clean_sequence(photos[1], photos, {}, np.random.default_rng(5), 9, SIZE)
+    settings = data.EncodeSettings(crf=37, bframes=2, keyint=250)
+    stream = data.encode_planes(clean, settings)
+    sample = data.decode_sample(stream, clean, settings)
+    picts = ["IPB?"[int(p)] for p in sample["pict"]]
+    assert "B" in picts and picts.count("P") >= 2
+    assert sample["peak_past_flow"].shape == (9, 2, SIZE[1] // 8, SIZE[0] // 8)
+    attach_all([sample], model, est, bf16=False)
+    with open_video(io.BytesIO(stream)) as reader:
+        info, frames = reader.info, list(reader)
+    engine = Engine(weights, device="cpu", stages=2, precision="fp32")
+    got = [f.planes[0] for f, _ in engine.process(iter(frames), info)]
+
+    def predicted(t: int, enhanced: bool) -> np.ndarray:
+        item, _ = frame_inputs(sample, t, enhanced=enhanced)
+        with torch.no_grad():
+            batch = collate([item], model, est)
+            out = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)[-1]
+        return (luma(out).clamp(0, 1) * 255).round()[0, 0].numpy()
+
+    borrowed = [t for t in range(9) if sample["peak_past_idx"][t] > 0 or picts[t] == "B"]
+    assert borrowed
+    for t in borrowed:
+        engine_y = got[t].astype(np.float64)
+        assert np.abs(predicted(t, True) - engine_y).mean() < 0.2, t
+        assert np.abs(predicted(t, False) - engine_y).mean() > 1.0, t

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from bitstream.types import DecodedFrame, FrameSideInfo, SequenceInfo
 from enhancer.align import apply_flow
@@ -42,6 +43,13 @@ from enhancer.options import SIDE_INFO_MODES
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, align_reference, input_plan
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# Transfer (after FAST, Zhang and Sze 2017): where a block's decode matches its aligned
+# enhanced anchor this closely (mean absolute luma difference, 0..1; the cost is blended
+# with the neighbours', so the whole neighbourhood must match), the encoder copied it
+# (skipped, no residual), and so is the anchor's enhanced block taken as it is.
+TRANSFER_COST = 0.75 / 255
+TILE = 32  # half-resolution pixels (64 luma): the unit the network runs or skips
+CONTEXT = 16  # half-resolution pixels around a tile: the network's receptive field
 
 
 @dataclass
@@ -51,6 +59,8 @@ class FrameReport:
     side_info: str  # "bitstream" or "estimated"
     qp: float | None
     seconds: float
+    model_seconds: float = 0.0  # the network's share of ``seconds``
+    transferred: float = 0.0  # share of the frame taken from enhanced anchors, not computed
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -68,6 +78,8 @@ class _Pending:
     frame: DecodedFrame
     cur: torch.Tensor  # (6, h, w) decoded, on the device
     t0: float
+    model_seconds: float = 0.0
+    transferred: float = 0.0
 
 
 @dataclass
@@ -76,6 +88,28 @@ class _Anchor:
     decoded: torch.Tensor  # what alignment matches against
     pixels: torch.Tensor  # what is borrowed: the enhanced output (or the decode)
     qp: float | None
+    enhanced: bool = False  # ``pixels`` are the network's output
+
+
+def _changed_runs(changed: torch.Tensor, h: int, w: int) -> Iterator[tuple[int, int, int, int]]:
+    """Half-res (y0, y1, x0, x1) of each row's runs of changed tiles: one network call each."""
+    for ty, row in enumerate(changed.tolist()):
+        start = None
+        for tx, on in enumerate([*row, False]):
+            if on and start is None:
+                start = tx
+            elif not on and start is not None:
+                yield ty * TILE, min((ty + 1) * TILE, h), start * TILE, min(tx * TILE, w)
+                start = None
+
+
+def _runs_area(changed: torch.Tensor, h: int, w: int) -> int:
+    """Pixels the network computes for the runs, context included."""
+    area = 0
+    for y0, y1, x0, x1 in _changed_runs(changed, h, w):
+        ch = min(y1 + CONTEXT, h) - max(y0 - CONTEXT, 0)
+        area += ch * (min(x1 + CONTEXT, w) - max(x0 - CONTEXT, 0))
+    return area
 
 
 def _as_samples(out: torch.Tensor, ctx: dict) -> torch.Tensor:
@@ -97,6 +131,7 @@ class Engine:
         threads: int | None = None,
         precision: str = "auto",
         recurrent: bool = True,
+        transfer: bool = True,
     ):
         if side_info not in SIDE_INFO_MODES:
             raise ValueError(f"side_info must be one of {SIDE_INFO_MODES}, not {side_info!r}")
@@ -115,6 +150,7 @@ class Engine:
         self.side_info = side_info
         self.tile = tile  # half-resolution tile edge; None = automatic, 0 = never tile
         self.recurrent = recurrent
+        self.transfer = transfer and recurrent
         if threads:
             torch.set_num_threads(threads)
         self.dtype = torch.float32  # of the tensors handed to the model
@@ -159,11 +195,34 @@ class Engine:
     # ------------------------------------------------------------ per frame
 
     def _reference(self, cur, side, anchor: _Anchor | None, index: int, bitstream: bool):
+        """(Reference, per-block cost) of an anchor aligned to ``cur``; (None, None) if none."""
         if anchor is None or anchor.decoded.shape != cur.shape:  # none, or the size changed
-            return None
+            return None, None
         flow, cost = align_reference(cur, anchor.decoded, side, anchor.index - index, bitstream)
         pixels = apply_flow(anchor.pixels[None].float(), flow[None])[0]
-        return Reference(pixels, cost_plane(cost, *cur.shape[1:]), anchor.qp)
+        ref = Reference(pixels, cost_plane(cost, *cur.shape[1:]), anchor.qp)
+        return ref, (cost if anchor.enhanced else None)
+
+    def _transfer_source(self, refs: list, costs: list) -> tuple | None:
+        """(changed-tile mask, pixels to transfer) from the enhanced references, or None."""
+        usable = [(r, c) for r, c in zip(refs, costs, strict=True) if c is not None]
+        if not self.transfer or not usable:
+            return None
+        cost = torch.stack([c for _, c in usable])  # (R, gh, gw) per 8x8 luma block
+        best = cost.argmin(0)
+        same = cost.gather(0, best[None])[0] < TRANSFER_COST
+        if not same.any():
+            return None
+        per = TILE * 2 // 8  # blocks per tile edge
+        changed = F.max_pool2d((~same).float()[None, None], per, per, ceil_mode=True)[0, 0] > 0
+        h, w = usable[0][0].pixels.shape[1:]
+        if _runs_area(changed, h, w) >= h * w:  # the context around the runs costs more
+            return None
+        pixels = torch.stack([r.pixels for r, _ in usable])  # (R, 6, h, w)
+        _, _, h, w = pixels.shape
+        pick = best.repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
+        source = pixels.gather(0, pick[None, None].expand(1, 6, h, w))[0]
+        return changed, source
 
     def _enhance(self, p: _Pending, refs, info: SequenceInfo, ctx) -> tuple:
         p.t0 = time.perf_counter()  # a B-frame's wait for its anchor is not its cost
@@ -175,11 +234,12 @@ class Engine:
         )
         pict = side.pict_type if plan.pict_type and side.sources.get("pict_type") != "none" else "?"
         frame_qp = side.qp if plan.frame_qp and side.qp is not None else None
+        aligned = [
+            self._reference(p.cur, side, a, frame.index, plan.bitstream_vectors) for a in refs
+        ]
         item = FrameInputs(
             cur=p.cur,
-            refs=[
-                self._reference(p.cur, side, a, frame.index, plan.bitstream_vectors) for a in refs
-            ],
+            refs=[r for r, _ in aligned],
             frame_qp=frame_qp,
             pict_type=pict,
             seq_qp=ctx["seq_qp"] if ctx["seq_known"] else ctx["mean_qp"](),
@@ -201,8 +261,27 @@ class Engine:
             n = self.stages
         else:
             n = self._policy_stages(qp, info) if self.policy else self.max_stages
-        out = self._run_model(batch, n)[0] if n > 0 else None
+        p.model_seconds, p.transferred = 0.0, 0.0
+        out = None
+        if n > 0:
+            t_model = time.perf_counter()
+            transfer = self._transfer_source([r for r, _ in aligned], [c for _, c in aligned])
+            if transfer is None:
+                out = self._run_model(batch, n)[0]
+            else:
+                out, p.transferred = self._run_changed(batch, n, *transfer)
+            p.model_seconds = time.perf_counter() - t_model
         return out, n, qp, use_bits
+
+    def _run_region(self, batch, stages: int, y0: int, y1: int, x0: int, x1: int, out) -> None:
+        """Run the network on rows y0:y1, columns x0:x1 (half-res) with context; write ``out``."""
+        x, inp = batch.x, batch.inputs
+        _, _, h, w = x.shape
+        ya, xa = max(y0 - CONTEXT, 0), max(x0 - CONTEXT, 0)
+        yb, xb = min(y1 + CONTEXT, h), min(x1 + CONTEXT, w)
+        crop = inp[:, :, ya:yb, xa:xb].contiguous(memory_format=torch.channels_last)
+        res = self.model(x[:, :, ya:yb, xa:xb], crop, batch.seq_cond, batch.frame_cond, stages)
+        out[:, :, y0:y1, x0:x1] = res[-1][:, :, y0 - ya : y1 - ya, x0 - xa : x1 - xa].float()
 
     @torch.inference_mode()
     def _run_model(self, batch, stages: int) -> torch.Tensor:
@@ -215,22 +294,23 @@ class Engine:
             if not tile or (h <= tile and w <= tile):
                 return self.model(x, inp, batch.seq_cond, batch.frame_cond, stages)[-1].float()
             tile = max(32, tile // 8 * 8)
-            overlap = 16
             out = torch.empty_like(x, dtype=torch.float32)
             for y0 in range(0, h, tile):
                 for x0 in range(0, w, tile):
-                    ya, xa = max(y0 - overlap, 0), max(x0 - overlap, 0)
-                    yb, xb = min(y0 + tile + overlap, h), min(x0 + tile + overlap, w)
-                    res = self.model(
-                        x[:, :, ya:yb, xa:xb],
-                        inp[:, :, ya:yb, xa:xb],
-                        batch.seq_cond,
-                        batch.frame_cond,
-                        stages,
-                    )[-1]
-                    ye, xe = min(y0 + tile, h), min(x0 + tile, w)
-                    out[:, :, y0:ye, x0:xe] = res[:, :, y0 - ya : ye - ya, x0 - xa : xe - xa]
+                    self._run_region(
+                        batch, stages, y0, min(y0 + tile, h), x0, min(x0 + tile, w), out
+                    )
             return out
+
+    @torch.inference_mode()
+    def _run_changed(self, batch, stages: int, changed, source) -> tuple[torch.Tensor, float]:
+        """Transfer ``source`` everywhere, then run the network on each row's changed tiles."""
+        _, _, h, w = batch.x.shape
+        out = source[None].float().clone()
+        with self._amp():
+            for y0, y1, x0, x1 in _changed_runs(changed, h, w):
+                self._run_region(batch, stages, y0, y1, x0, x1, out)
+        return out[0], 1.0 - float(changed.float().mean())
 
     def _finish(self, p: _Pending, out, n, qp, from_bits, ctx):
         frame = p.frame
@@ -246,6 +326,8 @@ class Engine:
             side_info="bitstream" if from_bits else "estimated",
             qp=qp,
             seconds=time.perf_counter() - p.t0,
+            model_seconds=p.model_seconds,
+            transferred=p.transferred,
         )
         return replace(frame, planes=planes), report
 
@@ -283,8 +365,9 @@ class Engine:
                     yield self._run_one(waiting.popleft(), [anchor, None], info, ctx)
                 continue
             out, n, qp, bits = self._enhance(p, [anchor, None], info, ctx)
-            kept = p.cur if out is None or not self.recurrent else _as_samples(out, ctx)
-            new = _Anchor(frame.index, p.cur, kept, frame.side.qp)
+            enhanced = out is not None and self.recurrent
+            kept = _as_samples(out, ctx) if enhanced else p.cur
+            new = _Anchor(frame.index, p.cur, kept, frame.side.qp, enhanced)
             while waiting:
                 yield self._run_one(waiting.popleft(), [anchor, new], info, ctx)
             anchor = new

@@ -17,6 +17,7 @@ from enhancer.batch import FrameInputs, collate
 from enhancer.engine import Engine, pick_device
 from enhancer.features import cpu_has_bf16, planes_to_tensor, qp_plane
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, input_plan, reference_indices
+from enhancer.training.data import EncodeSettings, encode_planes
 from tests.enhancer.tiny import HEVC_STAGES, decode, same_planes, tiny_policy, write_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -315,3 +316,42 @@ def test_engine_ten_bit_odd_size(clip, weights):
         # 10-bit stays 10-bit: the output is near the input, not squeezed into 8 bits.
         assert out.planes[0].max() > 255
         assert np.abs(out.planes[0].astype(int) - src.planes[0].astype(int)).mean() < 60
+
+
+def test_engine_transfers_what_the_encoder_copied(tmp_path, weights):
+    """A static background: its blocks take the enhanced anchor's pixels; only changed tiles run."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (12, 16), dtype=np.uint8).repeat(16, 0).repeat(16, 1)
+    chroma = np.full((96, 128), 128, np.uint8)
+    planes = []
+    for t in range(8):  # one square moves in the top-left corner; the rest never changes
+        y = base.copy()
+        y[16:48, 8 + 4 * t : 40 + 4 * t] = 255
+        planes.append((y, chroma, chroma))
+    path = tmp_path / "static.mp4"
+    path.write_bytes(encode_planes(planes, EncodeSettings(crf=30)))
+    info, frames = decode(path)
+    computed = {}
+
+    def counting(engine, key):
+        computed[key] = 0
+
+        def hook(_, args):
+            computed[key] += args[0].shape[-2] * args[0].shape[-1]
+
+        engine.model.register_forward_pre_hook(hook)
+        return engine
+
+    fast = enhance(counting(Engine(weights, device="cpu", stages=3), "transfer"), info, frames)
+    full = enhance(
+        counting(Engine(weights, device="cpu", stages=3, transfer=False), "full"), info, frames
+    )
+    assert fast[0][1].transferred == 0 and same_planes(fast[0][0].planes, full[0][0].planes)
+    assert all(r.transferred > 0.5 for _, r in fast[1:])
+    assert all(r.transferred == 0 for _, r in full)
+    assert computed["transfer"] < 0.6 * computed["full"]
+    still = (slice(96, None), slice(128, None))  # far from the square and its context
+    first = fast[0][0].planes[0][still]
+    for (f, _), (g, _) in zip(fast[1:], full[1:], strict=True):
+        assert np.array_equal(f.planes[0][still], first)  # the enhanced anchor, carried on
+        assert not np.array_equal(g.planes[0][still], first)  # enhanced again from the decode

@@ -18,15 +18,20 @@ import numpy as np
 RAW_FORMATS = {".264": "h264", ".h264": "h264", ".265": "hevc", ".hevc": "hevc"}
 
 
-def clip_frame_rgb(index: int, width: int, height: int, seed: int = 0) -> np.ndarray:
-    """Frame ``index`` of the synthetic scene as an (H, W, 3) uint8 RGB array."""
+def clip_frame_rgb(
+    index: int, width: int, height: int, seed: int = 0, pan: bool = True
+) -> np.ndarray:
+    """Frame ``index`` of the synthetic scene as an (H, W, 3) uint8 RGB array.
+
+    ``pan=False`` holds the background still (a static camera): only the square moves.
+    """
     rng = np.random.default_rng(seed)
     tex_h, tex_w = height + 64, width + 64
     # Smooth-ish texture: coarse noise upsampled plus fine noise, so motion search locks on.
     coarse = rng.integers(0, 256, size=(tex_h // 8 + 1, tex_w // 8 + 1, 3), dtype=np.uint8)
     tex = np.repeat(np.repeat(coarse, 8, axis=0), 8, axis=1)[:tex_h, :tex_w].astype(np.int16)
     tex = tex // 2 + rng.integers(0, 128, size=(tex_h, tex_w, 3), dtype=np.int16) // 2
-    dx, dy = (2 * index) % 48, index % 32
+    dx, dy = ((2 * index) % 48, index % 32) if pan else (0, 0)
     img = tex[dy : dy + height, dx : dx + width].copy()
     # A bright square moving the other way.
     side = max(8, min(width, height) // 4)
@@ -49,12 +54,14 @@ def make_clip(
     rotation: float | None = None,
     audio: bool = False,
     seed: int = 0,
+    pan: bool = True,
 ) -> Path:
     """Encode a small synthetic clip to ``path`` and return the path.
 
     ``pts`` (with ``time_base``) gives explicit, possibly irregular, timestamps
     (VFR); otherwise frames are spaced at ``rate``. ``rotation`` writes a
     display matrix (counter-clockwise degrees). ``audio`` adds a short sine track.
+    ``pan=False`` holds the camera still.
     """
     path = Path(path)
     width, height = size
@@ -74,7 +81,7 @@ def make_clip(
         if audio:
             astream = out.add_stream("aac", rate=8000)
         for i in range(frames):
-            rgb = clip_frame_rgb(i, width, height, seed)
+            rgb = clip_frame_rgb(i, width, height, seed, pan)
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame = frame.reformat(format=pix_fmt)
             if pts is not None:

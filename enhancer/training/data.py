@@ -8,7 +8,9 @@ bitstream reader, and stored as one ``.npz``: clean and decoded frames,
 QP/partition maps, picture types, frame QPs, the CRF, and for each frame
 its four references already aligned to it (enhancer.references): the
 quality-peak anchors before and after it, and the adjacent frames before and
-after it, each with the per-block matching cost. The split is by source.
+after it, each with the per-block matching cost and the flow (so that
+training.anchors can warp enhanced anchors the same way). The split is by
+source.
 """
 
 from __future__ import annotations

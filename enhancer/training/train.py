@@ -14,6 +14,12 @@ Loss: Charbonnier on the YUV stack (Y 1, U/V 0.5; epsilon 0.01, quadratic
 below about 2.5 grey levels, which PSNR rewards), each sample weighted by
 2^(-(QP-37)/6), the inverse of how coding error grows with QP, so heavily
 compressed samples do not dominate. Every exit is supervised.
+
+References as the engine gives them: the engine is recurrent, so a frame
+borrows from its anchors' *enhanced* outputs. Before training and every
+``--refresh-every`` steps the current model enhances every cached sequence's
+anchors (training.anchors); ``--enhanced-p`` of the codec-aware samples borrow
+from those, the rest from the decoded anchors, and validation always does.
 """
 
 from __future__ import annotations
@@ -334,14 +340,14 @@ def export(work: Path, val_set, args, log) -> Path:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--footage", default="../shared/footage", help="clean photos/ and clips/")
-    p.add_argument("--work", default="runs/vqe-v2", help="cache, checkpoints and log")
-    p.add_argument("--version", default="vqe-v2")
+    p.add_argument("--work", default="runs/vqe-v3", help="cache, checkpoints and log")
+    p.add_argument("--version", default="vqe-v3")
     p.add_argument("--train-count", type=int, default=900, help="encoded training sequences")
     p.add_argument("--steps", type=int, default=30000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--patch", type=int, default=112, help="luma patch size (multiple of 16)")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--channels", type=int, default=48)
+    p.add_argument("--channels", type=int, default=64)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument(

@@ -11,7 +11,9 @@ Every update of a job bumps its ``revision`` (the id of ``/events`` messages).
 A job that ends (or makes progress, when asked) with a ``webhook_url`` gets a
 :class:`WebhookEvent` row in the same transaction: an outbox that whichever
 process runs :class:`service.webhooks.WebhookDispatcher` delivers. The
-``workers`` table holds the heartbeats of live job runners (for metrics).
+``workers`` table holds the heartbeats of live job runners (for metrics); the
+``batches`` table the batches of ``POST /v1/batches``, whose jobs point at them
+(``jobs.batch_id``; see :mod:`service.jobs.batches`).
 
 The store is the source of truth for the queue: ``queue_sent_at`` records when a
 job was last handed to the broker, and :meth:`JobStore.take_for_resend` lets the
@@ -130,6 +132,8 @@ class JobRow(Base):
     webhook_decile: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Last hand-over to the broker (submit or reconciler); None: never sent (queue was down).
     queue_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The batch the job was submitted in (POST /v1/batches), if any.
+    batch_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
 
     @property
     def job_status(self) -> JobStatus:
@@ -167,6 +171,25 @@ class WorkerRow(Base):
     seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
 
+class BatchRow(Base):
+    """A batch: several jobs submitted together (``POST /v1/batches``) with shared options.
+
+    Its status and progress are not stored: they are read from its jobs
+    (``jobs.batch_id``), which run and end one by one like any other job."""
+
+    __tablename__ = "batches"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    job_count: Mapped[int] = mapped_column(Integer, default=0)
+    owner_key: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
+    webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 class Claim(StrEnum):
     """Outcome of :meth:`JobStore.claim`."""
 
@@ -193,6 +216,41 @@ class NewJob:
     owner_key: str | None = None
     webhook_url: str | None = None
     webhook_progress: bool = False
+    batch_id: str | None = None
+    # (code, message): the input was refused at submit; the job is stored as failed
+    # (a batch keeps the other inputs going), with ``expires_at`` like any failed job.
+    error: tuple[str, str] | None = None
+    expires_at: datetime | None = None
+
+
+def new_job_row(new: NewJob) -> JobRow:
+    """The row of a job being submitted: queued, or failed when ``new.error`` says so."""
+    now = utcnow()
+    failed = new.error is not None
+    return JobRow(
+        id=new.id,
+        status=(JobStatus.failed if failed else JobStatus.queued).value,
+        source_kind=new.source_kind,
+        source_filename=new.source_filename,
+        source_url=new.source_url,
+        source_bytes=new.source_bytes,
+        input_ready=new.input_ready and not failed,
+        result_ext=new.result_ext,
+        options=new.options,
+        idempotency_key=new.idempotency_key,
+        frames_total=new.frames_total,
+        owner_key=new.owner_key,
+        webhook_url=new.webhook_url,
+        webhook_progress=new.webhook_progress,
+        batch_id=new.batch_id,
+        error_code=new.error[0] if failed else None,
+        error_message=new.error[1] if failed else None,
+        finished_at=now if failed else None,
+        expires_at=new.expires_at if failed else None,
+        revision=0,
+        created_at=now,
+        updated_at=now,
+    )
 
 
 def encode_cursor(seq: int) -> str:
@@ -286,25 +344,7 @@ class JobStore:
             existing = self.get_by_idempotency_key(new.idempotency_key)
             if existing is not None:
                 return existing, False
-        row = JobRow(
-            id=new.id,
-            status=JobStatus.queued.value,
-            source_kind=new.source_kind,
-            source_filename=new.source_filename,
-            source_url=new.source_url,
-            source_bytes=new.source_bytes,
-            input_ready=new.input_ready,
-            result_ext=new.result_ext,
-            options=new.options,
-            idempotency_key=new.idempotency_key,
-            frames_total=new.frames_total,
-            owner_key=new.owner_key,
-            webhook_url=new.webhook_url,
-            webhook_progress=new.webhook_progress,
-            revision=0,
-            created_at=utcnow(),
-            updated_at=utcnow(),
-        )
+        row = new_job_row(new)
         try:
             with self._session() as s:
                 s.add(row)

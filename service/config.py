@@ -111,6 +111,15 @@ class Settings(BaseSettings):
         Limits.sync_max_frames, "most frames of `POST /v1/enhance` (413 above)", ge=1
     )
     sync_concurrency: int = setting(1, "synchronous enhancements at once", ge=1)
+    batch_max_files: int = setting(
+        100, "most videos (uploads and source URLs) in one `POST /v1/batches`", ge=1
+    )
+    batch_max_bytes: int = setting(
+        16 << 30,
+        "most bytes of all the uploads of one `POST /v1/batches` together (413 above)",
+        shown="16 GiB",
+        ge=1,
+    )
     url_allowlist: CommaList = setting(
         (),
         "comma list of hosts, IPs or CIDRs (optionally `:port`) exempt from the SSRF rules",

@@ -45,7 +45,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-START_TIMEOUT = 60.0
+START_TIMEOUT = 180.0  # a loaded 2-core machine may take minutes to import torch & co.
 
 
 def free_port() -> int:
@@ -112,7 +112,11 @@ class ServiceProcess:
                 cmd, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         if self.kind == "serve":
-            wait_for(self._healthy, START_TIMEOUT, what=f"server on {self.url}\n{self.log()}")
+            try:
+                wait_for(self._healthy, START_TIMEOUT, what=f"server on {self.url}")
+            except BaseException:
+                self.stop(5)  # never leave a server behind that no fixture will stop
+                raise AssertionError(f"server on {self.url} did not start:\n{self.log()}") from None
         return self
 
     def _healthy(self) -> bool:

@@ -2,7 +2,7 @@
 
 It is what ``vqe serve`` hands to uvicorn; OpenAPI at ``/docs``. The routes
 live one resource per module in :mod:`service.api.routes` (health, enhance,
-jobs, events, web); shared state in :mod:`service.api.deps`. Every error is
+jobs, batches, events, web); shared state in :mod:`service.api.deps`. Every error is
 JSON ``{"error": {"code", "message"}}``; the code and status come from
 :func:`service.errors.error_info`, the project's one mapping.
 """
@@ -26,8 +26,8 @@ from enhancer.options import options_error
 from service import logs
 from service.api import auth
 from service.api.deps import Service, error_response
-from service.api.routes import enhance, events, health, jobs, web
-from service.api.schemas import JobCreateRequest
+from service.api.routes import batches, enhance, events, health, jobs, web
+from service.api.schemas import BatchCreateRequest, JobCreateRequest
 from service.config import Settings
 from service.errors import VqeError, error_info, operator_fault
 from service.jobs import metrics
@@ -36,16 +36,18 @@ log = logging.getLogger("vqe.api")
 
 
 def _install_openapi(app: FastAPI) -> None:
-    """Add the models only named in ``openapi_extra`` (the JSON job request) to the spec."""
+    """Add the models only named in ``openapi_extra`` (the JSON job and batch requests) to the
+    spec."""
     default = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             spec = default()
-            extra = JobCreateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            schemas.update(extra.pop("$defs", {}))
-            schemas["JobCreateRequest"] = extra
+            for model in (JobCreateRequest, BatchCreateRequest):
+                extra = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(extra.pop("$defs", {}))
+                schemas[model.__name__] = extra
             app.openapi_schema = spec
         return app.openapi_schema
 
@@ -70,7 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="Codec-aware video quality enhancement",
         description="Upload a video or give a stream URL; get the enhanced video back, "
-        "synchronously for short clips (`/v1/enhance`) or as a batch job (`/v1/jobs`).",
+        "synchronously for short clips (`/v1/enhance`), as a job (`/v1/jobs`) or many at "
+        "once (`/v1/batches`).",
         lifespan=lifespan,
     )
     app.state.service = service
@@ -106,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error")
         return error_response(*error_info(exc))
 
-    for resource in (health, enhance, jobs, events, web):
+    for resource in (health, enhance, jobs, batches, events, web):
         app.include_router(resource.router(service))
     app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
     _install_openapi(app)

@@ -171,16 +171,20 @@ class Service:
             if new.id != row.id:
                 self.storage.remove_job(new.id)
             return row, False
+        self.enqueue(row.id)
+        return row, True
+
+    def enqueue(self, job_id: str) -> None:
+        """Hand a stored, queued job to the backend (a down queue leaves it to the reconciler)."""
         try:
-            self.backend.submit(row.id)
+            self.backend.submit(job_id)
         except Exception as exc:  # noqa: BLE001 - the queue is down: the store keeps the job
             # It stays queued in the store; the reconciler sends it once Redis answers.
             log.warning(
                 "job %s: queue unavailable (%s); kept queued, sent when it is back",
-                row.id,
+                job_id,
                 type(exc).__name__,
             )
-        return row, True
 
     def stored_result(self, job_id: str) -> tuple[JobRow, Path]:
         """The row and result file of a job whose files can be read; else the API's

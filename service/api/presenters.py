@@ -1,5 +1,5 @@
-"""Job rows as the API shows them (``Job``); used by the routes, the event stream and
-the webhook sender. Imports no web framework."""
+"""Job and batch rows as the API shows them (``Job``, ``Batch``); used by the routes, the
+event stream and the webhook sender. Imports no web framework."""
 
 from __future__ import annotations
 
@@ -7,8 +7,19 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from enhancer.options import EnhanceOptions
-from service.api.schemas import Job, JobLinks, JobPhase, JobSource, JobStats, JobStatus
-from service.jobs.store import JobRow, utcnow
+from service.api.schemas import (
+    Batch,
+    BatchJob,
+    BatchLinks,
+    Job,
+    JobLinks,
+    JobPhase,
+    JobSource,
+    JobStats,
+    JobStatus,
+)
+from service.jobs.batches import batch_status, status_counts
+from service.jobs.store import BatchRow, JobRow, utcnow
 
 API_PREFIX = "/v1"
 
@@ -59,7 +70,30 @@ def job_model(row: JobRow) -> Job:
         options=EnhanceOptions.model_validate(row.options),
         stats=stats,
         webhook_url=_redacted(row.webhook_url),
+        batch_id=row.batch_id,
         links=JobLinks(self=base, result=f"{base}/result", cancel=base),
+    )
+
+
+def batch_model(batch: BatchRow, jobs: list[JobRow]) -> Batch:
+    """A batch and, in short, each of its jobs; status and progress come from the jobs."""
+    models = [job_model(row) for row in jobs]
+    counts = status_counts(jobs)
+    done = sum(1.0 if m.status.finished else (m.progress or 0.0) for m in models)
+    base = f"{API_PREFIX}/batches/{batch.id}"
+    return Batch(
+        id=batch.id,
+        status=batch_status(counts),
+        progress=round(done / len(models), 4) if models else 1.0,
+        counts=counts,
+        created_at=batch.created_at,
+        cancel_requested=batch.cancel_requested,
+        options=EnhanceOptions.model_validate(batch.options),
+        jobs=[
+            BatchJob.model_validate(m.model_dump(include=set(BatchJob.model_fields)))
+            for m in models
+        ],
+        links=BatchLinks(self=base, cancel=base),
     )
 
 

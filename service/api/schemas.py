@@ -1,4 +1,4 @@
-"""The HTTP API contract: pydantic models for requests, jobs and errors.
+"""The HTTP API contract: pydantic models for requests, jobs, batches and errors.
 
 The enhancement's options are :class:`enhancer.options.EnhanceOptions`, the one
 model the CLI and the job runner use too; a job's status enums live with the
@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from enhancer.options import EnhanceOptions
-from service.jobs.status import JobPhase, JobStatus
+from service.jobs.status import BatchStatus, JobPhase, JobStatus
 
 
 class ErrorInfo(BaseModel):
@@ -129,11 +129,79 @@ class Job(BaseModel):
     options: EnhanceOptions
     stats: JobStats | None = None
     webhook_url: str | None = Field(None, description="Where the job's events are POSTed.")
+    batch_id: str | None = Field(None, description="The batch the job was submitted in.")
     links: JobLinks
 
 
 class JobList(BaseModel):
     items: list[Job]
+    next_cursor: str | None = Field(
+        None, description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+class BatchCreateRequest(JobOptions):
+    """JSON body of `POST /v1/batches` for source URLs (uploads use multipart instead:
+    one `file` part per video, `source_url` fields, and the option fields)."""
+
+    source_urls: list[str] = Field(
+        description="http, https, rtmp, rtsp or HLS URLs, one job each.", min_length=1
+    )
+
+    @field_validator("source_urls")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not isinstance(url, str) or not url.strip() or len(url) > 4096:
+                raise ValueError("each source URL must be a non-empty string of at most 4096")
+        return value
+
+
+class BatchJob(BaseModel):
+    """One video of a batch: its job, in short (`links.self` has the whole job)."""
+
+    id: str
+    status: JobStatus
+    phase: JobPhase | None = None
+    progress: float | None = Field(None, ge=0, le=1)
+    frames_done: int = 0
+    frames_total: int | None = None
+    fps: float | None = None
+    error: ErrorInfo | None = Field(None, description="Why the job failed (or was refused).")
+    source: JobSource
+    stats: JobStats | None = None
+    expired: bool = False
+    deleted: bool = False
+    links: JobLinks
+
+
+class BatchLinks(BaseModel):
+    self: str
+    cancel: str = Field(description="`DELETE` this to cancel the jobs that have not finished.")
+
+
+class Batch(BaseModel):
+    id: str
+    status: BatchStatus = Field(
+        description="From the jobs: queued (none started), running, succeeded (all), "
+        "partial (all ended, some succeeded), failed (all ended, none succeeded), canceled."
+    )
+    progress: float = Field(
+        ge=0,
+        le=1,
+        description="Share of the batch done: ended jobs count whole, running "
+        "ones by their frames.",
+    )
+    counts: dict[str, int] = Field(description="Jobs per status.")
+    created_at: datetime
+    cancel_requested: bool = False
+    options: EnhanceOptions
+    jobs: list[BatchJob] = Field(description="One per video, in the order they were given.")
+    links: BatchLinks
+
+
+class BatchList(BaseModel):
+    items: list[Batch]
     next_cursor: str | None = Field(
         None, description="Pass as `cursor` to get the next page; null on the last page."
     )

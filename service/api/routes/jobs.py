@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from service.api.schemas import (
     JobOptions,
     JobStatus,
 )
-from service.api.uploads import MAX_JSON_BYTES, drain, multipart_schema, receive_multipart
+from service.api.uploads import drain, multipart_schema, read_json_object, receive_multipart
 from service.config import Settings
 from service.errors import ApiError
 from service.ingest.fetch import fetch_source
@@ -105,18 +104,7 @@ def router(service: Service) -> APIRouter:
         )
 
     async def _job_from_json(request: Request, job_id: str, tmp: Path) -> NewJob:
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > MAX_JSON_BYTES:
-                raise ApiError(413, "request_too_large", "the JSON body is too large")
-        try:
-            values = json.loads(body)
-        except ValueError:
-            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
-        if not isinstance(values, dict):
-            raise ApiError(422, "invalid_request", "the JSON body must be an object")
-        req = parse_options(values, JobCreateRequest)
+        req = parse_options(await read_json_object(request), JobCreateRequest)
         hook = await run_in_threadpool(_webhook_of, req)
         fetched = await run_in_threadpool(
             fetch_source,

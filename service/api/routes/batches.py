@@ -1,0 +1,280 @@
+"""Batches: ``/v1/batches`` (submit, list) and ``/v1/batches/{id}`` (status, cancel).
+
+A batch is many videos with one set of options: one job per video, grouped. The
+request is multipart (one ``file`` part per upload, ``source_url`` fields, the
+option fields of ``POST /v1/jobs``) or JSON ``{"source_urls": [...], options}``.
+Each input is checked like a job's (probed, URL rules, limits); one that is refused
+becomes a job that is already ``failed`` with its error, and the others run. What
+fails the whole request (4xx, nothing stored): bad options or webhook URL, more than
+``VQE_BATCH_MAX_FILES`` videos, uploads over ``VQE_BATCH_MAX_BYTES`` together, no
+video at all. ``Idempotency-Key``, API-key ownership and webhooks (per job, with
+the job's ``batch_id``) work as for jobs.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse
+from python_multipart.multipart import parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from enhancer.options import parse_options
+from service.api import auth
+from service.api.deps import API_PREFIX, ERROR_RESPONSES, Service
+from service.api.presenters import batch_model
+from service.api.schemas import (
+    OPTION_FIELDS,
+    Batch,
+    BatchCreateRequest,
+    BatchList,
+    JobOptions,
+    JobStatus,
+)
+from service.api.uploads import (
+    BatchPart,
+    batch_multipart_schema,
+    drain,
+    read_json_object,
+    receive_batch,
+    too_many,
+)
+from service.errors import ApiError, VqeError, error_info, operator_fault
+from service.ingest.fetch import fetch_source
+from service.ingest.probe import check_limits, probe_file
+from service.jobs.batches import BatchStore, NewBatch
+from service.jobs.storage import is_job_id, new_job_id
+from service.jobs.store import BatchRow, NewJob, decode_cursor, utcnow
+from service.jobs.webhooks import check_url
+
+
+def router(service: Service) -> APIRouter:
+    """The routes of this resource, bound to ``service``."""
+    settings = service.settings
+    storage = service.storage
+    batches = BatchStore(service.store)
+    router = APIRouter()
+
+    @router.post(
+        f"{API_PREFIX}/batches",
+        tags=["batches"],
+        status_code=202,
+        response_model=Batch,
+        responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {"schema": batch_multipart_schema()},
+                    "application/json": {
+                        "schema": {"$ref": "#/components/schemas/BatchCreateRequest"}
+                    },
+                },
+            }
+        },
+    )
+    async def create_batch(
+        request: Request,
+        idempotency_key: str | None = Header(None, max_length=255),
+    ) -> JSONResponse:
+        """Submit several videos with shared options: multipart (`file` parts, `source_url`
+        fields, options) or JSON `{"source_urls": [...], options}`. The answer is 202 with
+        the batch: one job per video (uploads first, then URLs, in the order given); an
+        input that is refused is a failed job with its error. Repeating a request with the
+        same `Idempotency-Key` returns the original batch."""
+        idempotency_key = auth.scoped(idempotency_key)
+        if idempotency_key:
+            existing = await run_in_threadpool(batches.get_by_idempotency_key, idempotency_key)
+            if existing is not None:
+                await drain(request)
+                return await _answer(existing, 202, **{"Idempotent-Replayed": "true"})
+        ctype, _ = parse_options_header(request.headers.get("content-type", ""))
+        batch_id = new_job_id()
+        files: list[BatchPart] = []
+        jobs: list[NewJob] = []
+        try:
+            if ctype == b"application/json":
+                req = parse_options(await read_json_object(request), BatchCreateRequest)
+                if len(req.source_urls) > settings.batch_max_files:
+                    raise too_many(settings.batch_max_files)
+                options: JobOptions = req
+                urls = req.source_urls
+            else:
+                upload = await receive_batch(
+                    request,
+                    storage.tmp_path,
+                    settings.limits.max_upload_bytes,
+                    settings.batch_max_bytes,
+                    settings.batch_max_files,
+                )
+                files, urls = upload.files, upload.source_urls
+                options = parse_options(upload.fields, JobOptions)
+            hook = await run_in_threadpool(_webhook_of, options)
+            shared = {
+                "options": {k: v for k, v in options.model_dump().items() if k in OPTION_FIELDS},
+                "owner_key": auth.owner(),
+                "batch_id": batch_id,
+                **hook,
+            }
+            for part in files:
+                jobs.append(await run_in_threadpool(_upload_job, part, shared))
+            for url in urls:
+                jobs.append(await run_in_threadpool(_url_job, url, shared))
+            new = NewBatch(
+                id=batch_id,
+                options=shared["options"],
+                owner_key=auth.owner(),
+                idempotency_key=idempotency_key,
+                webhook_url=hook["webhook_url"],
+            )
+            batch, created = await run_in_threadpool(batches.create, new, jobs)
+        except BaseException:
+            for job in jobs:
+                storage.remove_job(job.id)
+            raise
+        finally:
+            for part in files:
+                part.path.unlink(missing_ok=True)
+        if not created:  # lost a race with the same Idempotency-Key: the first one stands
+            for job in jobs:
+                storage.remove_job(job.id)
+            return await _answer(batch, 202, **{"Idempotent-Replayed": "true"})
+        for job in jobs:
+            if job.error is None:
+                await run_in_threadpool(service.enqueue, job.id)
+        return await _answer(batch, 202)
+
+    def _webhook_of(options: JobOptions) -> dict[str, Any]:
+        url = check_url(options.webhook_url, service.ctx.policy, settings)
+        return {"webhook_url": url, "webhook_progress": bool(url and options.webhook_progress)}
+
+    def _refused(exc: BaseException) -> tuple[str, str]:
+        """(code, message) of an input the user can fix; anything else is raised again."""
+        if not isinstance(exc, VqeError) or operator_fault(exc) is not None or exc.status >= 500:
+            raise exc
+        _status, code, message = error_info(exc)
+        return code, message
+
+    def _expiry() -> datetime:
+        return utcnow() + timedelta(seconds=settings.retention)
+
+    def _upload_job(part: BatchPart, shared: dict[str, Any]) -> NewJob:
+        job_id = new_job_id()
+        base = {"id": job_id, "source_kind": "upload", "source_filename": part.filename}
+        try:
+            if part.error is not None:
+                raise part.error
+            report = probe_file(part.path)
+            check_limits(report, settings.limits)
+        except Exception as exc:  # noqa: BLE001 - _refused raises what is not the input's fault
+            return NewJob(**base, **shared, error=_refused(exc), expires_at=_expiry())
+        storage.adopt_input(job_id, part.path)
+        return NewJob(
+            **base,
+            **shared,
+            source_bytes=part.size,
+            result_ext=report.result_ext,
+            frames_total=report.frames,
+        )
+
+    def _url_job(url: str, shared: dict[str, Any]) -> NewJob:
+        job_id = new_job_id()
+        base = {"id": job_id, "source_kind": "url", "source_url": url[:4096]}
+        tmp = storage.tmp_path()
+        try:
+            fetched = fetch_source(
+                url, tmp, service.ctx.policy, settings.limits, settings.url_timeout
+            )
+            if fetched.local:
+                storage.adopt_input(job_id, tmp)
+        except Exception as exc:  # noqa: BLE001 - _refused raises what is not the input's fault
+            return NewJob(**base, **shared, error=_refused(exc), expires_at=_expiry())
+        finally:
+            tmp.unlink(missing_ok=True)
+        return NewJob(
+            **base,
+            **shared,
+            source_bytes=fetched.size,
+            input_ready=fetched.local,
+            result_ext=fetched.report.result_ext if fetched.local else ".mkv",
+            frames_total=fetched.report.frames,
+        )
+
+    async def _answer(batch: BatchRow, status: int, **headers: str) -> JSONResponse:
+        jobs = (await run_in_threadpool(batches.jobs, [batch.id]))[batch.id]
+        headers.setdefault("Location", f"{API_PREFIX}/batches/{batch.id}")
+        body = batch_model(batch, jobs).model_dump(mode="json")
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def _batch_or_404(batch_id: str) -> BatchRow:
+        row = batches.get(batch_id) if is_job_id(batch_id) else None
+        if row is None or not auth.may_see(row.owner_key):
+            raise ApiError(404, "not_found", f"no batch {batch_id!r}")
+        return row
+
+    @router.get(
+        f"{API_PREFIX}/batches",
+        tags=["batches"],
+        response_model=BatchList,
+        responses=ERROR_RESPONSES,
+    )
+    async def list_batches(
+        limit: int = Query(20, ge=1, le=100),
+        cursor: str | None = Query(None, max_length=64),
+    ) -> BatchList:
+        """Batches, newest first, each with its jobs; follow `next_cursor` for the next page."""
+        try:
+            if cursor:
+                decode_cursor(cursor)
+        except ValueError:
+            raise ApiError(400, "invalid_cursor", "cursor is not valid") from None
+        rows, next_cursor = await run_in_threadpool(
+            batches.list, limit, cursor, auth.owner(), auth.is_admin()
+        )
+        jobs = await run_in_threadpool(batches.jobs, [r.id for r in rows])
+        return BatchList(items=[batch_model(r, jobs[r.id]) for r in rows], next_cursor=next_cursor)
+
+    @router.get(
+        f"{API_PREFIX}/batches/{{batch_id}}",
+        tags=["batches"],
+        response_model=Batch,
+        responses=ERROR_RESPONSES,
+    )
+    async def get_batch(batch_id: str) -> JSONResponse:
+        """Aggregate status and progress, counts per status, and each job with its links."""
+        return await _answer(await run_in_threadpool(_batch_or_404, batch_id), 200)
+
+    @router.delete(
+        f"{API_PREFIX}/batches/{{batch_id}}",
+        tags=["batches"],
+        response_model=Batch,
+        responses={
+            202: {"model": Batch, "description": "Cancellation requested of running jobs."},
+            **ERROR_RESPONSES,
+        },
+    )
+    async def cancel_batch(batch_id: str) -> JSONResponse:
+        """Cancel the batch's jobs that have not finished: queued ones at once (200), running
+        ones when their worker notices (202). Finished jobs and their results stay."""
+        return await run_in_threadpool(_cancel, batch_id)
+
+    def _cancel(batch_id: str) -> JSONResponse:
+        batch = _batch_or_404(batch_id)
+        batches.mark_cancel(batch.id)
+        pending = False
+        for job in batches.jobs([batch.id])[batch.id]:
+            if JobStatus(job.status).finished:
+                continue
+            row = service.store.request_cancel(job.id) or job
+            if JobStatus(row.status).finished:
+                storage.remove_job(job.id)
+            else:
+                pending = True
+        batch = batches.get(batch.id) or batch
+        jobs = batches.jobs([batch.id])[batch.id]
+        body = batch_model(batch, jobs).model_dump(mode="json")
+        return JSONResponse(body, status_code=202 if pending else 200)
+
+    return router

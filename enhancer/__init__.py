@@ -1,12 +1,13 @@
 """Torch side: side info -> tensors, the early-exit model, training, inference engine.
 
-The library's entry point is :func:`enhancer.enhance` (see :mod:`enhancer.api`);
+The library's entry point is :func:`enhancer.enhance` (see :mod:`enhancer.api`), and
+:func:`enhancer.enhance_many` for many videos with one model load;
 it is imported lazily so ``import enhancer.network`` stays as light as before.
 """
 
 from typing import Any
 
-__all__ = ["EnhanceOptions", "Summary", "enhance"]
+__all__ = ["BatchResult", "EnhanceOptions", "Summary", "enhance", "enhance_many"]
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,9 @@
     summary = enhance("in.mp4", "out.mp4", {"stages": "auto", "crf": 20})
     print(summary.frames, summary.fps, summary.stages_histogram)
 
+Many videos with one model load: ``enhance_many(inputs, output_dir, options)``
+(see :mod:`enhancer.multi`).
+
 It reads ``input`` (a path, a URL or a binary file object) with
 :mod:`bitstream.reader`, runs :class:`enhancer.engine.Engine` on every frame
 and writes ``output`` with :mod:`bitstream.writer`, streaming (see
@@ -19,10 +22,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from enhancer.multi import BatchResult, enhance_many
 from enhancer.options import EnhanceOptions
 from enhancer.pipeline import EnhanceResult, Pipeline, Progress, Source
 
-__all__ = ["EnhanceOptions", "Progress", "Summary", "enhance"]
+__all__ = ["BatchResult", "EnhanceOptions", "Progress", "Summary", "enhance", "enhance_many"]
 
 Summary = EnhanceResult  # frames, seconds, fps, stages histogram, mean QP, side info, output
 

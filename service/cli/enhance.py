@@ -5,6 +5,9 @@ terminal; otherwise the command is quiet except for warnings. ``--json``
 prints a summary object on stdout. Bad input, options or output exit 2 with
 one line on stderr (see ``service.cli``); option values are checked by
 :class:`enhancer.options.EnhanceOptions`, as in the API.
+
+Many videos (``vqe enhance a.mp4 b.mkv -o OUTDIR``, or ``vqe enhance INDIR OUTDIR``)
+run with one model load: see :mod:`service.cli.batch`.
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ import json
 import re
 import signal
 import sys
-import time
 from dataclasses import asdict
-from typing import TextIO
+from pathlib import Path
 
 from bitstream.errors import UserError
 from bitstream.writer import CODECS, CRF_RANGE, PRESETS, STDOUT
 from enhancer.options import SIDE_INFO_MODES, parse_options
-from enhancer.pipeline import Pipeline, Progress
+from enhancer.pipeline import Pipeline
+from service.cli.batch import run_batch as _run_batch
+from service.cli.progress import ProgressLine
 
-REDRAW_SECONDS = 0.2
+__all__ = ["ProgressLine", "add_parser", "run"]
 
 
 def _device(value: str) -> str:
@@ -42,8 +46,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "tags and rotation are kept."
         ),
     )
-    p.add_argument("input", help="video file or stream URL")
-    p.add_argument("output", help="output file (.mp4, .mkv, .mov) or - for stdout")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="INPUT [OUTPUT]",
+        help="INPUT OUTPUT: a video file or stream URL, and the output file (.mp4, .mkv, "
+        ".mov; - for stdout). Several videos: INPUT... -o OUTDIR (files or folders), or "
+        "INDIR OUTDIR",
+    )
+    p.add_argument(
+        "-o",
+        "--output-dir",
+        default=None,
+        metavar="OUTDIR",
+        help="enhance every INPUT (files, or the videos in folders) into OUTDIR/<its name>, "
+        "with one model load",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="several videos: enhance again the ones whose output exists (default: skip them)",
+    )
     # Option values are checked by enhancer.options.EnhanceOptions (one line, exit 2).
     p.add_argument(
         "--codec",
@@ -95,58 +118,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-class ProgressLine:
-    """Redraws one status line on a terminal: phase, frames, fps, ETA."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self._last = 0.0
-        self._drawn = False
-
-    def __call__(self, progress: Progress) -> None:
-        now = time.monotonic()
-        final = progress.phase == "encoding"
-        if not final and now - self._last < REDRAW_SECONDS:
-            return
-        self._last = now
-        self.stream.write("\r" + self.render(progress) + "\x1b[K")
-        self.stream.flush()
-        self._drawn = True
-
-    @staticmethod
-    def render(p: Progress) -> str:
-        if p.phase == "probing":
-            return "probing the input..."
-        if p.frames_total:
-            done = min(p.frames_done / p.frames_total, 1.0)
-            bar = "#" * int(done * 20)
-            count = f"[{bar:<20}] {p.frames_done}/{p.frames_total}"
-        else:
-            count = f"{p.frames_done}"
-        eta = "" if p.eta_seconds is None else f"  ETA {_clock(p.eta_seconds)}"
-        return f"{p.phase:9s} {count} frames  {p.fps:.1f} fps{eta}"
-
-    def close(self) -> None:
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+OPTION_ARGS = ("codec", "quality", "crf", "preset", "stages", "side_info", "max_frames")
+
+
 def run(args: argparse.Namespace) -> int:
+    paths: list[str] = args.paths
+    if args.output_dir is not None:
+        return run_batch(args, paths, args.output_dir)
+    if len(paths) == 2 and Path(paths[0]).is_dir():
+        return run_batch(args, paths[:1], paths[1])
+    if len(paths) != 2:
+        raise UserError(
+            "give INPUT OUTPUT, or several inputs with -o OUTDIR"
+            if len(paths) > 2
+            else "missing OUTPUT (or -o OUTDIR)"
+        )
+    args.input, args.output = paths
     if args.json and args.output == STDOUT:
         raise UserError("--json prints to stdout, which OUTPUT - already uses")
-    fields = ("codec", "quality", "crf", "preset", "stages", "side_info", "max_frames")
-    options = parse_options({name: getattr(args, name) for name in fields})
+    options = parse_options({name: getattr(args, name) for name in OPTION_ARGS})
     pipeline = Pipeline(device=args.device, tile=args.tile)
     bar = ProgressLine(sys.stderr) if sys.stderr.isatty() else None
     # SIGTERM unwinds like Ctrl-C, so the partial output is removed.
@@ -172,3 +166,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def run_batch(args: argparse.Namespace, inputs: list[str], output_dir: str) -> int:
+    options = parse_options({name: getattr(args, name) for name in OPTION_ARGS})
+    return _run_batch(inputs, output_dir, options, args)

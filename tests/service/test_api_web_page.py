@@ -24,11 +24,26 @@ from tests.service_fixtures import Api, ServiceProcess, missing
 API_KEY = "web-page-test-key"
 IMAGES = ("img-before", "img-after", "img-mv", "img-partitions", "img-qp")
 JOB_TIMEOUT_MS = 120_000
+SUBMIT_TIMEOUT_MS = 90_000  # upload + probe; slow on a loaded 2-core machine
+UI_TIMEOUT_MS = 30_000
 
 DROP_FILE = """([name, data]) => {
   const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
   const transfer = new DataTransfer();
   transfer.items.add(new File([bytes], name, { type: "video/mp4" }));
+  const zone = document.getElementById("drop");
+  for (const type of ["dragenter", "dragover", "drop"]) {
+    zone.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true,
+                                             cancelable: true }));
+  }
+}"""
+
+DROP_FILES = """(items) => {
+  const transfer = new DataTransfer();
+  for (const [name, data] of items) {
+    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+    transfer.items.add(new File([bytes], name, { type: "video/mp4" }));
+  }
   const zone = document.getElementById("drop");
   for (const type of ["dragenter", "dragover", "drop"]) {
     zone.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true,
@@ -110,7 +125,7 @@ def test_page_upload_progress_and_comparison(
             assert page.title().startswith("vqe")
 
             if keys_enforced:  # the page meets a 401 and asks for the key
-                page.wait_for_selector("#auth:not([hidden])", timeout=10_000)
+                page.wait_for_selector("#auth:not([hidden])", timeout=UI_TIMEOUT_MS)
                 page.fill("#api-key", API_KEY)
                 page.click("#auth-form button[type=submit]")
                 page.wait_for_selector("#auth", state="hidden", timeout=5_000)
@@ -122,7 +137,7 @@ def test_page_upload_progress_and_comparison(
             page.select_option("#opt-stages", "1")
             page.click("#submit-button")
 
-            page.wait_for_selector("#job:not([hidden])", timeout=15_000)
+            page.wait_for_selector("#job:not([hidden])", timeout=SUBMIT_TIMEOUT_MS)
             job_id = page.text_content("#job-id")
             assert job_id and len(job_id) == 32, job_id
             page.wait_for_function(
@@ -160,7 +175,7 @@ def test_page_upload_progress_and_comparison(
             assert "inset(0px 7" in clip_path or "inset(0 7" in clip_path, clip_path
 
             # The recent-jobs list shows the job.
-            page.wait_for_selector(f"#jobs-body tr[data-id='{job_id}']", timeout=10_000)
+            page.wait_for_selector(f"#jobs-body tr[data-id='{job_id}']", timeout=UI_TIMEOUT_MS)
             row = page.text_content(f"#jobs-body tr[data-id='{job_id}']")
             assert "web.mp4" in row and "succeeded" in row, row
 
@@ -172,6 +187,95 @@ def test_page_upload_progress_and_comparison(
 
             for folder in _artifact_dirs(tmp_path):
                 page.screenshot(path=str(folder / "web-page.png"), full_page=True)
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+def _launch(pw, chromium: str):
+    return pw.chromium.launch(
+        executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"]
+    )
+
+
+def _give_key(page, server: ServiceProcess) -> None:
+    """Answer the page's API-key prompt when the server enforces keys."""
+    if httpx.get(f"{server.url}/v1/jobs", timeout=10).status_code == 401:
+        page.wait_for_selector("#auth:not([hidden])", timeout=UI_TIMEOUT_MS)
+        page.fill("#api-key", API_KEY)
+        page.click("#auth-form button[type=submit]")
+        page.wait_for_selector("#auth", state="hidden", timeout=5_000)
+
+
+def test_page_batch_of_several_files(chromium: str, server: ServiceProcess, tmp_path: Path) -> None:
+    """Three files dropped at once (one corrupt) make one batch; the page follows it to the
+    end and shows each file's status, progress, error and download."""
+    from playwright import sync_api
+
+    good = [make_clip(tmp_path / f"b{n}.mp4", size=(64, 48), frames=n) for n in (3, 5)]
+    items = [[p.name, base64.b64encode(p.read_bytes()).decode()] for p in good]
+    items.insert(1, ["broken.mp4", base64.b64encode(os.urandom(2000)).decode()])
+
+    with sync_api.sync_playwright() as pw:
+        browser = _launch(pw, chromium)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1400})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{server.url}/")
+            _give_key(page, server)
+
+            page.evaluate(DROP_FILES, items)
+            names = page.text_content("#file-name")
+            assert "3 files" in names and "broken.mp4" in names, names
+            page.select_option("#opt-stages", "1")
+            page.click("#submit-button")
+
+            page.wait_for_selector("#batch:not([hidden])", timeout=SUBMIT_TIMEOUT_MS)
+            batch_id = page.text_content("#batch-id")
+            assert batch_id and len(batch_id) == 32, batch_id
+            assert page.locator("#job").is_hidden()  # a batch, not a single job
+            page.wait_for_function(
+                "() => !['queued', 'running', ''].includes("
+                "document.getElementById('batch-status').textContent)",
+                timeout=JOB_TIMEOUT_MS,
+            )
+            assert page.text_content("#batch-status") == "partial"
+            assert "100%" in page.text_content("#batch-text")
+            assert page.locator("#batch-cancel").is_hidden()
+
+            rows = page.locator("#batch-body tr")
+            assert rows.count() == 3
+            names = [rows.nth(i).locator("td.name").text_content() for i in range(3)]
+            assert names == ["b3.mp4", "broken.mp4", "b5.mp4"], names
+            statuses = [rows.nth(i).get_attribute("data-status") for i in range(3)]
+            assert statuses == ["succeeded", "failed", "succeeded"], statuses
+            failed = rows.nth(1).locator("td.error").text_content()
+            assert "not a video" in failed and "unsupported_input" in failed, failed
+            for i, frames in ((0, 3), (2, 5)):
+                row = rows.nth(i)
+                assert f"{frames} / {frames}" in row.text_content(), row.text_content()
+                assert "100%" in row.locator("td.progress").text_content()
+
+            # Each result downloads (through the key when there is one).
+            for i in (0, 2):
+                with page.expect_download(timeout=30_000) as download:
+                    rows.nth(i).locator("button.download").click()
+                saved = download.value.path()
+                assert saved is not None and Path(saved).stat().st_size > 0
+
+            # "compare" opens that job in the job card.
+            job_id = rows.nth(2).get_attribute("data-id")
+            rows.nth(2).locator("button.details").click()
+            page.wait_for_selector("#job:not([hidden])", timeout=UI_TIMEOUT_MS)
+            assert page.text_content("#job-id") == job_id
+            page.wait_for_function(
+                "() => document.getElementById('job-status').textContent === 'succeeded'",
+                timeout=30_000,
+            )
+
+            for folder in _artifact_dirs(tmp_path):
+                page.screenshot(path=str(folder / "web-page-batch.png"), full_page=True)
             assert not errors, errors
         finally:
             browser.close()

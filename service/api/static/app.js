@@ -1,4 +1,5 @@
-// The vqe web page: submit a video to the jobs API, follow its progress, compare the result.
+// The vqe web page: submit a video to the jobs API (several: a batch), follow its progress,
+// compare the result.
 // Plain browser JavaScript, no libraries. Every API call goes through api(), which sends the
 // API key (if one is saved) and shows the key field when the server answers 401.
 "use strict";
@@ -13,7 +14,9 @@ const FIT_MAX_HEIGHT = 540; // px: the "fit" zoom keeps the comparison about thi
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  file: null, // the File chosen or dropped
+  files: [], // the Files chosen or dropped (two or more make a batch)
+  batchId: null, // the batch shown in the batch card
+  batchTimer: null,
   jobId: null, // the job shown in the job card
   job: null, // its latest JSON
   pollTimer: null,
@@ -81,6 +84,7 @@ function setupAuth() {
     $("auth").hidden = true;
     refreshJobs();
     if (state.jobId) openJob(state.jobId);
+    if (state.batchId) openBatch(state.batchId);
   });
   $("auth-clear").addEventListener("click", () => {
     try { localStorage.removeItem(KEY_STORE); } catch (_e) { /* private mode */ }
@@ -90,10 +94,12 @@ function setupAuth() {
 
 // -- submitting -----------------------------------------------------------------------------
 
-function setFile(file) {
-  state.file = file || null;
-  $("file-name").textContent = file ? `${file.name} (${formatBytes(file.size)})` : "";
-  if (file) $("source-url").value = "";
+function setFiles(files) {
+  state.files = Array.from(files || []);
+  const names = state.files.map((f) => `${f.name} (${formatBytes(f.size)})`);
+  $("file-name").textContent =
+    names.length > 1 ? `${names.length} files, one batch: ${names.join(", ")}` : names.join("");
+  if (state.files.length) $("source-url").value = "";
 }
 
 function setupSubmit() {
@@ -106,7 +112,7 @@ function setupSubmit() {
   drop.addEventListener("keydown", (event) => {
     if (event.key === "Enter" || event.key === " ") { event.preventDefault(); $("file").click(); }
   });
-  $("file").addEventListener("change", () => setFile($("file").files[0]));
+  $("file").addEventListener("change", () => setFiles($("file").files));
   for (const name of ["dragenter", "dragover"]) {
     drop.addEventListener(name, (event) => { event.preventDefault(); drop.classList.add("over"); });
   }
@@ -115,10 +121,10 @@ function setupSubmit() {
     event.preventDefault();
     drop.classList.remove("over");
     const files = event.dataTransfer && event.dataTransfer.files;
-    if (files && files.length) setFile(files[0]);
+    if (files && files.length) setFiles(files);
   });
   $("source-url").addEventListener("input", () => {
-    if ($("source-url").value.trim()) { setFile(null); $("file").value = ""; }
+    if ($("source-url").value.trim()) { setFiles([]); $("file").value = ""; }
   });
   $("job-form").addEventListener("submit", (event) => { event.preventDefault(); submitJob(); });
 }
@@ -139,13 +145,19 @@ async function submitJob() {
   const error = $("submit-error");
   error.textContent = "";
   const url = $("source-url").value.trim();
-  if (!state.file && !url) { error.textContent = "Choose a video file or give a stream URL."; return; }
+  if (!state.files.length && !url) { error.textContent = "Choose a video file or give a stream URL."; return; }
   const button = $("submit-button");
   button.disabled = true;
   try {
     let job;
-    if (state.file) {
-      job = await uploadJob(state.file, options());
+    if (state.files.length > 1) {
+      const batch = await upload("/v1/batches", state.files, options());
+      openBatch(batch.id, batch);
+      refreshJobs();
+      return;
+    }
+    if (state.files.length) {
+      job = await upload("/v1/jobs", state.files, options());
     } else {
       const values = options();
       if (values.stages !== "auto") values.stages = Number(values.stages);
@@ -165,25 +177,27 @@ async function submitJob() {
   }
 }
 
-function uploadJob(file, values) {
-  // XMLHttpRequest rather than fetch: it reports upload progress.
+function upload(path, files, values) {
+  // XMLHttpRequest rather than fetch: it reports upload progress. One `file` part per video.
   return new Promise((resolve, reject) => {
     const form = new FormData();
     for (const [k, v] of Object.entries(values)) form.append(k, v);
-    form.append("file", file, file.name);
+    for (const file of files) form.append("file", file, file.name);
+    const label = files.length > 1 ? `${files.length} files` : files[0].name;
+    const shown = $("file-name").textContent;
     const xhr = new XMLHttpRequest();
-    xhr.open("POST", "/v1/jobs");
+    xhr.open("POST", path);
     for (const [k, v] of Object.entries(authHeaders())) xhr.setRequestHeader(k, v);
     xhr.upload.onprogress = (event) => {
       if (event.lengthComputable) {
         $("file-name").textContent =
-          `${file.name}: uploading ${Math.round((100 * event.loaded) / event.total)}%`;
+          `${label}: uploading ${Math.round((100 * event.loaded) / event.total)}%`;
       }
     };
     xhr.onload = () => {
       let body = null;
       try { body = JSON.parse(xhr.responseText); } catch (_e) { /* not JSON */ }
-      $("file-name").textContent = `${file.name} (${formatBytes(file.size)})`;
+      $("file-name").textContent = shown;
       if (xhr.status === 401) {
         showAuth(body && body.error ? body.error.message : "HTTP 401");
         reject(new AuthNeeded("API key needed"));
@@ -440,9 +454,11 @@ function setupCompare() {
   });
 }
 
-async function download() {
-  const id = state.jobId;
-  if (!id) return;
+function download() {
+  if (state.jobId) downloadResult(state.jobId, $("job-error"));
+}
+
+async function downloadResult(id, errorBox) {
   const url = `/v1/jobs/${id}/result`;
   if (!apiKey()) { window.location.href = url; return; } // plain download, streamed to disk
   try {
@@ -458,8 +474,120 @@ async function download() {
     link.remove();
     setTimeout(() => URL.revokeObjectURL(blobUrl), 60000);
   } catch (exc) {
-    if (!(exc instanceof AuthNeeded)) $("job-error").textContent = exc.message;
+    if (!(exc instanceof AuthNeeded)) errorBox.textContent = exc.message;
   }
+}
+
+// -- following a batch ----------------------------------------------------------------------
+
+function openBatch(id, batch) {
+  clearTimeout(state.batchTimer);
+  state.batchId = id;
+  history.replaceState(null, "", `#batch=${id}`);
+  $("batch").hidden = false;
+  $("batch-id").textContent = id;
+  $("batch-error").textContent = "";
+  if (batch) showBatch(batch);
+  pollBatch();
+}
+
+async function pollBatch() {
+  const id = state.batchId;
+  if (!id) return;
+  let batch;
+  try {
+    batch = await apiJson(`/v1/batches/${id}`);
+  } catch (exc) {
+    if (exc instanceof AuthNeeded) return;
+    $("batch-error").textContent = exc.message;
+    if (id === state.batchId) state.batchTimer = setTimeout(pollBatch, 3 * POLL_MS);
+    return;
+  }
+  if (id !== state.batchId) return;
+  showBatch(batch);
+  clearTimeout(state.batchTimer);
+  if (!isBatchFinished(batch.status)) state.batchTimer = setTimeout(pollBatch, POLL_MS);
+  else refreshJobs();
+}
+
+function isBatchFinished(status) {
+  return !["queued", "running"].includes(status);
+}
+
+function showBatch(batch) {
+  const status = $("batch-status");
+  status.textContent = batch.status;
+  status.className = `status ${batch.status}`;
+  const pct = Math.round(batch.progress * 1000) / 10;
+  $("batch-bar-fill").style.width = `${pct}%`;
+  $("batch-bar-fill").parentElement.setAttribute("aria-valuenow", String(pct));
+  const counts = Object.entries(batch.counts).filter(([, n]) => n).map(([s, n]) => `${n} ${s}`);
+  $("batch-text").textContent = `${pct}% · ${batch.jobs.length} videos: ${counts.join(", ")}`;
+  $("batch-cancel").hidden = isBatchFinished(batch.status);
+  const body = $("batch-body");
+  body.replaceChildren();
+  for (const job of batch.jobs) body.append(batchRow(job));
+}
+
+function batchRow(job) {
+  const row = document.createElement("tr");
+  row.dataset.id = job.id;
+  row.dataset.status = job.status;
+  const cell = (text, className) => {
+    const td = document.createElement("td");
+    if (className) td.className = className;
+    if (text !== undefined) td.textContent = text;
+    row.append(td);
+    return td;
+  };
+  cell(job.source.filename || job.source.url || job.source.kind, "name");
+  const badge = document.createElement("span");
+  badge.className = `status ${job.status}`;
+  badge.textContent = job.status;
+  cell(undefined, "state").append(badge);
+  const pct = job.status === "failed" || job.progress == null ? null : Math.round(job.progress * 100);
+  const progress = cell(undefined, "progress");
+  if (pct != null) {
+    const bar = document.createElement("span");
+    bar.className = "bar small";
+    const fill = document.createElement("span");
+    fill.className = "fill";
+    fill.style.display = "block";
+    fill.style.width = `${pct}%`;
+    bar.append(fill);
+    progress.append(bar, `${pct}%`);
+  }
+  cell(job.frames_total ? `${job.frames_done} / ${job.frames_total}` : job.frames_done ? String(job.frames_done) : "");
+  const result = cell(undefined, job.error ? "error" : "result");
+  if (job.error) {
+    result.textContent = `${job.error.message} (${job.error.code})`;
+  } else if (job.status === "succeeded" && !job.deleted && !job.expired) {
+    const get = document.createElement("button");
+    get.type = "button";
+    get.className = "download";
+    get.textContent = "download";
+    get.addEventListener("click", () => downloadResult(job.id, $("batch-error")));
+    const details = document.createElement("button");
+    details.type = "button";
+    details.className = "secondary details";
+    details.textContent = "compare";
+    details.addEventListener("click", () => openJob(job.id));
+    result.append(get, details);
+  }
+  return row;
+}
+
+function setupBatch() {
+  $("batch-cancel").addEventListener("click", async () => {
+    const id = state.batchId;
+    if (!id) return;
+    try {
+      await apiJson(`/v1/batches/${id}`, { method: "DELETE" });
+    } catch (exc) {
+      if (!(exc instanceof AuthNeeded)) $("batch-error").textContent = exc.message;
+    }
+    pollBatch();
+  });
 }
 
 // -- the per-frame plot ---------------------------------------------------------------------
@@ -645,10 +773,13 @@ function start() {
   setupAuth();
   setupSubmit();
   setupCompare();
+  setupBatch();
   refreshJobs();
   setInterval(() => { if (!document.hidden) refreshJobs(); }, JOBS_REFRESH_MS);
   const match = /job=([0-9a-f]{32})/.exec(window.location.hash);
   if (match) openJob(match[1]);
+  const batch = /batch=([0-9a-f]{32})/.exec(window.location.hash);
+  if (batch) openBatch(batch[1]);
 }
 
 start();

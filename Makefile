@@ -37,4 +37,5 @@ bench: venv
 	$(BIN)/python -m bench.load
 
 bench-quality: venv
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python bench/quality.py --footage ../shared/footage

@@ -3,9 +3,13 @@
 Columns (ΔPSNR-Y in dB over the decoded input, all stages):
 
 - full: the codec-aware path as the engine runs it (quality-peak anchors,
-  enhanced, aligned by the bitstream's vectors and matching);
+  enhanced, aligned by the bitstream's vectors and matching, copied blocks
+  transferred);
+- no transfer: the same, every block computed;
 - raw refs: the same with the anchors' decoded pictures instead of their
   enhanced outputs (no recurrence);
+- peaks (enhanced, val) / (raw, val): the training-time validation with the
+  anchors as this model enhances them (training.anchors) or as decoded;
 - adjacent: the neighbouring frames instead of the quality peaks (all other
   side information kept);
 - no refs: no reference frames at all;
@@ -35,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.quality import decode, psnr  # noqa: E402
 from enhancer.checkpoint import load_model  # noqa: E402
 from enhancer.engine import Engine  # noqa: E402
+from enhancer.training.anchors import attach_all  # noqa: E402
 from enhancer.training.data import EncodeSettings, decode_sample, encode_planes  # noqa: E402
 from enhancer.training.evaluate import validate  # noqa: E402
 from enhancer.training.samples import frame_inputs  # noqa: E402
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     engines = {
         "full": Engine(args.weights, device="cpu", stages=3),
+        "no transfer": Engine(args.weights, device="cpu", stages=3, transfer=False),
         "raw refs": Engine(args.weights, device="cpu", stages=3, recurrent=False),
         "blind": Engine(args.weights, device="cpu", stages=3, side_info="blind"),
     }
@@ -103,8 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         ):
             res = validate(model, est, samples, max_frames=args.frames, blind=False, edit=edit)
             cols[crf][name].append(res["crf"][crf][f"s{model.cfg.stages}"])
+        attach_all(samples, model, est)
+        res = validate(model, est, samples, max_frames=args.frames, blind=False, enhanced=True)
+        cols[crf]["peaks (enhanced, val)"].append(res["crf"][crf][f"s{model.cfg.stages}"])
         print(f"done CRF {crf:g}", file=sys.stderr, flush=True)
-    names = ["full", "raw refs", "peaks (raw, val)", "adjacent", "no refs", "blind"]
+    names = [
+        "full",
+        "no transfer",
+        "raw refs",
+        "peaks (enhanced, val)",
+        "peaks (raw, val)",
+        "adjacent",
+        "no refs",
+        "blind",
+    ]
     print("| CRF | " + " | ".join(names) + " |")
     print("| --- |" + " --- |" * len(names))
     table = {}

@@ -42,7 +42,8 @@ class BatchLine:
         item = report.item
         if report.progress is None:
             if item.status == "failed":
-                self.note(f"vqe enhance: error: {item.input}: {item.error}")
+                error = item.error or ""
+                self.note(f"vqe enhance: error: {_named(item.input, error)}")
             elif item.status == "done" and item.result is not None:
                 for warning in item.result.warnings:
                     self.note(f"vqe enhance: warning: {item.input}: {warning}")
@@ -60,6 +61,11 @@ class BatchLine:
     def close(self) -> None:
         if self.line is not None:
             self.line.close()
+
+
+def _named(path: str, message: str) -> str:
+    """``message`` about the video ``path``, naming it once."""
+    return message if path in message else f"{path}: {message}"
 
 
 def run_batch(

@@ -40,19 +40,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "enhance",
         help="enhance a video (pixels only; audio, subtitles, timestamps kept)",
+        usage=(
+            "%(prog)s [options] INPUT OUTPUT\n"
+            "       %(prog)s [options] INPUT... -o OUTDIR\n"
+            "       %(prog)s [options] INDIR OUTDIR"
+        ),
         description=(
             "Enhance INPUT into OUTPUT (.mp4, .mkv, .mov; - writes Matroska to stdout). "
             "Only the picture changes: other streams are copied, timestamps, colour "
-            "tags and rotation are kept."
+            "tags and rotation are kept. Several videos (files, or the videos in folders) "
+            "go into OUTDIR/<their names> with one model load; outputs that exist are "
+            "skipped (--overwrite: done again)."
         ),
     )
     p.add_argument(
         "paths",
         nargs="+",
-        metavar="INPUT [OUTPUT]",
-        help="INPUT OUTPUT: a video file or stream URL, and the output file (.mp4, .mkv, "
-        ".mov; - for stdout). Several videos: INPUT... -o OUTDIR (files or folders), or "
-        "INDIR OUTDIR",
+        metavar="INPUT",
+        help="a video file or stream URL, then OUTPUT (a file, or - for stdout); "
+        "with -o, every argument is an input (a file or a folder); INDIR OUTDIR: a folder in, "
+        "a folder out",
     )
     p.add_argument(
         "-o",

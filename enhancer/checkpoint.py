@@ -12,7 +12,7 @@ from enhancer.policy import ExitPolicy
 
 FORMAT = "vqe-model/2"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v2.pt"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v3.pt"
 
 
 def save_model(

@@ -438,7 +438,7 @@ def test_load_model_rejects_missing_and_foreign_files(tmp_path):
 
 def test_shipped_weights_load_and_run():
     """Holds for the placeholder and for trained weights alike."""
-    assert DEFAULT_WEIGHTS.name == "vqe-v2.pt" and DEFAULT_WEIGHTS.exists()
+    assert DEFAULT_WEIGHTS.name == "vqe-v3.pt" and DEFAULT_WEIGHTS.exists()
     assert torch.load(DEFAULT_WEIGHTS, weights_only=True)["format"] == FORMAT
     model, est, pol, meta = load_model()
     assert isinstance(model, VQENet) and isinstance(est, QPEstimator)

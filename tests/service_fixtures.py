@@ -1,7 +1,8 @@
 """Helpers for the service tests: real processes on loopback, no mocks.
 
 * :class:`ServiceProcess` starts ``python -m service.cli serve`` (or ``worker``)
-  on a free port with its own data directory and environment.
+  on a free port with its own data directory and environment; :func:`module_server`
+  is a module fixture's server.
 * :func:`run_redis` / :class:`RedisServer`: a private ``redis-server`` on a free
   port, without persistence, that a test can restart empty on the same port.
 * :class:`PostgresServer`: a private PostgreSQL cluster from Debian's
@@ -162,6 +163,15 @@ class ServiceProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def module_server(
+    tmp_path_factory: pytest.TempPathFactory, name: str, env: dict[str, str]
+) -> Iterator[ServiceProcess]:
+    """``vqe serve`` with ``env`` over a new data folder ``name``, for a module-scoped
+    fixture to ``yield from``: stopped when the fixture is torn down."""
+    with ServiceProcess("serve", tmp_path_factory.mktemp(name), env) as srv:
+        yield srv
 
 
 class Api:

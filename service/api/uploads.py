@@ -75,15 +75,19 @@ class _MultipartReceiver:
         name = params.get(b"name", b"").decode("utf-8", "replace")
         filename = params.get(b"filename")
         if name == "file":
-            if self.writer is not None:
-                raise ApiError(400, "invalid_request", "only one `file` part is allowed")
-            self.upload.filename = filename.decode("utf-8", "replace")[:255] if filename else None
-            self.upload.path = self.dest
-            self.writer = BoundedWriter(self.dest, self.limit)
+            self._file_begin(filename.decode("utf-8", "replace")[:255] if filename else None)
         elif filename is not None:
             raise ApiError(400, "invalid_request", f"unexpected file part {name!r}; use `file`")
         else:
             self._field_name = name
+
+    def _file_begin(self, filename: str | None) -> None:
+        """A ``file`` part begins (``filename`` as the client named it, cut to 255)."""
+        if self.writer is not None:
+            raise ApiError(400, "invalid_request", "only one `file` part is allowed")
+        self.upload.filename = filename
+        self.upload.path = self.dest
+        self.writer = BoundedWriter(self.dest, self.limit)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._field_name is not None:
@@ -142,20 +146,11 @@ class _BatchReceiver(_MultipartReceiver):
         if len(self.batch.files) + len(self.batch.source_urls) >= self.max_inputs:
             raise too_many(self.max_inputs)
 
-    def _headers_finished(self) -> None:
-        _, params = parse_options_header(self._headers.get("content-disposition", ""))
-        name = params.get(b"name", b"").decode("utf-8", "replace")
-        filename = params.get(b"filename")
-        if name == "file":
-            self._count()
-            shown = filename.decode("utf-8", "replace")[:255] if filename else None
-            self._part = BatchPart(self.new_path(), shown)
-            self.batch.files.append(self._part)
-            self.writer = BoundedWriter(self._part.path, self.limit)
-        elif filename is not None:
-            raise ApiError(400, "invalid_request", f"unexpected file part {name!r}; use `file`")
-        else:
-            self._field_name = name
+    def _file_begin(self, filename: str | None) -> None:
+        self._count()
+        self._part = BatchPart(self.new_path(), filename)
+        self.batch.files.append(self._part)
+        self.writer = BoundedWriter(self._part.path, self.limit)
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._field_name is not None:
@@ -212,24 +207,15 @@ async def receive_batch(
     Raises 413 when the parts together pass ``total`` bytes or there are more than
     ``max_inputs`` videos, 422 when there is none; every received file is removed then.
     """
-    ctype, params = parse_options_header(request.headers.get("content-type", ""))
-    boundary = params.get(b"boundary")
-    if ctype != b"multipart/form-data" or not boundary:
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "send multipart/form-data with `file` parts, or JSON with `source_urls`",
-        )
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > total + MULTIPART_OVERHEAD:
-        await drain(request)
-        raise batch_too_large(total)
+    boundary = await _boundary(
+        request,
+        "send multipart/form-data with `file` parts, or JSON with `source_urls`",
+        total,
+        lambda: batch_too_large(total),
+    )
     receiver = _BatchReceiver(dest, limit, total, max_inputs)
-    parser = MultipartParser(boundary, receiver.callbacks())
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
+        await _feed(request, boundary, receiver)
     except UploadTooLarge:
         receiver.abort()
         await drain(request)
@@ -256,6 +242,31 @@ def batch_too_large(total: int) -> ApiError:
 def too_large(limit: int, sync: bool) -> ApiError:
     hint = " Submit large videos as a batch job: POST /v1/jobs." if sync else ""
     return ApiError(413, "input_too_large", f"the upload is larger than {limit} bytes.{hint}")
+
+
+async def _boundary(
+    request: Request, hint: str, limit: int, too_big: Callable[[], ApiError]
+) -> bytes:
+    """The multipart boundary of the request: 415 (with ``hint``) when it is not
+    ``multipart/form-data``; ``too_big()`` when its declared length is over ``limit`` and
+    :data:`MULTIPART_OVERHEAD` (the body is drained first)."""
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise ApiError(415, "unsupported_media_type", hint)
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
+        await drain(request)
+        raise too_big()
+    return boundary
+
+
+async def _feed(request: Request, boundary: bytes, receiver: _MultipartReceiver) -> None:
+    """Stream the request body through a multipart parser into ``receiver``."""
+    parser = MultipartParser(boundary, receiver.callbacks())
+    async for chunk in request.stream():
+        parser.write(chunk)
+    parser.finalize()
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
@@ -286,20 +297,15 @@ async def drain(request: Request) -> None:
 
 async def receive_multipart(request: Request, dest: Path, limit: int, *, sync: bool) -> Upload:
     """Stream a ``multipart/form-data`` body to ``dest`` (the ``file`` part) with a limit."""
-    ctype, params = parse_options_header(request.headers.get("content-type", ""))
-    boundary = params.get(b"boundary")
-    if ctype != b"multipart/form-data" or not boundary:
-        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with a `file` part")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit + MULTIPART_OVERHEAD:
-        await drain(request)
-        raise too_large(limit, sync)
+    boundary = await _boundary(
+        request,
+        "send multipart/form-data with a `file` part",
+        limit,
+        lambda: too_large(limit, sync),
+    )
     receiver = _MultipartReceiver(dest, limit)
-    parser = MultipartParser(boundary, receiver.callbacks())
     try:
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
+        await _feed(request, boundary, receiver)
     except UploadTooLarge:
         await drain(request)
         raise too_large(limit, sync) from None

@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from tests.clips import make_audio_only, make_clip
-from tests.service_fixtures import Api, ServiceProcess, count_frames, make_hls, serve_files
+from tests.service_fixtures import (
+    Api,
+    ServiceProcess,
+    count_frames,
+    make_hls,
+    module_server,
+    serve_files,
+)
 
 MAX_UPLOAD = 300_000
 SYNC_MAX_FRAMES = 12
@@ -49,9 +56,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, file_server) -> Iterator[Se
         "VQE_SYNC_MAX_FRAMES": str(SYNC_MAX_FRAMES),
         "VQE_URL_TIMEOUT": "10",
     }
-    env.pop("VQE_QUEUE_URL", None)
-    with ServiceProcess("serve", tmp_path_factory.mktemp("api-data"), env) as srv:
-        yield srv
+    yield from module_server(tmp_path_factory, "api-data", env)
 
 
 @pytest.fixture(scope="module")

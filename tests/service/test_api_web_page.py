@@ -19,24 +19,13 @@ import httpx
 import pytest
 
 from tests.clips import make_clip
-from tests.service_fixtures import Api, ServiceProcess, missing
+from tests.service_fixtures import Api, ServiceProcess, missing, module_server
 
 API_KEY = "web-page-test-key"
 IMAGES = ("img-before", "img-after", "img-mv", "img-partitions", "img-qp")
 JOB_TIMEOUT_MS = 120_000
 SUBMIT_TIMEOUT_MS = 90_000  # upload + probe; slow on a loaded 2-core machine
 UI_TIMEOUT_MS = 30_000
-
-DROP_FILE = """([name, data]) => {
-  const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
-  const transfer = new DataTransfer();
-  transfer.items.add(new File([bytes], name, { type: "video/mp4" }));
-  const zone = document.getElementById("drop");
-  for (const type of ["dragenter", "dragover", "drop"]) {
-    zone.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true,
-                                             cancelable: true }));
-  }
-}"""
 
 DROP_FILES = """(items) => {
   const transfer = new DataTransfer();
@@ -89,9 +78,7 @@ def chromium() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     env = {"VQE_API_KEYS": API_KEY}
-    env.pop("VQE_QUEUE_URL", None)
-    with ServiceProcess("serve", tmp_path_factory.mktemp("web-data"), env) as srv:
-        yield srv
+    yield from module_server(tmp_path_factory, "web-data", env)
 
 
 def _artifact_dirs(tmp_path: Path) -> list[Path]:
@@ -132,7 +119,7 @@ def test_page_upload_progress_and_comparison(
                 assert page.evaluate("localStorage.getItem('vqe-api-key')") == API_KEY
 
             data = base64.b64encode(clip.read_bytes()).decode()
-            page.evaluate(DROP_FILE, ["web.mp4", data])
+            page.evaluate(DROP_FILES, [["web.mp4", data]])
             assert "web.mp4" in page.text_content("#file-name")
             page.select_option("#opt-stages", "1")
             page.click("#submit-button")

@@ -17,7 +17,13 @@ import httpx
 import pytest
 
 from tests.clips import make_clip
-from tests.service_fixtures import ServiceProcess, count_frames, serve_files, wait_for
+from tests.service_fixtures import (
+    ServiceProcess,
+    count_frames,
+    module_server,
+    serve_files,
+    wait_for,
+)
 from tests.webhook_receiver import Receiver, run_receiver
 
 KEY, OTHER_KEY = "batch-key-1", "batch-key-2"
@@ -69,9 +75,7 @@ def server(
         "VQE_BATCH_MAX_BYTES": str(MAX_BYTES),
         "VQE_URL_TIMEOUT": "10",
     }
-    env.pop("VQE_QUEUE_URL", None)
-    with ServiceProcess("serve", tmp_path_factory.mktemp("batch-data"), env) as srv:
-        yield srv
+    yield from module_server(tmp_path_factory, "batch-data", env)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,13 @@ from enhancer.options import parse_options
 from service.api import auth
 from service.api.deps import API_PREFIX, ERROR_RESPONSES, Service
 from service.api.presenters import batch_model
+from service.api.routes.submit import (
+    REPLAYED,
+    check_cursor,
+    replayed,
+    request_body,
+    webhook_of,
+)
 from service.api.schemas import (
     OPTION_FIELDS,
     Batch,
@@ -36,7 +43,6 @@ from service.api.schemas import (
 from service.api.uploads import (
     BatchPart,
     batch_multipart_schema,
-    drain,
     read_json_object,
     receive_batch,
     too_many,
@@ -46,8 +52,7 @@ from service.ingest.fetch import fetch_source
 from service.ingest.probe import check_limits, probe_file
 from service.jobs.batches import BatchStore, NewBatch
 from service.jobs.storage import is_job_id, new_job_id
-from service.jobs.store import BatchRow, NewJob, decode_cursor, utcnow
-from service.jobs.webhooks import check_url
+from service.jobs.store import BatchRow, NewJob, utcnow
 
 
 def router(service: Service) -> APIRouter:
@@ -63,17 +68,7 @@ def router(service: Service) -> APIRouter:
         status_code=202,
         response_model=Batch,
         responses=ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {"schema": batch_multipart_schema()},
-                    "application/json": {
-                        "schema": {"$ref": "#/components/schemas/BatchCreateRequest"}
-                    },
-                },
-            }
-        },
+        openapi_extra=request_body(batch_multipart_schema(), "BatchCreateRequest"),
     )
     async def create_batch(
         request: Request,
@@ -85,11 +80,9 @@ def router(service: Service) -> APIRouter:
         input that is refused is a failed job with its error. Repeating a request with the
         same `Idempotency-Key` returns the original batch."""
         idempotency_key = auth.scoped(idempotency_key)
-        if idempotency_key:
-            existing = await run_in_threadpool(batches.get_by_idempotency_key, idempotency_key)
-            if existing is not None:
-                await drain(request)
-                return await _answer(existing, 202, **{"Idempotent-Replayed": "true"})
+        existing = await replayed(request, idempotency_key, batches.get_by_idempotency_key)
+        if existing is not None:
+            return await _answer(existing, 202, **REPLAYED)
         ctype, _ = parse_options_header(request.headers.get("content-type", ""))
         batch_id = new_job_id()
         files: list[BatchPart] = []
@@ -111,7 +104,7 @@ def router(service: Service) -> APIRouter:
                 )
                 files, urls = upload.files, upload.source_urls
                 options = parse_options(upload.fields, JobOptions)
-            hook = await run_in_threadpool(_webhook_of, options)
+            hook = await run_in_threadpool(webhook_of, service, options)
             shared = {
                 "options": {k: v for k, v in options.model_dump().items() if k in OPTION_FIELDS},
                 "owner_key": auth.owner(),
@@ -140,15 +133,11 @@ def router(service: Service) -> APIRouter:
         if not created:  # lost a race with the same Idempotency-Key: the first one stands
             for job in jobs:
                 storage.remove_job(job.id)
-            return await _answer(batch, 202, **{"Idempotent-Replayed": "true"})
+            return await _answer(batch, 202, **REPLAYED)
         for job in jobs:
             if job.error is None:
                 await run_in_threadpool(service.enqueue, job.id)
         return await _answer(batch, 202)
-
-    def _webhook_of(options: JobOptions) -> dict[str, Any]:
-        url = check_url(options.webhook_url, service.ctx.policy, settings)
-        return {"webhook_url": url, "webhook_progress": bool(url and options.webhook_progress)}
 
     def _refused(exc: BaseException) -> tuple[str, str]:
         """(code, message) of an input the user can fix; anything else is raised again."""
@@ -225,11 +214,7 @@ def router(service: Service) -> APIRouter:
         cursor: str | None = Query(None, max_length=64),
     ) -> BatchList:
         """Batches, newest first, each with its jobs; follow `next_cursor` for the next page."""
-        try:
-            if cursor:
-                decode_cursor(cursor)
-        except ValueError:
-            raise ApiError(400, "invalid_cursor", "cursor is not valid") from None
+        check_cursor(cursor)
         rows, next_cursor = await run_in_threadpool(
             batches.list, limit, cursor, auth.owner(), auth.is_admin()
         )

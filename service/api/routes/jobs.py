@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -15,6 +14,13 @@ from enhancer.options import parse_options
 from service.api import auth
 from service.api.deps import API_PREFIX, ERROR_RESPONSES, MEDIA_TYPES, Service
 from service.api.presenters import job_model
+from service.api.routes.submit import (
+    REPLAYED,
+    check_cursor,
+    replayed,
+    request_body,
+    webhook_of,
+)
 from service.api.schemas import (
     OPTION_FIELDS,
     WEBHOOK_FIELDS,
@@ -24,14 +30,12 @@ from service.api.schemas import (
     JobOptions,
     JobStatus,
 )
-from service.api.uploads import drain, multipart_schema, read_json_object, receive_multipart
+from service.api.uploads import multipart_schema, read_json_object, receive_multipart
 from service.config import Settings
-from service.errors import ApiError
 from service.ingest.fetch import fetch_source
 from service.ingest.probe import ProbeReport, check_limits, probe_file
 from service.jobs.storage import new_job_id
-from service.jobs.store import JobRow, NewJob, decode_cursor
-from service.jobs.webhooks import check_url
+from service.jobs.store import JobRow, NewJob
 
 
 def router(service: Service) -> APIRouter:
@@ -45,17 +49,7 @@ def router(service: Service) -> APIRouter:
         status_code=202,
         response_model=Job,
         responses=ERROR_RESPONSES,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "multipart/form-data": {"schema": multipart_schema()},
-                    "application/json": {
-                        "schema": {"$ref": "#/components/schemas/JobCreateRequest"}
-                    },
-                },
-            }
-        },
+        openapi_extra=request_body(multipart_schema(), "JobCreateRequest"),
     )
     async def create_job(
         request: Request,
@@ -66,11 +60,9 @@ def router(service: Service) -> APIRouter:
         the job and its links. Repeating a request with the same `Idempotency-Key`
         returns the original job."""
         idempotency_key = auth.scoped(idempotency_key)
-        if idempotency_key:
-            existing = service.store.get_by_idempotency_key(idempotency_key)
-            if existing is not None:
-                await drain(request)
-                return _job_response(existing, 202, **{"Idempotent-Replayed": "true"})
+        existing = await replayed(request, idempotency_key, service.store.get_by_idempotency_key)
+        if existing is not None:
+            return _job_response(existing, 202, **REPLAYED)
         ctype, _ = parse_options_header(request.headers.get("content-type", ""))
         job_id = new_job_id()
         tmp = service.storage.tmp_path()
@@ -83,13 +75,13 @@ def router(service: Service) -> APIRouter:
             tmp.unlink(missing_ok=True)
         new = replace(new, idempotency_key=idempotency_key, owner_key=auth.owner())
         row, created = await run_in_threadpool(service.submit, new)
-        headers = {} if created else {"Idempotent-Replayed": "true"}
+        headers = {} if created else REPLAYED
         return _job_response(row, 202, **headers)
 
     async def _job_from_upload(request: Request, job_id: str, tmp: Path) -> NewJob:
         upload = await receive_multipart(request, tmp, settings.limits.max_upload_bytes, sync=False)
         options = parse_options(upload.fields, JobOptions)
-        hook = await run_in_threadpool(_webhook_of, options)
+        hook = await run_in_threadpool(webhook_of, service, options)
         report = await run_in_threadpool(_probe_checked, tmp, settings)
         service.storage.adopt_input(job_id, tmp)
         return NewJob(
@@ -105,7 +97,7 @@ def router(service: Service) -> APIRouter:
 
     async def _job_from_json(request: Request, job_id: str, tmp: Path) -> NewJob:
         req = parse_options(await read_json_object(request), JobCreateRequest)
-        hook = await run_in_threadpool(_webhook_of, req)
+        hook = await run_in_threadpool(webhook_of, service, req)
         fetched = await run_in_threadpool(
             fetch_source,
             req.source_url,
@@ -129,10 +121,6 @@ def router(service: Service) -> APIRouter:
             **hook,
         )
 
-    def _webhook_of(options: JobOptions) -> dict[str, Any]:
-        url = check_url(options.webhook_url, service.ctx.policy, settings)
-        return {"webhook_url": url, "webhook_progress": bool(url and options.webhook_progress)}
-
     @router.get(
         f"{API_PREFIX}/jobs", tags=["jobs"], response_model=JobList, responses=ERROR_RESPONSES
     )
@@ -142,11 +130,7 @@ def router(service: Service) -> APIRouter:
         cursor: str | None = Query(None, max_length=64),
     ) -> JobList:
         """Jobs, newest first; follow `next_cursor` for the next page."""
-        try:
-            if cursor:
-                decode_cursor(cursor)
-        except ValueError:
-            raise ApiError(400, "invalid_cursor", "cursor is not valid") from None
+        check_cursor(cursor)
         rows, next_cursor = await run_in_threadpool(
             service.store.list, status, limit, cursor, auth.owner(), auth.is_admin()
         )

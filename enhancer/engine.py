@@ -6,10 +6,13 @@ side-info source, QP, time). Each frame borrows from two references chosen
 by the input plan (enhancer.references): on the codec-aware path its
 quality-peak anchors, the I/P frames before and after it; on the blind path
 its neighbours. A B-frame waits (at most ``MAX_PENDING`` frames) until its
-future anchor has arrived; anchors are enhanced first and their enhanced
-output is what the frames after them borrow (recurrence), so quality carries
-through a GOP. References are aligned per 8x8 block by matching (align.py),
-seeded by the bitstream's motion vectors where the stream has them.
+future anchor has arrived; anchors are enhanced first. References are
+aligned per 8x8 block by matching (align.py), seeded by the bitstream's
+motion vectors where the stream has them. The network borrows the anchors'
+decoded pictures by default; ``recurrent=True`` hands it their enhanced
+outputs instead (measured 0.03 dB worse at CRF 27-37 with vqe-v3, see
+bench/ablation.py). Either way, blocks the encoder copied from an anchor
+take the anchor's enhanced pixels (transfer) instead of being computed.
 
 Precision: bf16 autocast with channels_last on CPUs with AMX / AVX-512 BF16,
 fp32 on other CPUs, bf16 (or fp16) weights on CUDA. Large frames are tiled
@@ -86,9 +89,9 @@ class _Pending:
 class _Anchor:
     index: int
     decoded: torch.Tensor  # what alignment matches against
-    pixels: torch.Tensor  # what is borrowed: the enhanced output (or the decode)
+    pixels: torch.Tensor  # what the network borrows: the enhanced output if recurrent
     qp: float | None
-    enhanced: bool = False  # ``pixels`` are the network's output
+    enhanced: torch.Tensor | None = None  # the network's output, what transfer copies
 
 
 def _changed_runs(changed: torch.Tensor, h: int, w: int) -> Iterator[tuple[int, int, int, int]]:
@@ -130,7 +133,7 @@ class Engine:
         tile: int | None = None,
         threads: int | None = None,
         precision: str = "auto",
-        recurrent: bool = True,
+        recurrent: bool = False,
         transfer: bool = True,
     ):
         if side_info not in SIDE_INFO_MODES:
@@ -150,7 +153,7 @@ class Engine:
         self.side_info = side_info
         self.tile = tile  # half-resolution tile edge; None = automatic, 0 = never tile
         self.recurrent = recurrent
-        self.transfer = transfer and recurrent
+        self.transfer = transfer
         if threads:
             torch.set_num_threads(threads)
         self.dtype = torch.float32  # of the tensors handed to the model
@@ -201,24 +204,28 @@ class Engine:
         flow, cost = align_reference(cur, anchor.decoded, side, anchor.index - index, bitstream)
         pixels = apply_flow(anchor.pixels[None].float(), flow[None])[0]
         ref = Reference(pixels, cost_plane(cost, *cur.shape[1:]), anchor.qp)
-        return ref, (cost if anchor.enhanced else None)
+        if not self.transfer or anchor.enhanced is None:
+            return ref, None
+        if anchor.enhanced is anchor.pixels:
+            return ref, (cost, pixels)
+        return ref, (cost, apply_flow(anchor.enhanced[None].float(), flow[None])[0])
 
-    def _transfer_source(self, refs: list, costs: list) -> tuple | None:
-        """(changed-tile mask, pixels to transfer) from the enhanced references, or None."""
-        usable = [(r, c) for r, c in zip(refs, costs, strict=True) if c is not None]
-        if not self.transfer or not usable:
+    def _transfer_source(self, transfers: list) -> tuple | None:
+        """(changed-tile mask, pixels to transfer) from the aligned enhanced anchors, or None."""
+        usable = [t for t in transfers if t is not None]
+        if not usable:
             return None
-        cost = torch.stack([c for _, c in usable])  # (R, gh, gw) per 8x8 luma block
+        cost = torch.stack([c for c, _ in usable])  # (R, gh, gw) per 8x8 luma block
         best = cost.argmin(0)
         same = cost.gather(0, best[None])[0] < TRANSFER_COST
         if not same.any():
             return None
         per = TILE * 2 // 8  # blocks per tile edge
         changed = F.max_pool2d((~same).float()[None, None], per, per, ceil_mode=True)[0, 0] > 0
-        h, w = usable[0][0].pixels.shape[1:]
+        h, w = usable[0][1].shape[1:]
         if _runs_area(changed, h, w) >= h * w:  # the context around the runs costs more
             return None
-        pixels = torch.stack([r.pixels for r, _ in usable])  # (R, 6, h, w)
+        pixels = torch.stack([px for _, px in usable])  # (R, 6, h, w)
         _, _, h, w = pixels.shape
         pick = best.repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
         source = pixels.gather(0, pick[None, None].expand(1, 6, h, w))[0]
@@ -265,7 +272,7 @@ class Engine:
         out = None
         if n > 0:
             t_model = time.perf_counter()
-            transfer = self._transfer_source([r for r, _ in aligned], [c for _, c in aligned])
+            transfer = self._transfer_source([t for _, t in aligned])
             if transfer is None:
                 out = self._run_model(batch, n)[0]
             else:
@@ -365,8 +372,8 @@ class Engine:
                     yield self._run_one(waiting.popleft(), [anchor, None], info, ctx)
                 continue
             out, n, qp, bits = self._enhance(p, [anchor, None], info, ctx)
-            enhanced = out is not None and self.recurrent
-            kept = _as_samples(out, ctx) if enhanced else p.cur
+            enhanced = _as_samples(out, ctx) if out is not None else None
+            kept = enhanced if enhanced is not None and self.recurrent else p.cur
             new = _Anchor(frame.index, p.cur, kept, frame.side.qp, enhanced)
             while waiting:
                 yield self._run_one(waiting.popleft(), [anchor, new], info, ctx)

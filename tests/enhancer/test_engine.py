@@ -146,14 +146,14 @@ def test_engine_fixed_stage_counts(h264, weights):
 
 def test_engine_recurrence_borrows_the_enhanced_anchors(h264, weights):
     info, frames = h264
-    rec = enhance(Engine(weights, device="cpu", stages=3), info, frames)
-    plain = enhance(Engine(weights, device="cpu", stages=3, recurrent=False), info, frames)
+    rec = enhance(Engine(weights, device="cpu", stages=3, recurrent=True), info, frames)
+    plain = enhance(Engine(weights, device="cpu", stages=3), info, frames)
     same = equal_frames(rec, plain)
     assert same[0]  # the first I-frame has nothing to borrow
     assert not any(same[1:])  # every other frame borrows the (enhanced or decoded) frame 0 on
     # With no stages nothing is enhanced, so there is nothing different to borrow.
-    a = enhance(Engine(weights, device="cpu", stages=0), info, frames)
-    b = enhance(Engine(weights, device="cpu", stages=0, recurrent=False), info, frames)
+    a = enhance(Engine(weights, device="cpu", stages=0, recurrent=True), info, frames)
+    b = enhance(Engine(weights, device="cpu", stages=0), info, frames)
     assert all(equal_frames(a, b))
 
 

@@ -10,7 +10,9 @@ and 360p with a static one; CRF 28, B-frames) it times one run each of:
   the fastest ``vqe enhance`` could ever be;
 * ``model``     - ``Engine.process`` on frames decoded beforehand (the model alone),
   with the share of each frame transferred from enhanced anchors instead of computed;
-* ``pipeline``  - ``Pipeline(engine).run``: everything, as the CLI runs it.
+* ``pipeline``  - ``Pipeline(engine).run``: everything, as the CLI runs it (a remux
+  where the calibrated output rate passes the video through);
+* ``forced``    - the same with the CRF given explicitly, so the model runs on every frame.
 
 In the same process it measures the device's matmul peak (GFLOP/s of a large
 matmul in fp32, and in the engine's dtype when that differs) and the model's
@@ -183,6 +185,11 @@ def bench_size(folder: Path, size: str, frames: int, engine: Any, options: Enhan
     preset = options.preset or "medium"
     row["transcode"] = timed(lambda: plain_transcode(clip, folder / "plain.mkv", crf, preset))
     row["ratio"] = round(row["pipeline"]["seconds"] / row["transcode"]["seconds"], 2)
+    # The default may pass the video through (the output rate finds no CRF that keeps the
+    # gain): then the same CRF given explicitly makes the model run on every frame.
+    forced = options.model_copy(update={"crf": crf})
+    row["forced"] = timed(lambda: Pipeline(engine).run(clip, out, forced).frames)
+    row["forced_ratio"] = round(row["forced"]["seconds"] / row["transcode"]["seconds"], 2)
     row.update(model_flops(engine, decoded[: min(4, len(decoded))], info))
     row["model_gflops"] = round(row["gflop_per_frame"] * row["model"]["fps"], 2)
     return row
@@ -239,10 +246,10 @@ def measure_rss(clip: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(rows: list[dict[str, Any]], peaks: dict[str, float], rss: dict[str, Any]) -> None:
-    cols = ("decode", "transcode", "floor", "model", "pipeline")
+    cols = ("decode", "transcode", "floor", "model", "pipeline", "forced")
     print(
         f"{'clip':7s} {'size':>9s} " + " ".join(f"{c:>10s}" for c in cols)
-        + f" {'vs plain':>9s} {'transfer':>8s} {'GFLOP/frame':>12s} {'GFLOP/s':>8s}"
+        + f" {'vs plain':>9s} {'forced':>7s} {'transfer':>8s} {'GFLOP/frame':>12s} {'GFLOP/s':>8s}"
         f" {'% peak':>7s}"
     )  # fmt: skip
     peak = peaks["engine_dtype_gflops"]
@@ -250,7 +257,8 @@ def print_table(rows: list[dict[str, Any]], peaks: dict[str, float], rss: dict[s
         fps = [f"{r[k]['fps']:8.2f}/s" for k in cols]
         print(
             f"{r['size']:7s} {r['resolution']:>9s} {' '.join(f'{x:>10s}' for x in fps)}"
-            f" {r['ratio']:8.1f}x {100 * r['transferred']:7.0f}% {r['gflop_per_frame']:12.2f}"
+            f" {r['ratio']:8.1f}x {r['forced_ratio']:6.1f}x {100 * r['transferred']:7.0f}%"
+            f" {r['gflop_per_frame']:12.2f}"
             f" {r['model_gflops']:8.1f} {100 * r['model_gflops'] / peak:6.1f}%"
         )
     print(
@@ -316,11 +324,15 @@ def main(argv: list[str] | None = None) -> int:
         "ok": ratio <= RSS_TOLERANCE,
     }
     print_table(rows, peaks, rss)
-    checks = {
-        f"{r['size']}: vqe within {RATIO_TARGET:g}x a plain transcode": r["ratio"] <= RATIO_TARGET
-        for r in rows
-        if r["size"] in ("272p", "720p")
-    }
+    checks = {}
+    for r in rows:
+        if r["size"] in ("272p", "720p"):
+            checks[f"{r['size']}: vqe default within {RATIO_TARGET:g}x a plain transcode"] = (
+                r["ratio"] <= RATIO_TARGET
+            )
+            checks[f"{r['size']}: vqe with the model running within {RATIO_TARGET:g}x"] = (
+                r["forced_ratio"] <= RATIO_TARGET
+            )
     checks["peak memory grows at most 10% from 1x to 10x the frames"] = rss["ok"]
     for name, ok in checks.items():
         print(f"  [{'ok' if ok else 'MISS'}] {name}")

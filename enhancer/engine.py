@@ -106,13 +106,28 @@ def _changed_runs(changed: torch.Tensor, h: int, w: int) -> Iterator[tuple[int, 
                 start = None
 
 
-def _runs_area(changed: torch.Tensor, h: int, w: int) -> int:
+def _runs_area(runs: list[tuple[int, int, int, int]], h: int, w: int) -> int:
     """Pixels the network computes for the runs, context included."""
     area = 0
-    for y0, y1, x0, x1 in _changed_runs(changed, h, w):
+    for y0, y1, x0, x1 in runs:
         ch = min(y1 + CONTEXT, h) - max(y0 - CONTEXT, 0)
         area += ch * (min(x1 + CONTEXT, w) - max(x0 - CONTEXT, 0))
     return area
+
+
+@dataclass
+class _Candidate:
+    """An enhanced anchor that transfer may copy from, aligned to the current frame."""
+
+    cost: torch.Tensor  # (gh, gw) per-block matching cost of the decodes
+    flow: torch.Tensor  # (2, gh, gw)
+    source: torch.Tensor  # the anchor's enhanced output, unaligned
+    warped: torch.Tensor | None = None  # the aligned output, when already warped
+
+    def pixels(self) -> torch.Tensor:
+        if self.warped is None:
+            self.warped = apply_flow(self.source[None].float(), self.flow[None])[0]
+        return self.warped
 
 
 def _as_samples(out: torch.Tensor, ctx: dict) -> torch.Tensor:
@@ -198,7 +213,7 @@ class Engine:
     # ------------------------------------------------------------ per frame
 
     def _reference(self, cur, side, anchor: _Anchor | None, index: int, bitstream: bool):
-        """(Reference, per-block cost) of an anchor aligned to ``cur``; (None, None) if none."""
+        """(Reference, transfer candidate or None) of an anchor aligned to ``cur``; (None, None)."""
         if anchor is None or anchor.decoded.shape != cur.shape:  # none, or the size changed
             return None, None
         flow, cost = align_reference(cur, anchor.decoded, side, anchor.index - index, bitstream)
@@ -206,30 +221,31 @@ class Engine:
         ref = Reference(pixels, cost_plane(cost, *cur.shape[1:]), anchor.qp)
         if not self.transfer or anchor.enhanced is None:
             return ref, None
-        if anchor.enhanced is anchor.pixels:
-            return ref, (cost, pixels)
-        return ref, (cost, apply_flow(anchor.enhanced[None].float(), flow[None])[0])
+        warped = pixels if anchor.enhanced is anchor.pixels else None
+        return ref, _Candidate(cost, flow, anchor.enhanced, warped)
 
-    def _transfer_source(self, transfers: list) -> tuple | None:
-        """(changed-tile mask, pixels to transfer) from the aligned enhanced anchors, or None."""
-        usable = [t for t in transfers if t is not None]
+    def _transfer_source(self, candidates: list) -> tuple | None:
+        """(runs of changed tiles, transferred share, pixels to transfer), or None."""
+        usable = [c for c in candidates if c is not None]
         if not usable:
             return None
-        cost = torch.stack([c for c, _ in usable])  # (R, gh, gw) per 8x8 luma block
+        cost = torch.stack([c.cost for c in usable])  # (R, gh, gw) per 8x8 luma block
         best = cost.argmin(0)
         same = cost.gather(0, best[None])[0] < TRANSFER_COST
         if not same.any():
             return None
         per = TILE * 2 // 8  # blocks per tile edge
         changed = F.max_pool2d((~same).float()[None, None], per, per, ceil_mode=True)[0, 0] > 0
-        h, w = usable[0][1].shape[1:]
-        if _runs_area(changed, h, w) >= h * w:  # the context around the runs costs more
+        h, w = usable[0].source.shape[1:]
+        runs = list(_changed_runs(changed, h, w))
+        if _runs_area(runs, h, w) >= h * w:  # the context around the runs costs more
             return None
-        pixels = torch.stack([px for _, px in usable])  # (R, 6, h, w)
-        _, _, h, w = pixels.shape
+        # Only now, when it is used, is an enhanced anchor warped (if the network did not
+        # already borrow it).
+        pixels = torch.stack([c.pixels() for c in usable])  # (R, 6, h, w)
         pick = best.repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
         source = pixels.gather(0, pick[None, None].expand(1, 6, h, w))[0]
-        return changed, source
+        return runs, 1.0 - float(changed.float().mean()), source
 
     def _enhance(self, p: _Pending, refs, info: SequenceInfo, ctx) -> tuple:
         p.t0 = time.perf_counter()  # a B-frame's wait for its anchor is not its cost
@@ -310,14 +326,14 @@ class Engine:
             return out
 
     @torch.inference_mode()
-    def _run_changed(self, batch, stages: int, changed, source) -> tuple[torch.Tensor, float]:
+    def _run_changed(self, batch, stages: int, runs, share: float, source) -> tuple:
         """Transfer ``source`` everywhere, then run the network on each row's changed tiles."""
         _, _, h, w = batch.x.shape
         out = source[None].float().clone()
         with self._amp():
-            for y0, y1, x0, x1 in _changed_runs(changed, h, w):
+            for y0, y1, x0, x1 in runs:
                 self._run_region(batch, stages, y0, y1, x0, x1, out)
-        return out[0], 1.0 - float(changed.float().mean())
+        return out[0], share
 
     def _finish(self, p: _Pending, out, n, qp, from_bits, ctx):
         frame = p.frame
@@ -372,7 +388,8 @@ class Engine:
                     yield self._run_one(waiting.popleft(), [anchor, None], info, ctx)
                 continue
             out, n, qp, bits = self._enhance(p, [anchor, None], info, ctx)
-            enhanced = _as_samples(out, ctx) if out is not None else None
+            keep = out is not None and (self.recurrent or self.transfer)
+            enhanced = _as_samples(out, ctx) if keep else None
             kept = enhanced if enhanced is not None and self.recurrent else p.cur
             new = _Anchor(frame.index, p.cur, kept, frame.side.qp, enhanced)
             while waiting:

@@ -1,14 +1,16 @@
-"""Enhanced anchors for training: the references the engine really hands the model.
+"""Enhanced anchors for training: the references the recurrent engine hands the model.
 
-At inference the engine is recurrent: a frame borrows from the *enhanced*
-output of its quality-peak anchors, not from their decode (enhancer.engine).
-A model trained only on decoded anchors misreads the cleaner pixels (measured:
-+0.43 dB at CRF 37 with decoded anchors, +0.21 with enhanced ones). So before
+In its recurrent mode (``Engine(recurrent=True)``) a frame borrows from the
+*enhanced* output of its quality-peak anchors, not from their decode
+(enhancer.engine). A model trained only on decoded anchors misreads the cleaner
+pixels (vqe-v2, measured: +0.43 dB at CRF 37 with decoded anchors, +0.21 with
+enhanced ones). vqe-v3, trained with them, is still 0.01-0.03 dB better with
+decoded anchors, which is the engine's default now (bench/ablation.py). So before
 training, and again every few thousand steps, the current model enhances each
 cached sequence's anchors in display order, exactly as the engine does (each
 anchor from its own enhanced past anchor), and the results are warped to every
 frame by the flows stored in the cache. ``frame_inputs(..., enhanced=True)``
-then builds the engine's inputs.
+then builds the recurrent engine's inputs.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ from enhancer.align import apply_flow
 from enhancer.batch import collate
 from enhancer.features import planes_to_tensor, tensor_to_planes
 from enhancer.network import QPEstimator, VQENet
+from enhancer.references import ANCHOR_TYPES
 from enhancer.training.data import PICT_CODES, pack
 from enhancer.training.evaluate import autocast
 from enhancer.training.samples import frame_inputs
 
-ANCHOR_CODES = (PICT_CODES["I"], PICT_CODES["P"], PICT_CODES["?"])
+# As the engine: I/P frames, and frames of unknown type, are anchors.
+ANCHOR_CODES = tuple(PICT_CODES[p] for p in (*ANCHOR_TYPES, "?"))
 ENHANCED_SLOTS = ("peak_past", "peak_future")
 
 

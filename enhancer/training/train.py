@@ -15,8 +15,8 @@ below about 2.5 grey levels, which PSNR rewards), each sample weighted by
 2^(-(QP-37)/6), the inverse of how coding error grows with QP, so heavily
 compressed samples do not dominate. Every exit is supervised.
 
-References as the engine gives them: the engine is recurrent, so a frame
-borrows from its anchors' *enhanced* outputs. Before training and every
+References as the recurrent engine gives them (``Engine(recurrent=True)``: a
+frame borrows from its anchors' *enhanced* outputs). Before training and every
 ``--refresh-every`` steps the current model enhances every cached sequence's
 anchors (training.anchors); ``--enhanced-p`` of the codec-aware samples borrow
 from those, the rest from the decoded anchors, and validation always does.

@@ -29,6 +29,10 @@ BLOCK = 8  # luma pixels per flow cell
 MAX_REF_DISTANCE = 4  # reference distances tried for a bitstream vector
 COARSE_RADIUS = 6  # quarter-resolution search radius (+-24 luma pixels)
 REFINE_STEPS = (2.0, 1.0, 0.5)  # the coarse search is within +-2 px; then climb
+# A block takes its neighbourhood's median vector when that matches within this much
+# (mean absolute luma, 0..1) of its own best: see ``_smooth``.
+SMOOTH_SLACK = 1.0 / 255
+SMOOTH_PASSES = 2
 
 
 def luma_of(x6: torch.Tensor) -> torch.Tensor:
@@ -137,7 +141,32 @@ def align(
     for step, ring in zip(REFINE_STEPS, (_RING, _CROSS, _CROSS), strict=True):
         cands = best[None] + (ring.to(cur_y.device) * step)[:, :, None, None]
         best, best_cost = _pick(cur_h, ref_h, cands, best, best_cost, 2)
+    best = _smooth(cur_h, ref_h, best, best_cost)
     return best, block_costs(cur_y, ref_y, best[None])[0]
+
+
+def _median3(flow: torch.Tensor) -> torch.Tensor:
+    """Per-component median of each block's 3x3 neighbourhood of a (2, gh, gw) flow."""
+    gh, gw = flow.shape[1:]
+    around = F.unfold(F.pad(flow[None], (1, 1, 1, 1), mode="replicate"), 3)
+    return around.view(2, 9, gh, gw).median(1).values
+
+
+def _smooth(cur_h, ref_h, best, best_cost):
+    """Pull each block's vector to its neighbourhood's median where that fits almost as well.
+
+    The lowest SAD against a coarsely quantised frame is often a vector half a pixel
+    off, whose interpolation blur matches the smoothed decode better than the true
+    motion does (measured on known pans at CRF 37: B-frames' aligned anchors 0.65 dB
+    below the true alignment on average, 0.31 with this). Encoders regularise their
+    own search the same way (rate-constrained motion estimation).
+    """
+    for _ in range(SMOOTH_PASSES):
+        med = _median3(best)
+        cost = block_costs(cur_h, ref_h, med[None], 2)[0]
+        take = cost <= best_cost + SMOOTH_SLACK
+        best, best_cost = torch.where(take[None], med, best), torch.where(take, cost, best_cost)
+    return best
 
 
 _RING = torch.tensor([(-1.0, -1.0), (0.0, -1.0), (1.0, -1.0), (-1.0, 0.0), (1.0, 0.0),

@@ -228,7 +228,7 @@ def known_motion(request):
     return (vx, vy), clean, decoded
 
 
-TOLERANCE_DB = 1.5  # not yet the 0.5 dB the enhancer issue asks for
+TOLERANCE_DB = 1.0  # not yet the 0.5 dB the enhancer issue asks for
 
 
 @pytest.mark.parametrize("bitstream", [True, False], ids=["vectors", "search-only"])
@@ -259,8 +259,8 @@ def test_aligned_peaks_are_within_half_a_db_of_the_true_alignment(known_motion, 
             want = tensor_to_planes(apply_flow(tens[j][None], true[None])[0], h, w)[0]
             p_got, p_true = psnr(got[inner], target), psnr(want[inner], target)
             losses.append((t, j, pict, round(p_true - p_got, 2)))
-            # The issue's target is 0.5 dB; measured 0.6-1.2 dB on the first B-frame's
-            # I anchor (the coarse search and +-0.5 px steps miss the sub-pel optimum).
+            # The issue's target is 0.5 dB; measured on B-frames 0.31 dB on average,
+            # up to 0.78 (the lowest SAD against a CRF 37 decode is not the true motion).
             assert p_got >= p_true - TOLERANCE_DB, (t, j, pict, p_got, p_true)
             checked[pict] += 1
     assert checked["P"] >= 1 and checked["B"] >= 2, (checked, losses)

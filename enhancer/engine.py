@@ -130,6 +130,13 @@ class _Candidate:
         return self.warped
 
 
+def _weaken(x: torch.Tensor, out: torch.Tensor, strength: float) -> torch.Tensor:
+    """The input plus ``strength`` times the network's correction (see policy.py)."""
+    if strength == 1.0:
+        return out
+    return x.float() + strength * (out - x.float())
+
+
 def _as_samples(out: torch.Tensor, ctx: dict) -> torch.Tensor:
     """The enhanced frame as the integer samples that are written (what training borrows)."""
     maxv = (1 << ctx["bit_depth"]) - 1
@@ -198,12 +205,17 @@ class Engine:
             return None
         return self._policy_stages(side.qp, info)
 
-    def _policy_stages(self, qp: float, info: SequenceInfo) -> int:
-        """HEVC is calibrated by the stream's CRF (when x265 wrote it), H.264 by frame QP."""
+    def _policy_stages(self, qp: float, info: SequenceInfo, estimated: bool = False) -> int:
+        return self.policy.stages_for(*self._policy_level(qp, info, estimated))
+
+    def _policy_level(self, qp: float, info: SequenceInfo, estimated: bool) -> tuple:
+        """(level, hevc, blind): HEVC is calibrated by the stream's CRF (when x265 wrote it),
+        H.264 by frame QP, and a frame whose QP was estimated by the blind table."""
+        if estimated:
+            return qp, False, True
         if info.codec == "hevc" and self.policy.hevc_stages:
-            level = info.sequence_qp if info.sequence_qp is not None else qp
-            return self.policy.stages_for(level, hevc=True)
-        return self.policy.stages_for(qp)
+            return (info.sequence_qp if info.sequence_qp is not None else qp), True, False
+        return qp, False, False
 
     def _amp(self):
         if self.autocast:
@@ -280,23 +292,25 @@ class Engine:
         qp = float(batch.frame_qp[0])
         ctx["qp_sum"] += qp
         ctx["qp_n"] += 1
+        n, strength = self.max_stages, 1.0
         if self.stages != "auto":
             n = self.stages
-        else:
-            n = self._policy_stages(qp, info) if self.policy else self.max_stages
+        elif self.policy:
+            level = self._policy_level(qp, info, estimated=frame_qp is None)
+            n, strength = self.policy.stages_for(*level), self.policy.strength_for(*level)
         p.model_seconds, p.transferred = 0.0, 0.0
         out = None
         if n > 0:
             t_model = time.perf_counter()
             transfer = self._transfer_source([t for _, t in aligned])
             if transfer is None:
-                out = self._run_model(batch, n)[0]
+                out = self._run_model(batch, n, strength)[0]
             else:
-                out, p.transferred = self._run_changed(batch, n, *transfer)
+                out, p.transferred = self._run_changed(batch, n, strength, *transfer)
             p.model_seconds = time.perf_counter() - t_model
         return out, n, qp, use_bits
 
-    def _run_region(self, batch, stages: int, y0: int, y1: int, x0: int, x1: int, out) -> None:
+    def _run_region(self, batch, stages: int, strength: float, y0, y1, x0, x1, out) -> None:
         """Run the network on rows y0:y1, columns x0:x1 (half-res) with context; write ``out``."""
         x, inp = batch.x, batch.inputs
         _, _, h, w = x.shape
@@ -304,10 +318,11 @@ class Engine:
         yb, xb = min(y1 + CONTEXT, h), min(x1 + CONTEXT, w)
         crop = inp[:, :, ya:yb, xa:xb].contiguous(memory_format=torch.channels_last)
         res = self.model(x[:, :, ya:yb, xa:xb], crop, batch.seq_cond, batch.frame_cond, stages)
-        out[:, :, y0:y1, x0:x1] = res[-1][:, :, y0 - ya : y1 - ya, x0 - xa : x1 - xa].float()
+        part = res[-1][:, :, y0 - ya : y1 - ya, x0 - xa : x1 - xa].float()
+        out[:, :, y0:y1, x0:x1] = _weaken(x[:, :, y0:y1, x0:x1], part, strength)
 
     @torch.inference_mode()
-    def _run_model(self, batch, stages: int) -> torch.Tensor:
+    def _run_model(self, batch, stages: int, strength: float = 1.0) -> torch.Tensor:
         x, inp = batch.x, batch.inputs.contiguous(memory_format=torch.channels_last)
         _, _, h, w = x.shape
         tile = self.tile
@@ -315,24 +330,23 @@ class Engine:
             tile = 0 if h * w <= 540 * 960 else 384
         with self._amp():
             if not tile or (h <= tile and w <= tile):
-                return self.model(x, inp, batch.seq_cond, batch.frame_cond, stages)[-1].float()
+                out = self.model(x, inp, batch.seq_cond, batch.frame_cond, stages)[-1].float()
+                return _weaken(x, out, strength)
             tile = max(32, tile // 8 * 8)
             out = torch.empty_like(x, dtype=torch.float32)
             for y0 in range(0, h, tile):
                 for x0 in range(0, w, tile):
-                    self._run_region(
-                        batch, stages, y0, min(y0 + tile, h), x0, min(x0 + tile, w), out
-                    )
+                    y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+                    self._run_region(batch, stages, strength, y0, y1, x0, x1, out)
             return out
 
     @torch.inference_mode()
-    def _run_changed(self, batch, stages: int, runs, share: float, source) -> tuple:
+    def _run_changed(self, batch, stages: int, strength: float, runs, share, source) -> tuple:
         """Transfer ``source`` everywhere, then run the network on each row's changed tiles."""
-        _, _, h, w = batch.x.shape
         out = source[None].float().clone()
         with self._amp():
             for y0, y1, x0, x1 in runs:
-                self._run_region(batch, stages, y0, y1, x0, x1, out)
+                self._run_region(batch, stages, strength, y0, y1, x0, x1, out)
         return out[0], share
 
     def _finish(self, p: _Pending, out, n, qp, from_bits, ctx):

@@ -5,6 +5,17 @@ bin it picks the fewest stages whose mean ΔPSNR-Y is within ``tolerance``
 (0.05 dB) of the best stage count (that is, of running every stage when gains
 grow with depth); if that count does not gain in the bin, it picks 0 (the
 frame is passed through untouched).
+
+Records measured through the engine (enhancer.training.recalibrate) add two
+things: the source of each frame, so that no count is chosen under which a
+source loses more than ``guard`` in the bin, and the network time of each
+count, so that a stage is run only where it earns ``price`` dB per stage of
+time: the deeper stages go where the frames are compressed hardest. They
+can also hold each frame's gain at several *strengths* of the network's
+correction (output = input + strength x correction): the network
+over-corrects lightly compressed frames (measured: at CRF 15 half of its
+correction gains twice as much as all of it), so each bin also stores the
+strength that gains most there.
 """
 
 from __future__ import annotations
@@ -27,13 +38,37 @@ class ExitPolicy:
     # validation encodes (the model gains less on them); empty: use ``stages``.
     hevc_stages: list[int] = field(default_factory=list)
     hevc_gains: list[list[float]] = field(default_factory=list)
+    # Strength of the correction per bin (empty: 1.0 everywhere).
+    strengths: list[float] = field(default_factory=list)
+    hevc_strengths: list[float] = field(default_factory=list)
+    # The blind path (``--side-info blind``, or a codec without side info), binned by the
+    # estimated QP and calibrated on blind runs; empty: use the H.264 table.
+    blind_stages: list[int] = field(default_factory=list)
+    blind_gains: list[list[float]] = field(default_factory=list)
+    blind_strengths: list[float] = field(default_factory=list)
 
-    def stages_for(self, qp: float | None, hevc: bool = False) -> int:
-        table = self.hevc_stages if hevc and self.hevc_stages else self.stages
+    def _tables(self, hevc: bool, blind: bool) -> tuple[list[int], list[float]]:
+        if blind and self.blind_stages:
+            return self.blind_stages, self.blind_strengths
+        if hevc and self.hevc_stages:
+            return self.hevc_stages, self.hevc_strengths
+        return self.stages, self.strengths
+
+    def _bin(self, table: list, qp: float) -> int:
+        i = int(np.searchsorted(self.edges, qp, side="right")) - 1
+        return min(max(i, 0), len(table) - 1)
+
+    def stages_for(self, qp: float | None, hevc: bool = False, blind: bool = False) -> int:
+        table = self._tables(hevc, blind)[0]
         if not table or qp is None or not np.isfinite(qp):
             return self.max_stages
-        i = int(np.searchsorted(self.edges, qp, side="right")) - 1
-        return table[min(max(i, 0), len(table) - 1)]
+        return table[self._bin(table, qp)]
+
+    def strength_for(self, qp: float | None, hevc: bool = False, blind: bool = False) -> float:
+        table = self._tables(hevc, blind)[1]
+        if not table or qp is None or not np.isfinite(qp):
+            return 1.0
+        return table[self._bin(table, qp)]
 
     def to_dict(self) -> dict:
         return {
@@ -44,6 +79,11 @@ class ExitPolicy:
             "max_stages": self.max_stages,
             "hevc_stages": self.hevc_stages,
             "hevc_gains": self.hevc_gains,
+            "strengths": self.strengths,
+            "hevc_strengths": self.hevc_strengths,
+            "blind_stages": self.blind_stages,
+            "blind_gains": self.blind_gains,
+            "blind_strengths": self.blind_strengths,
         }
 
     @classmethod
@@ -52,35 +92,73 @@ class ExitPolicy:
 
 
 def calibrate(
-    records: list[tuple[float, list[float]]],
+    records: list[tuple[float, list]],
     max_stages: int,
     edges: list[float] | None = None,
     tolerance: float = 0.05,
+    sources: list[str] | None = None,
+    costs: list[float] | None = None,
+    price: float = 0.0,
+    guard: float = 0.03,
+    min_frames: int = 4,
+    strengths: list[float] | None = None,
 ) -> ExitPolicy:
-    """records: (frame QP, [ΔPSNR-Y after stage 1..S]) for validation frames."""
+    """records: (frame QP, [ΔPSNR-Y after stage 1..S]) for validation frames, or with
+    ``strengths``, (frame QP, [[Δ after stage 1..S] per strength]).
+
+    ``sources``: the source of each record (enables the worst-source guard, over
+    sources with at least ``min_frames`` frames in a bin); ``costs``: network time of
+    1..S stages relative to one; ``price``: dB a unit of that time must earn.
+    """
     edges = list(edges or DEFAULT_EDGES)
+    levels = list(strengths or [1.0])
     qps = np.array([r[0] for r in records], dtype=np.float64)
-    gains = np.array([r[1] for r in records], dtype=np.float64).reshape(len(records), max_stages)
+    gains = np.array([r[1] for r in records], dtype=np.float64)
+    gains = gains.reshape(len(records), len(levels), max_stages)  # (N, strength, stages)
     bins = np.clip(np.searchsorted(edges, qps, side="right") - 1, 0, len(edges) - 2)
-    chosen, table = [], []
+    src = np.array(sources if sources is not None else [""] * len(records))
+    cost = np.array([0.0] + list(costs or range(1, max_stages + 1)), dtype=np.float64)
+    chosen, picked, table = [], [], []
     for b in range(len(edges) - 1):
         sel = bins == b
         if not sel.any():
             table.append([])
             chosen.append(-1)
+            picked.append(1.0)
             continue
-        mean = gains[sel].mean(0)
-        table.append([round(float(g), 4) for g in mean])
+        mean = gains[sel].mean(0)  # (strength, stages)
+        allowed = np.ones_like(mean, bool)
+        if sources is not None:
+            for s in np.unique(src[sel]):
+                mine = sel & (src == s)
+                if mine.sum() >= min_frames:
+                    allowed &= gains[mine].mean(0) >= -guard
+        # Per stage count, the strength that gains most among those no source loses by.
+        masked = np.where(allowed, mean, -np.inf)
+        best_a = masked.argmax(0)
+        per_k = masked[best_a, np.arange(max_stages)]
+        table.append([round(float(g), 4) for g in mean[levels.index(1.0) if 1.0 in levels else -1]])
+        value = np.concatenate([[0.0], per_k]) - price * cost  # index: stages run
+        best = value.max()  # stage count 0 (pass-through) is always allowed
         # Within tolerance of the best count (= all stages when gains grow with depth).
-        k = next(s for s in range(1, max_stages + 1) if mean[s - 1] >= mean.max() - tolerance)
-        chosen.append(k if mean[k - 1] > 0 else 0)
+        k = next((k for k in range(1, max_stages + 1) if value[k] >= best - tolerance), 0)
+        if value[k] <= 0:
+            k = 0
+        chosen.append(k)
+        picked.append(float(levels[best_a[k - 1]]) if k else 1.0)
     # Bins with no validation frames borrow the nearest calibrated bin.
     known = [i for i, c in enumerate(chosen) if c >= 0]
     if not known:
         return ExitPolicy(edges=edges, stages=[], gains=table, max_stages=max_stages)
     for i, c in enumerate(chosen):
         if c < 0:
-            chosen[i] = chosen[min(known, key=lambda j: abs(j - i))]
+            j = min(known, key=lambda j: abs(j - i))
+            chosen[i], picked[i] = chosen[j], picked[j]
     return ExitPolicy(
-        edges=edges, stages=chosen, gains=table, tolerance=tolerance, max_stages=max_stages
+        edges=edges,
+        stages=[int(c) for c in chosen],
+        gains=table,
+        tolerance=tolerance,
+        max_stages=max_stages,
+        strengths=picked if strengths else [],
     )

@@ -16,6 +16,7 @@ import enhancer.engine as engine_module
 from enhancer.batch import FrameInputs, collate
 from enhancer.engine import Engine, pick_device
 from enhancer.features import cpu_has_bf16, planes_to_tensor, qp_plane
+from enhancer.policy import ExitPolicy
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, input_plan, reference_indices
 from enhancer.training.data import EncodeSettings, encode_planes
 from tests.enhancer.tiny import HEVC_STAGES, decode, same_planes, tiny_policy, write_weights
@@ -355,3 +356,19 @@ def test_engine_transfers_what_the_encoder_copied(tmp_path, weights):
     for (f, _), (g, _) in zip(fast[1:], full[1:], strict=True):
         assert np.array_equal(f.planes[0][still], first)  # the enhanced anchor, carried on
         assert not np.array_equal(g.planes[0][still], first)  # enhanced again from the decode
+
+
+def test_engine_weakens_the_correction_by_the_policy_strength(h264, tmp_path):
+    """Each QP bin's strength scales what the network adds to the frame (transfer off, so
+    every pixel is computed): half strength lands half-way between input and full."""
+    info, frames = h264
+    runs = {}
+    for s in (1.0, 0.5):
+        pol = ExitPolicy(stages=[3] * 9, strengths=[s] * 9, max_stages=3)
+        engine = Engine(write_weights(tmp_path / f"s{s}.pt", pol), device="cpu", transfer=False)
+        assert engine.policy.strength_for(30.0) == s
+        runs[s] = enhance(engine, info, frames)
+    for (full, _), (half, rep), src in zip(runs[1.0], runs[0.5], frames, strict=True):
+        x, f, h = (np.asarray(p.planes[0], np.float64) for p in (src, full, half))
+        assert rep.stages == 3 and np.abs(f - x).max() >= 2
+        assert np.abs(h - (x + 0.5 * (f - x))).max() <= 1.0  # rounding to 8 bits

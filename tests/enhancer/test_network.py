@@ -373,6 +373,27 @@ def test_calibrate_picks_fewest_stages_within_tolerance():
     assert all(type(s) is int for s in pol.stages)  # stored in a weights_only model file
 
 
+def test_calibrate_guards_the_worst_source_and_prices_depth():
+    # Bin [20, 24): source a gains, source b loses with every count but 1.
+    records = [(22.0, [0.30, 0.40, 0.45])] * 4 + [(22.5, [0.0, -0.05, -0.20])] * 4
+    # Bin [36, 40): depth adds 0.10 dB per stage for both sources.
+    records += [(38.0, [0.30, 0.40, 0.50])] * 8
+    sources = ["a"] * 4 + ["b"] * 4 + ["a", "b"] * 4
+    plain = calibrate(records, 3, tolerance=0.0)
+    assert plain.stages[1] == 2 and plain.stages[5] == 3  # the mean alone: b loses 0.05
+    guarded = calibrate(records, 3, tolerance=0.0, sources=sources, guard=0.03)
+    assert guarded.stages[1] == 1 and guarded.stages[5] == 3
+    # A source with too few frames in a bin does not veto it.
+    few = calibrate(records, 3, tolerance=0.0, sources=sources, min_frames=5)
+    assert few.stages[1] == 2
+    # Priced: a stage must earn 0.12 dB per unit of time (here one per stage).
+    priced = calibrate(records, 3, tolerance=0.0, sources=sources, costs=[1, 2, 3], price=0.12)
+    assert priced.stages[5] == 1 and priced.stages[1] == 1
+    # Every count loses for some source: the frames are passed through.
+    lost = [(30.0, [0.2, 0.2, 0.2])] * 4 + [(30.0, [-0.1, -0.1, -0.1])] * 4
+    assert calibrate(lost, 3, sources=["a"] * 4 + ["b"] * 4).stages[3] == 0
+
+
 def test_policy_without_data_runs_everything_and_round_trips():
     empty = calibrate([], max_stages=2)
     assert empty.stages == [] and empty.stages_for(30.0) == 2
@@ -385,6 +406,11 @@ def test_policy_without_data_runs_everything_and_round_trips():
     assert back.stages_for(45, hevc=True) == 1
     back.hevc_stages = [0] * len(back.stages)
     assert back.stages_for(45, hevc=True) == 0 and back.stages_for(45) == 1
+    # The blind table, by estimated QP, takes precedence over the codec's when calibrated.
+    assert back.stages_for(45, blind=True) == 1
+    back.blind_stages, back.blind_strengths = [2] * len(back.stages), [0.5] * len(back.stages)
+    assert back.stages_for(45, hevc=True, blind=True) == 2
+    assert back.strength_for(45, blind=True) == 0.5 and back.strength_for(45) == 1.0
     assert ExitPolicy.from_dict(json.loads(json.dumps(back.to_dict()))) == back
 
 

@@ -1,0 +1,39 @@
+"""enhancer.training.recalibrate: engine records -> the H.264 and HEVC exit policies."""
+
+from __future__ import annotations
+
+from enhancer.training.recalibrate import SCALES, _mean_costs, policy_from
+
+
+def _rec(codec, crf, qp, source, deltas, ms=(10.0, 20.0, 30.0), weak=None):
+    """A frame's record; ``weak``: its Δ at strength 0.5 (else every strength gains alike)."""
+    table = [[d * (1 - abs(s - 1.0)) for d in deltas] for s in SCALES]
+    if weak is not None:
+        table[SCALES.index(0.5)] = weak
+    return {"codec": codec, "crf": crf, "qp": qp, "source": source, "deltas": table, "ms": ms}
+
+
+def test_policy_from_engine_records_bins_h264_by_qp_and_hevc_by_crf():
+    records = [_rec("libx264", 22, 22.0, s, [0.1, 0.2, 0.3]) for s in "ab" * 4]
+    # At QP 38 source b loses with any depth: its bin is passed through.
+    records += [_rec("libx264", 37, 38.0, "a", [0.5, 0.6, 0.7])] * 4
+    records += [_rec("libx264", 37, 38.0, "b", [-0.2, -0.2, -0.2])] * 4
+    # HEVC records are binned by the stream's CRF, not by their frame QP.
+    records += [_rec("libx265", 37, 20.0, s, [0.3, 0.3, 0.3]) for s in "ab" * 4]
+    # At QP 17 the full correction loses for source b, half of it gains for both.
+    records += [_rec("libx264", 15, 17.0, "a", [0.1, 0.1, 0.1], weak=[0.2, 0.2, 0.2])] * 4
+    records += [_rec("libx264", 15, 17.0, "b", [-0.1, -0.1, -0.1], weak=[0.1, 0.1, 0.1])] * 4
+    pol = policy_from(records, 3, tolerance=0.0)
+    assert pol.stages_for(22.0) == 3 and pol.strength_for(22.0) == 1.0
+    assert pol.stages_for(38.0) == 0
+    assert pol.stages_for(17.0) == 1 and pol.strength_for(17.0) == 0.5
+    assert pol.stages_for(37.0, hevc=True) == 1 and pol.hevc_stages[1] == 1
+    assert pol.strength_for(37.0, hevc=True) == 1.0
+    assert _mean_costs(records, 3) == [1.0, 2.0, 3.0]
+    assert pol.blind_stages == []  # no blind records: the blind path uses the H.264 table
+    # Blind records get their own table, by estimated QP, whatever the codec.
+    blind = [
+        _rec("libx265", 15, 17.0, s, [0.1, 0.2, 0.3]) | {"side_info": "blind"} for s in "ab" * 4
+    ]
+    pol = policy_from(records + blind, 3, tolerance=0.0)
+    assert pol.stages_for(17.0) == 1 and pol.stages_for(17.0, blind=True) == 3

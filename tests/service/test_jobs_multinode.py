@@ -93,6 +93,15 @@ def cluster(
         redis_server.stop()
 
 
+@pytest.fixture(autouse=True)
+def fresh_workers(cluster: Cluster) -> Iterator[None]:
+    """Each test starts its own workers and stops them, pass or fail: a worker left over
+    from a failed test would take the next test's jobs."""
+    yield
+    cluster.stop_workers()
+    cluster.workers.clear()
+
+
 @pytest.fixture
 def clip(tmp_path: Path) -> Path:
     return make_clip(tmp_path / "c.mp4", size=(64, 48), frames=FRAMES)
@@ -158,8 +167,6 @@ def test_six_jobs_survive_a_worker_killed_mid_job(cluster: Cluster, clip: Path, 
         assert started(logs, job["id"]) == want, job["id"]
     assert started(second.log(tail=None), killed_job) == 1
     print(f"6 jobs done {elapsed:.1f} s after the SIGKILL")
-    c.stop_workers()
-    c.workers.clear()
 
 
 def test_queued_jobs_survive_redis_restarted_empty(cluster: Cluster, clip: Path, tmp_path: Path):
@@ -182,7 +189,8 @@ def test_queued_jobs_survive_redis_restarted_empty(cluster: Cluster, clip: Path,
     ready = c.api.http.get("/readyz")
     assert ready.status_code == 503 and ready.json()["checks"]["queue"] != "ok"
     c.redis.start()  # back, empty, on the same port
-    assert c.messages_in_redis() == 0
+    # No check that it is empty here: a reconciler (interval 2 s) may already have sent the
+    # lost jobs again. The `resent` lines below show that they were gone.
     jobs = check_results(c, [*ids, late], tmp_path, timeout=240)
     logs = c.logs()
     for job in jobs:
@@ -191,8 +199,6 @@ def test_queued_jobs_survive_redis_restarted_empty(cluster: Cluster, clip: Path,
                         logs + c.api_proc.log(tail=None))  # fmt: skip
     assert set(queued + [late]) <= set(resent), resent
     assert len(resent) == len(set(resent))  # one process re-sent each, once
-    c.stop_workers()
-    c.workers.clear()
 
 
 def test_sigterm_finishes_or_hands_back_within_the_grace(

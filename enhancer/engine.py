@@ -205,17 +205,15 @@ class Engine:
             return None
         return self._policy_stages(side.qp, info)
 
-    def _policy_stages(self, qp: float, info: SequenceInfo, estimated: bool = False) -> int:
-        return self.policy.stages_for(*self._policy_level(qp, info, estimated))
+    def _policy_stages(self, qp: float, info: SequenceInfo) -> int:
+        return self.policy.stages_for(*self._policy_level(qp, info))
 
-    def _policy_level(self, qp: float, info: SequenceInfo, estimated: bool) -> tuple:
-        """(level, hevc, blind): HEVC is calibrated by the stream's CRF (when x265 wrote it),
-        H.264 by frame QP, and a frame whose QP was estimated by the blind table."""
-        if estimated:
-            return qp, False, True
+    def _policy_level(self, qp: float, info: SequenceInfo) -> tuple[float, bool]:
+        """(level, hevc): HEVC is calibrated by the stream's CRF (when x265 wrote it), H.264
+        (and the blind path, by its estimated QP) by frame QP."""
         if info.codec == "hevc" and self.policy.hevc_stages:
-            return (info.sequence_qp if info.sequence_qp is not None else qp), True, False
-        return qp, False, False
+            return (info.sequence_qp if info.sequence_qp is not None else qp), True
+        return qp, False
 
     def _amp(self):
         if self.autocast:
@@ -296,7 +294,7 @@ class Engine:
         if self.stages != "auto":
             n = self.stages
         elif self.policy:
-            level = self._policy_level(qp, info, estimated=frame_qp is None)
+            level = self._policy_level(qp, info)
             n, strength = self.policy.stages_for(*level), self.policy.strength_for(*level)
         p.model_seconds, p.transferred = 0.0, 0.0
         out = None

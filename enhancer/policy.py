@@ -41,15 +41,8 @@ class ExitPolicy:
     # Strength of the correction per bin (empty: 1.0 everywhere).
     strengths: list[float] = field(default_factory=list)
     hevc_strengths: list[float] = field(default_factory=list)
-    # The blind path (``--side-info blind``, or a codec without side info), binned by the
-    # estimated QP and calibrated on blind runs; empty: use the H.264 table.
-    blind_stages: list[int] = field(default_factory=list)
-    blind_gains: list[list[float]] = field(default_factory=list)
-    blind_strengths: list[float] = field(default_factory=list)
 
-    def _tables(self, hevc: bool, blind: bool) -> tuple[list[int], list[float]]:
-        if blind and self.blind_stages:
-            return self.blind_stages, self.blind_strengths
+    def _tables(self, hevc: bool) -> tuple[list[int], list[float]]:
         if hevc and self.hevc_stages:
             return self.hevc_stages, self.hevc_strengths
         return self.stages, self.strengths
@@ -58,14 +51,14 @@ class ExitPolicy:
         i = int(np.searchsorted(self.edges, qp, side="right")) - 1
         return min(max(i, 0), len(table) - 1)
 
-    def stages_for(self, qp: float | None, hevc: bool = False, blind: bool = False) -> int:
-        table = self._tables(hevc, blind)[0]
+    def stages_for(self, qp: float | None, hevc: bool = False) -> int:
+        table = self._tables(hevc)[0]
         if not table or qp is None or not np.isfinite(qp):
             return self.max_stages
         return table[self._bin(table, qp)]
 
-    def strength_for(self, qp: float | None, hevc: bool = False, blind: bool = False) -> float:
-        table = self._tables(hevc, blind)[1]
+    def strength_for(self, qp: float | None, hevc: bool = False) -> float:
+        table = self._tables(hevc)[1]
         if not table or qp is None or not np.isfinite(qp):
             return 1.0
         return table[self._bin(table, qp)]
@@ -81,9 +74,6 @@ class ExitPolicy:
             "hevc_gains": self.hevc_gains,
             "strengths": self.strengths,
             "hevc_strengths": self.hevc_strengths,
-            "blind_stages": self.blind_stages,
-            "blind_gains": self.blind_gains,
-            "blind_strengths": self.blind_strengths,
         }
 
     @classmethod

@@ -4,10 +4,12 @@
 inputs). This measures what ``vqe enhance`` does instead: the engine with a
 fixed stage count (1..S, transfer and alignment as shipped) on sequences of
 the held-out sources encoded at many CRFs, and records per frame its source,
-QP and ΔPSNR-Y for every count, with the network time. From those records
-``policy.calibrate`` picks, per QP bin, a count that no source loses by and
-that is cheap where depth adds little; the result is written into the model
+QP, network time and ΔPSNR-Y for every count at five strengths of the
+correction. From those records ``policy.calibrate`` picks, per QP bin, the
+count and strength under which no source loses more than 0.03 dB at any
+CRF, each stage paying for its time; the result is written into the model
 file. The sequences are other crops than bench/quality.py's (another seed).
+About 20 minutes on 2 cores without AMX.
 
     python -m enhancer.training.recalibrate --footage ../shared/footage \
         --records runs/recalibrate.json [--write enhancer/weights/vqe-v3.pt]
@@ -34,10 +36,6 @@ from enhancer.training.sources import clean_sequence, footage_sources, split_sou
 
 X264_CRFS = (15, 18, 22, 25, 27, 30, 32, 35, 37, 42, 47, 51)
 X265_CRFS = (22, 27, 32, 37, 42)
-# The blind path's table is coarser in CRF (it is binned by the estimated QP anyway).
-BLIND_CONFIGS = [("libx264", c) for c in (15, 18, 22, 25, 27, 32, 37, 42, 51)] + [
-    ("libx265", c) for c in (22, 27, 37)
-]
 # Strengths the network's correction is measured at (output = input + s * correction).
 SCALES = (0.25, 0.5, 0.75, 1.0, 1.25)
 SEED = 4321  # bench/quality.py draws its crops with 1234
@@ -53,9 +51,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
-def collect(
-    footage: Path, weights, frames: int, size: tuple[int, int], log, side_info: str = "auto"
-) -> list[dict]:
+def collect(footage: Path, weights, frames: int, size: tuple[int, int], log) -> list[dict]:
     """Per frame: source, codec, CRF, QP the engine used, network ms per stage count and
     ``deltas[a][k - 1]``: ΔPSNR-Y with k stages, the correction scaled by ``SCALES[a]``."""
     sources = split_sources(footage_sources(footage), validation=True)
@@ -66,12 +62,8 @@ def collect(
     }
     _, _, policy, _ = load_model(weights)
     depth = policy.max_stages if policy else 3
-    engines = {
-        k: Engine(weights, device="cpu", stages=k, side_info=side_info) for k in range(1, depth + 1)
-    }
+    engines = {k: Engine(weights, device="cpu", stages=k) for k in range(1, depth + 1)}
     configs = [("libx264", c) for c in X264_CRFS] + [("libx265", c) for c in X265_CRFS]
-    if side_info == "blind":
-        configs = BLIND_CONFIGS
     records, t0 = [], time.time()
     for codec, crf in configs:
         for name, clean in seqs.items():
@@ -81,7 +73,6 @@ def collect(
             base = [_psnr(f.planes[0], c[0]) for f, c in zip(dec, clean, strict=False)]
             rows = [
                 {"source": name, "codec": codec, "crf": crf, "index": i, "ms": []}
-                | {"side_info": side_info}
                 for i in range(len(dec))
             ]
             for row in rows:
@@ -104,16 +95,14 @@ def collect(
 
 def policy_from(records: list[dict], max_stages: int, **kw):
     """The H.264 policy by frame QP and the HEVC one by CRF, from engine records."""
-    aware = [r for r in records if r.get("side_info", "auto") == "auto"]
-    blind = [r for r in records if r.get("side_info") == "blind"]
-    h264 = [r for r in aware if r["codec"] == "libx264"]
-    hevc = [r for r in aware if r["codec"] == "libx265"]
+    h264 = [r for r in records if r["codec"] == "libx264"]
+    hevc = [r for r in records if r["codec"] == "libx265"]
 
     def fit(rows: list[dict], level):
         return calibrate(
             [(level(r), r["deltas"]) for r in rows],
             max_stages,
-            sources=[r["source"] for r in rows],
+            sources=[f"{r['source']} {r['codec']} {r['crf']}" for r in rows],
             costs=_mean_costs(rows, max_stages),
             strengths=list(SCALES),
             **kw,
@@ -124,10 +113,6 @@ def policy_from(records: list[dict], max_stages: int, **kw):
         hp = fit(hevc, lambda r: float(r["crf"]))
         policy.hevc_stages, policy.hevc_gains = hp.stages, hp.gains
         policy.hevc_strengths = hp.strengths
-    if blind:  # whatever the codec, by the QP the estimator gives
-        bp = fit(blind, lambda r: r["qp"])
-        policy.blind_stages, policy.blind_gains = bp.stages, bp.gains
-        policy.blind_strengths = bp.strengths
     return policy
 
 
@@ -143,34 +128,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--footage", type=Path, default=Path("../shared/footage"))
     ap.add_argument("--weights", default=None)
     ap.add_argument("--frames", type=int, default=12)
-    ap.add_argument(
-        "--records",
-        type=Path,
-        nargs="+",
-        default=[Path("runs/recalibrate.json"), Path("runs/recalibrate-blind.json")],
-        help="where the codec-aware and the blind records go (or come from, with --reuse)",
-    )
+    ap.add_argument("--records", type=Path, default=Path("runs/recalibrate.json"))
     ap.add_argument("--reuse", action="store_true", help="calibrate from existing --records")
     ap.add_argument("--write", type=Path, default=None, help="model file to write the policy to")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    records = []
-    for path, side_info in zip(args.records, ("auto", "blind"), strict=False):
-        if args.reuse:
-            records += json.loads(path.read_text())
-            continue
-        part = collect(args.footage, args.weights, args.frames, (384, 256), log, side_info)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(part))
-        records += part
+    if args.reuse:
+        records = json.loads(args.records.read_text())
+    else:
+        records = collect(args.footage, args.weights, args.frames, (384, 256), log)
+        args.records.parent.mkdir(parents=True, exist_ok=True)
+        args.records.write_text(json.dumps(records))
     model, est, old, meta = load_model(args.weights)
     policy = policy_from(records, model.cfg.stages, tolerance=TOLERANCE, price=PRICE)
     print(f"H.264 by QP, edges {policy.edges}")
     print(f"  stages {policy.stages}\n  strengths {policy.strengths}")
     print(f"HEVC by CRF\n  stages {policy.hevc_stages}\n  strengths {policy.hevc_strengths}")
-    print(f"blind by estimated QP\n  stages {policy.blind_stages}")
-    print(f"  strengths {policy.blind_strengths}")
     if args.write:
         meta = meta | {"policy_source": "enhancer.training.recalibrate (engine records)"}
         save_model(args.write, model, est, policy, meta)

@@ -406,11 +406,8 @@ def test_policy_without_data_runs_everything_and_round_trips():
     assert back.stages_for(45, hevc=True) == 1
     back.hevc_stages = [0] * len(back.stages)
     assert back.stages_for(45, hevc=True) == 0 and back.stages_for(45) == 1
-    # The blind table, by estimated QP, takes precedence over the codec's when calibrated.
-    assert back.stages_for(45, blind=True) == 1
-    back.blind_stages, back.blind_strengths = [2] * len(back.stages), [0.5] * len(back.stages)
-    assert back.stages_for(45, hevc=True, blind=True) == 2
-    assert back.strength_for(45, blind=True) == 0.5 and back.strength_for(45) == 1.0
+    back.hevc_strengths = [0.5] * len(back.stages)
+    assert back.strength_for(45, hevc=True) == 0.5 and back.strength_for(45) == 1.0
     assert ExitPolicy.from_dict(json.loads(json.dumps(back.to_dict()))) == back
 
 

@@ -30,10 +30,3 @@ def test_policy_from_engine_records_bins_h264_by_qp_and_hevc_by_crf():
     assert pol.stages_for(37.0, hevc=True) == 1 and pol.hevc_stages[1] == 1
     assert pol.strength_for(37.0, hevc=True) == 1.0
     assert _mean_costs(records, 3) == [1.0, 2.0, 3.0]
-    assert pol.blind_stages == []  # no blind records: the blind path uses the H.264 table
-    # Blind records get their own table, by estimated QP, whatever the codec.
-    blind = [
-        _rec("libx265", 15, 17.0, s, [0.1, 0.2, 0.3]) | {"side_info": "blind"} for s in "ab" * 4
-    ]
-    pol = policy_from(records + blind, 3, tolerance=0.0)
-    assert pol.stages_for(17.0) == 1 and pol.stages_for(17.0, blind=True) == 3

@@ -41,6 +41,7 @@ from typing import IO, Any
 import av
 import av.error
 import numpy as np
+from av.sidedata.sidedata import SideDataContainer
 
 from bitstream.errors import first_line
 from bitstream.types import (
@@ -112,6 +113,18 @@ PICT_TYPES = {1: "I", 2: "P", 3: "B", 4: "P", 5: "I", 6: "P", 7: "B"}  # S->P, S
 MAX_ERRORS = 200
 
 DECODER_OPTIONS = {"flags2": "+export_mvs", "export_side_data": "venc_params"}
+
+
+def side_data(frame: Any) -> SideDataContainer:
+    """A frame's side data, without the cycle ``frame.side_data`` makes.
+
+    PyAV caches that container on the frame and the container points back at the
+    frame, so every frame read that way waits for the cyclic garbage collector:
+    memory grew by 37 MB over the first 300 frames of a 360p clip. A container
+    made here is owned by the caller only and frees with it.
+    """
+    return SideDataContainer(frame)
+
 
 _SEI_RE = re.compile(rb"(x26[45])[ -]")
 
@@ -555,7 +568,7 @@ class VideoReader:
             self._read_encoder_sei(frame)
 
     def _read_encoder_sei(self, frame: Any) -> None:
-        for sd in frame.side_data:
+        for sd in side_data(frame):
             if sd.type.name == "SEI_UNREGISTERED":
                 parsed = parse_encoder_sei(bytes(sd))
                 if parsed is not None:
@@ -649,7 +662,7 @@ class VideoReader:
             return side
         height, width = frame.height, frame.width
         mvs = params = None
-        for sd in frame.side_data:
+        for sd in side_data(frame):
             kind = sd.type.name
             if kind == "MOTION_VECTORS":
                 mvs = sd.to_ndarray()

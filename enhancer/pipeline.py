@@ -103,6 +103,8 @@ class EnhanceResult:
     gops: int = 0
     gops_copied: int = 0
     passthrough: bool = False  # nothing was re-encoded: the video packets are the input's
+    device: str = ""  # where the model ran (cpu, cuda:0); "" for an engine without one
+    precision: str = ""  # bf16, fp16 or fp32
 
     def output_report(self) -> dict[str, Any]:
         """The output-rate fields, as the CLI's --json, the job stats and the web page show them."""
@@ -115,6 +117,8 @@ class EnhanceResult:
             "gops": self.gops,
             "gops_copied": self.gops_copied,
             "passthrough": self.passthrough,
+            "device": self.device,
+            "precision": self.precision,
         }
 
 
@@ -442,6 +446,8 @@ class Pipeline:
             gops=writer.gops,
             gops_copied=writer.gops_copied,
             passthrough=render.copy_all,
+            device=str(getattr(engine, "device", "")),
+            precision=str(getattr(engine, "precision", "")),
         )
 
     def _plan(

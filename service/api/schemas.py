@@ -99,6 +99,8 @@ class JobStats(BaseModel):
     gops: int | None = Field(None, description="GOPs of the input (closed, IDR-started).")
     gops_copied: int | None = Field(None, description="GOPs copied from the input as they were.")
     passthrough: bool | None = Field(None, description="The video packets are the input's.")
+    device: str | None = Field(None, description="Where the model ran: cpu, cuda:0.")
+    precision: str | None = Field(None, description="The model's arithmetic: bf16, fp16, fp32.")
 
 
 class JobLinks(BaseModel):

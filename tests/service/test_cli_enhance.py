@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from enhancer.features import cpu_has_bf16
 from enhancer.pipeline import Progress
 from service.cli import main
 from service.cli.enhance import ProgressLine
@@ -29,6 +30,8 @@ def test_json_summary_and_quiet_stderr(clip, tmp_path, capsys):
     assert summary["frames"] == 6 and summary["output"] == str(out)
     assert sum(summary["stages_histogram"].values()) == 6
     assert {"seconds", "fps", "mean_qp", "side_info", "codec", "crf"} <= summary.keys()
+    assert summary["device"] == "cpu"
+    assert summary["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
     assert video_summary(out).frames == 6
 
 

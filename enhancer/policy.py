@@ -92,13 +92,15 @@ def calibrate(
     guard: float = 0.03,
     min_frames: int = 4,
     strengths: list[float] | None = None,
+    caps: list[int] | None = None,
 ) -> ExitPolicy:
     """records: (frame QP, [ΔPSNR-Y after stage 1..S]) for validation frames, or with
     ``strengths``, (frame QP, [[Δ after stage 1..S] per strength]).
 
     ``sources``: the source of each record (enables the worst-source guard, over
     sources with at least ``min_frames`` frames in a bin); ``costs``: network time of
-    1..S stages relative to one; ``price``: dB a unit of that time must earn.
+    1..S stages relative to one; ``price``: dB a unit of that time must earn;
+    ``caps``: the most stages each bin may run.
     """
     edges = list(edges or DEFAULT_EDGES)
     levels = list(strengths or [1.0])
@@ -129,6 +131,8 @@ def calibrate(
         per_k = masked[best_a, np.arange(max_stages)]
         table.append([round(float(g), 4) for g in mean[levels.index(1.0) if 1.0 in levels else -1]])
         value = np.concatenate([[0.0], per_k]) - price * cost  # index: stages run
+        if caps is not None:
+            value[caps[b] + 1 :] = -np.inf
         best = value.max()  # stage count 0 (pass-through) is always allowed
         # Within tolerance of the best count (= all stages when gains grow with depth).
         k = next((k for k in range(1, max_stages + 1) if value[k] >= best - tolerance), 0)

@@ -7,9 +7,10 @@ the held-out sources encoded at many CRFs, and records per frame its source,
 QP, network time and ΔPSNR-Y for every count at five strengths of the
 correction. From those records ``policy.calibrate`` picks, per QP bin, the
 count and strength under which no source loses more than 0.03 dB at any
-CRF, each stage paying for its time; the result is written into the model
-file. The sequences are other crops than bench/quality.py's (another seed).
-About 20 minutes on 2 cores without AMX.
+CRF, each stage paying for its time, and with stages taken away where they
+cost CRF 22 most until early exit fits its budget; the result is written into
+the model file. The sequences are other crops than bench/quality.py's (another seed).
+About 20 minutes on 2 cores in fp32, 6 in bf16.
 
     python -m enhancer.training.recalibrate --footage ../shared/footage \
         --records runs/recalibrate.json [--write enhancer/weights/vqe-v3.pt]
@@ -40,9 +41,12 @@ X265_CRFS = (22, 27, 32, 37, 42)
 SCALES = (0.25, 0.5, 0.75, 1.0, 1.25)
 SEED = 4321  # bench/quality.py draws its crops with 1234
 # A stage must earn this many dB per unit of one stage's network time (policy.calibrate's
-# price): chosen on these records as the lowest price at which CRF 22 costs at most 0.6x
-# the network time of CRF 37; no tolerance on top of it.
+# price). Then, while x264 CRF 22 costs more than EXIT_BUDGET times the network time of
+# CRF 37 (the enhancer issue's early-exit target is 0.6x; the budget keeps a margin for
+# other crops), the bin whose one stage less loses the least gain per unit of that ratio
+# runs one stage less.
 PRICE = 0.03
+EXIT_BUDGET = 0.5
 TOLERANCE = 0.0
 
 
@@ -93,12 +97,13 @@ def collect(footage: Path, weights, frames: int, size: tuple[int, int], log) -> 
     return records
 
 
-def policy_from(records: list[dict], max_stages: int, **kw):
-    """The H.264 policy by frame QP and the HEVC one by CRF, from engine records."""
+def policy_from(records: list[dict], max_stages: int, caps: list[int] | None = None, **kw):
+    """The H.264 policy by frame QP (``caps``: its most stages per bin) and the HEVC one by
+    CRF, from engine records."""
     h264 = [r for r in records if r["codec"] == "libx264"]
     hevc = [r for r in records if r["codec"] == "libx265"]
 
-    def fit(rows: list[dict], level):
+    def fit(rows: list[dict], level, **extra):
         return calibrate(
             [(level(r), r["deltas"]) for r in rows],
             max_stages,
@@ -106,13 +111,69 @@ def policy_from(records: list[dict], max_stages: int, **kw):
             costs=_mean_costs(rows, max_stages),
             strengths=list(SCALES),
             **kw,
+            **extra,
         )
 
-    policy = fit(h264, lambda r: r["qp"])
+    policy = fit(h264, lambda r: r["qp"], caps=caps)
     if hevc:
         hp = fit(hevc, lambda r: float(r["crf"]))
         policy.hevc_stages, policy.hevc_gains = hp.stages, hp.gains
         policy.hevc_strengths = hp.strengths
+    return policy
+
+
+def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
+    """Network time of x264 CRF 22 over CRF 37 under ``policy`` (``costs``: of 1..S stages)."""
+
+    def mean_cost(crf: int) -> float:
+        c = [
+            costs[k - 1] if (k := policy.stages_for(r["qp"])) else 0.0
+            for r in records
+            if r["codec"] == "libx264" and r["crf"] == crf
+        ]
+        return float(np.mean(c)) if c else 0.0
+
+    full = mean_cost(37)
+    return mean_cost(22) / full if full else 0.0
+
+
+def mean_gain(records: list[dict], policy) -> float:
+    """Mean ΔPSNR-Y of the x264 records under ``policy`` (its stages and strengths)."""
+    total = 0.0
+    for r in records:
+        if r["codec"] == "libx264" and (k := policy.stages_for(r["qp"])):
+            total += r["deltas"][SCALES.index(policy.strength_for(r["qp"]))][k - 1]
+    return total / max(1, sum(r["codec"] == "libx264" for r in records))
+
+
+def budgeted_policy(records: list[dict], max_stages: int, log=None):
+    """``policy_from`` at PRICE, then stages taken away bin by bin (least gain lost per
+    unit of early-exit ratio saved first) until early exit fits EXIT_BUDGET."""
+    costs = _mean_costs([r for r in records if r["codec"] == "libx264"], max_stages)
+    policy = policy_from(records, max_stages, tolerance=TOLERANCE, price=PRICE)
+    caps = list(policy.stages)
+    ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
+    if log is not None:
+        log(f"price {PRICE}: early-exit ratio {ratio:.2f}, mean gain {gain:.3f}")
+    while ratio > EXIT_BUDGET:
+        best = None
+        for b, k in enumerate(caps):
+            if k == 0:
+                continue
+            fewer = caps[:b] + [k - 1] + caps[b + 1 :]
+            trial = policy_from(records, max_stages, fewer, tolerance=TOLERANCE, price=PRICE)
+            saved = ratio - exit_ratio(records, trial, costs)
+            if saved > 1e-9:
+                lost = (gain - mean_gain(records, trial)) / saved
+                if best is None or lost < best[0]:
+                    best = (lost, b, trial)
+        if best is None:
+            break
+        _, b, policy = best
+        caps = list(policy.stages)
+        ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
+        if log is not None:
+            log(f"bin {b}: one stage less; early-exit ratio {ratio:.2f}, mean gain {gain:.3f}")
     return policy
 
 
@@ -141,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         args.records.parent.mkdir(parents=True, exist_ok=True)
         args.records.write_text(json.dumps(records))
     model, est, old, meta = load_model(args.weights)
-    policy = policy_from(records, model.cfg.stages, tolerance=TOLERANCE, price=PRICE)
+    policy = budgeted_policy(records, model.cfg.stages, log)
     print(f"H.264 by QP, edges {policy.edges}")
     print(f"  stages {policy.stages}\n  strengths {policy.strengths}")
     print(f"HEVC by CRF\n  stages {policy.hevc_stages}\n  strengths {policy.hevc_strengths}")

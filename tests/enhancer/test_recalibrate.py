@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from enhancer.training.recalibrate import SCALES, _mean_costs, policy_from
+import pytest
+
+from enhancer.training.recalibrate import (
+    EXIT_BUDGET,
+    PRICE,
+    SCALES,
+    _mean_costs,
+    budgeted_policy,
+    exit_ratio,
+    mean_gain,
+    policy_from,
+)
 
 
 def _rec(codec, crf, qp, source, deltas, ms=(10.0, 20.0, 30.0), weak=None):
@@ -30,3 +41,17 @@ def test_policy_from_engine_records_bins_h264_by_qp_and_hevc_by_crf():
     assert pol.stages_for(37.0, hevc=True) == 1 and pol.hevc_stages[1] == 1
     assert pol.strength_for(37.0, hevc=True) == 1.0
     assert _mean_costs(records, 3) == [1.0, 2.0, 3.0]
+
+
+def test_stages_go_where_early_exit_costs_least_until_it_fits_the_budget():
+    # CRF 22 frames (QP 26) run all 3 stages at PRICE, as costly as CRF 37 (QP 38); taking
+    # a stage from QP 26 loses less gain per ratio saved than from QP 38, so it goes first.
+    records = [_rec("libx264", 22, 26.0, s, [0.10, 0.18, 0.26]) for s in "ab" * 4]
+    records += [_rec("libx264", 37, 38.0, s, [0.5, 0.8, 1.0]) for s in "ab" * 4]
+    costs = _mean_costs(records, 3)
+    full = policy_from(records, 3, tolerance=0.0, price=PRICE)
+    assert full.stages_for(26.0) == 3 and exit_ratio(records, full, costs) == 1.0
+    policy = budgeted_policy(records, 3)
+    assert exit_ratio(records, policy, costs) <= EXIT_BUDGET
+    assert policy.stages_for(26.0) == 1 and policy.stages_for(38.0) == 3
+    assert mean_gain(records, policy) == pytest.approx((0.10 + 1.0) / 2)

@@ -57,7 +57,8 @@ def validate(
     ``edit(item, sample, t)`` may change each frame's inputs (ablations).
     ``enhanced``: the codec-aware path borrows from enhanced anchors (training.anchors
     attached them), as the recurrent engine does.
-    Returns {"crf": {crf: {"input": psnr, "s1": Δ, ..., "blind": Δ}}, "records":
+    Returns {"crf": {crf: {"input": psnr, "s1": Δ, ..., "blind": Δ, "est_qp": the blind
+    estimator's mean frame QP}}, "records":
     [(frame_qp, [Δ per stage])] for calibration, "hevc_records": the same for x265
     samples, by CRF}.
     """
@@ -84,6 +85,7 @@ def validate(
             deltas = [(psnr_y(o, target) - base) for o in outs]
             if is_blind:
                 per_crf[crf]["blind"] += deltas[-1].tolist()
+                per_crf[crf]["est_qp"] += batch.frame_qp.tolist()  # the estimator's frame QP
                 continue
             # x265 samples are binned by the stream's CRF for their own policy.
             hevc = str(sample["codec"]) == "libx265"
@@ -102,15 +104,23 @@ def validate(
 
 def format_table(result: dict, stages: int) -> str:
     cols = ["input"] + [f"s{s}" for s in range(1, stages + 1)]
-    if any("blind" in row for row in result["crf"].values()):
-        cols.append("blind")
+    for extra in ("blind", "est_qp"):
+        if any(extra in row for row in result["crf"].values()):
+            cols.append(extra)
     lines = ["  CRF  " + " ".join(f"{c:>8}" for c in cols)]
     for crf, row in result["crf"].items():
         vals = [row.get(c, math.nan) for c in cols]
         pairs = zip(cols, vals, strict=True)
-        cells = [f"{v:8.2f}" if c == "input" else f"{v:+8.3f}" for c, v in pairs]
+        cells = [f"{v:8.2f}" if c in ("input", "est_qp") else f"{v:+8.3f}" for c, v in pairs]
         lines.append(f"  {crf:4g} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def estimator_spread(result: dict) -> float | None:
+    """How far apart (QP) the blind estimator puts the lowest and highest validation CRF;
+    near 0 means it collapsed to a constant (it did once, unnoticed)."""
+    est = [row["est_qp"] for row in result["crf"].values() if "est_qp" in row]
+    return float(max(est) - min(est)) if len(est) >= 2 else None
 
 
 def score(result: dict, stages: int) -> float:

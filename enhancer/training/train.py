@@ -43,11 +43,19 @@ from enhancer.network import ModelConfig, QPEstimator, VQENet
 from enhancer.policy import calibrate
 from enhancer.training.anchors import attach_all
 from enhancer.training.data import build, load_cache
-from enhancer.training.evaluate import autocast, format_table, score, validate
+from enhancer.training.evaluate import (
+    autocast,
+    estimator_spread,
+    format_table,
+    score,
+    validate,
+)
 from enhancer.training.samples import frame_inputs
 
 CHANNEL_WEIGHTS = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.5]).view(1, 6, 1, 1)
 ABLATIONS = ("references", "qp_map", "partitions", "phase", "frame_cond")
+# Validation spans CRF 17-47 (frame QP about 20-50): a working estimator spreads far wider.
+ESTIMATOR_MIN_SPREAD = 5.0
 
 
 def qp_weight(qp: torch.Tensor) -> torch.Tensor:
@@ -287,6 +295,12 @@ def train(args) -> Path:
                 f"validation at step {step} (ΔPSNR-Y dB vs input, held-out sources), "
                 f"score {sc:+.4f}\n" + format_table(res, cfg.stages)
             )
+            spread = estimator_spread(res)
+            if spread is not None and spread < ESTIMATOR_MIN_SPREAD:
+                log(
+                    f"WARNING: the QP estimator spans {spread:.1f} QP over the validation CRFs: "
+                    "it has collapsed toward a constant"
+                )
             ck = {
                 "model": model.state_dict(),
                 "estimator": est.state_dict(),

@@ -23,7 +23,7 @@ from enhancer.engine import Engine
 from enhancer.references import input_plan, reference_indices
 from enhancer.training import data, train
 from enhancer.training.anchors import attach_all
-from enhancer.training.evaluate import format_table, luma, psnr_y, score
+from enhancer.training.evaluate import estimator_spread, format_table, luma, psnr_y, score
 from enhancer.training.samples import frame_inputs
 from enhancer.training.sources import (
     VALIDATION_SOURCES,
@@ -118,6 +118,10 @@ def test_psnr_y_score_and_table():
     assert table[0].split() == ["CRF", "input", "s1", "s2", "blind"]
     assert table[1].split() == ["27", "30.00", "+0.100", "+0.200", "-0.100"]
     assert len(table) == 3
+    assert estimator_spread(result) is None  # no blind estimates in this result
+    result["crf"][27.0]["est_qp"], result["crf"][42.0]["est_qp"] = 34.9, 34.9
+    assert estimator_spread(result) == 0.0  # what the collapsed estimator gave
+    assert format_table(result, 2).splitlines()[1].split()[-1] == "34.90"
     weights = train.qp_weight(torch.tensor([37.0, 31.0, 60.0])).tolist()
     assert weights == pytest.approx([1.0, 2.0, 2 ** (-14 / 6)])  # QP clamped to 51
 
@@ -184,11 +188,11 @@ def test_train_builds_trains_validates_and_exports(trained):
     for step in (2, 4):
         assert f"validation at step {step}" in log
     assert "new best" in log
-    header = re.findall(r"CRF\s+input\s+s1\s+s2\s+blind\n", log)
+    header = re.findall(r"CRF\s+input\s+s1\s+s2\s+blind\s+est_qp\n", log)
     assert len(header) == 4  # two validations, the final one and the x265 one
     assert "x265 validation" in log and "HEVC exit policy: stages" in log
-    for crf in VAL_CRFS:  # one row per CRF and table, each with 4 finite numbers
-        rows = re.findall(rf"^\s+{crf} ((?:\s+[-+]?\d+\.\d+){{4}})$", log, re.M)
+    for crf in VAL_CRFS:  # one row per CRF and table, each with 5 finite numbers
+        rows = re.findall(rf"^\s+{crf} ((?:\s+[-+]?\d+\.\d+){{5}})$", log, re.M)
         assert len(rows) == 4, crf
     assert "exit policy: edges" in log and "exported" in log
     last = torch.load(work / "last.pt", weights_only=False)

@@ -564,8 +564,8 @@ class VideoReader:
             info.rotation = 0.0
         if info.profile is None:
             info.profile = self._stream.codec_context.profile
-        if self.side_info:
-            self._read_encoder_sei(frame)
+        # Read on the plain path too: the encoder's CRF is what the blind path runs on.
+        self._read_encoder_sei(frame)
 
     def _read_encoder_sei(self, frame: Any) -> None:
         for sd in side_data(frame):

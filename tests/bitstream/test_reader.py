@@ -126,9 +126,11 @@ def test_constant_qp(clip):
 
 
 def test_side_info_off(clip):
-    frames, _ = read_all(
-        clip("basic.mp4", options={"crf": "23", "bf": "2", **X264_FAST}, frames=12), side_info=False
-    )
+    path = clip("basic.mp4", options={"crf": "23", "bf": "2", **X264_FAST}, frames=12)
+    frames, _ = read_all(path, side_info=False)
+    with open_video(path, side_info=False) as reader:
+        list(reader)
+        assert reader.info.sequence_qp == 23.0  # the options SEI: what the blind path runs on
     assert len(frames) == 12
     s = frames[1].side
     assert s.qp is None and s.qp_map is None and s.mv_past is None

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from bitstream.types import DecodedFrame, FrameSideInfo, SequenceInfo
 from enhancer.align import apply_flow
 from enhancer.batch import FrameInputs, Reference, collate, cost_plane
+from enhancer.blind_qp import BlindQP, frame_features
 from enhancer.checkpoint import load_model
 from enhancer.features import (
     cpu_has_bf16,
@@ -83,6 +84,7 @@ class _Pending:
     t0: float
     model_seconds: float = 0.0
     transferred: float = 0.0
+    pixel_qp: float | None = None  # QP estimated from the pixels (blind policy), if needed
 
 
 @dataclass
@@ -166,6 +168,7 @@ class Engine:
         model, est, policy, meta = load_model(weights)
         self.meta = meta
         self.policy = policy
+        self.blind_qp = BlindQP.from_dict(policy.blind_qp if policy else None)
         self.max_stages = model.cfg.stages
         if stages != "auto":
             stages = int(stages)
@@ -203,16 +206,13 @@ class Engine:
             return self.max_stages
         if self.side_info == "blind" or side.qp is None:
             return None
-        return self._policy_stages(side.qp, info)
+        return self.policy.stages_for(*self._policy_level(side.qp, info.codec, info.sequence_qp))
 
-    def _policy_stages(self, qp: float, info: SequenceInfo) -> int:
-        return self.policy.stages_for(*self._policy_level(qp, info))
-
-    def _policy_level(self, qp: float, info: SequenceInfo) -> tuple[float, bool]:
+    def _policy_level(self, qp: float, codec: str, seq_qp: float | None) -> tuple[float, bool]:
         """(level, hevc): HEVC is calibrated by the stream's CRF (when x265 wrote it), H.264
-        (and the blind path, by its estimated QP) by frame QP."""
-        if info.codec == "hevc" and self.policy.hevc_stages:
-            return (info.sequence_qp if info.sequence_qp is not None else qp), True
+        by frame QP."""
+        if codec == "hevc" and self.policy.hevc_stages:
+            return (seq_qp if seq_qp is not None else qp), True
         return qp, False
 
     def _amp(self):
@@ -288,13 +288,16 @@ class Engine:
         with torch.inference_mode(), self._amp():
             batch = collate([item], self.model, self.estimator, self.device, self.dtype)
         qp = float(batch.frame_qp[0])
-        ctx["qp_sum"] += qp
+        ctx["qp_sum"] += qp  # what the network conditions on (a sequence QP, if unknown)
         ctx["qp_n"] += 1
         n, strength = self.max_stages, 1.0
         if self.stages != "auto":
             n = self.stages
         elif self.policy:
-            level = self._policy_level(qp, info)
+            level = self._policy_level(qp, info.codec, ctx["seq_qp"])
+            if p.pixel_qp is not None:
+                qp = p.pixel_qp  # the network reads its own estimate; the policy this one
+                level = (qp, False, True)
             n, strength = self.policy.stages_for(*level), self.policy.strength_for(*level)
         p.model_seconds, p.transferred = 0.0, 0.0
         out = None
@@ -384,16 +387,29 @@ class Engine:
         else:
             yield from self._process_peaks(frames, info, ctx)
 
-    def _pending(self, frame: DecodedFrame, bit_depth: int) -> _Pending:
+    def _pending(self, frame: DecodedFrame, ctx: dict) -> _Pending:
         t0 = time.perf_counter()
-        cur = planes_to_tensor(frame.planes, bit_depth).to(self.device)
-        return _Pending(frame, cur, t0)
+        cur = planes_to_tensor(frame.planes, ctx["bit_depth"]).to(self.device)
+        p = _Pending(frame, cur, t0)
+        # Display order: the statistics compare each frame with the one shown before it.
+        y, prev = frame.planes[0], ctx.get("prev_y")
+        ctx["prev_y"] = y
+        # Only where the stream says neither the frame's QP nor the encoder's CRF: with
+        # the CRF known the network itself holds back on light compression.
+        estimated = not (ctx["plan"].frame_qp and frame.side.qp is not None)
+        table = self.policy.blind_stages if self.policy else []
+        if estimated and not ctx["seq_known"] and self.blind_qp and table:
+            if ctx["bit_depth"] > 8:  # the statistics are fitted on 8-bit samples
+                y = y >> (ctx["bit_depth"] - 8)
+                prev = None if prev is None else prev >> (ctx["bit_depth"] - 8)
+            p.pixel_qp = self.blind_qp.predict(frame_features(y, prev))
+        return p
 
     def _process_peaks(self, frames, info, ctx):
         anchor: _Anchor | None = None
         waiting: deque[_Pending] = deque()
         for frame in frames:
-            p = self._pending(frame, ctx["bit_depth"])
+            p = self._pending(frame, ctx)
             if frame.side.pict_type not in ANCHOR_TYPES and frame.side.pict_type != "?":
                 waiting.append(p)
                 if len(waiting) > MAX_PENDING:  # no anchor in sight: go on with the past only
@@ -418,7 +434,7 @@ class Engine:
         prev: _Anchor | None = None
         held: _Pending | None = None
         for frame in frames:
-            p = self._pending(frame, ctx["bit_depth"])
+            p = self._pending(frame, ctx)
             nxt = _Anchor(frame.index, p.cur, p.cur, None)
             if held is not None:
                 yield self._run_one(held, [prev, nxt], info, ctx)

@@ -16,6 +16,11 @@ correction (output = input + strength x correction): the network
 over-corrects lightly compressed frames (measured: at CRF 15 half of its
 correction gains twice as much as all of it), so each bin also stores the
 strength that gains most there.
+
+The blind path has a table of its own, binned by a QP estimated from the
+decoded pixels (enhancer.blind_qp, whose coefficients it also stores): its
+network reads no QP it could trust, so its gains per bin differ from the
+codec-aware ones.
 """
 
 from __future__ import annotations
@@ -41,8 +46,15 @@ class ExitPolicy:
     # Strength of the correction per bin (empty: 1.0 everywhere).
     strengths: list[float] = field(default_factory=list)
     hevc_strengths: list[float] = field(default_factory=list)
+    # The blind path's, by the pixel-statistics QP estimate ``blind_qp`` (BlindQP's dict).
+    blind_stages: list[int] = field(default_factory=list)
+    blind_gains: list[list[float]] = field(default_factory=list)
+    blind_strengths: list[float] = field(default_factory=list)
+    blind_qp: dict = field(default_factory=dict)
 
-    def _tables(self, hevc: bool) -> tuple[list[int], list[float]]:
+    def _tables(self, hevc: bool, blind: bool = False) -> tuple[list[int], list[float]]:
+        if blind and self.blind_stages:
+            return self.blind_stages, self.blind_strengths
         if hevc and self.hevc_stages:
             return self.hevc_stages, self.hevc_strengths
         return self.stages, self.strengths
@@ -51,14 +63,14 @@ class ExitPolicy:
         i = int(np.searchsorted(self.edges, qp, side="right")) - 1
         return min(max(i, 0), len(table) - 1)
 
-    def stages_for(self, qp: float | None, hevc: bool = False) -> int:
-        table = self._tables(hevc)[0]
+    def stages_for(self, qp: float | None, hevc: bool = False, blind: bool = False) -> int:
+        table = self._tables(hevc, blind)[0]
         if not table or qp is None or not np.isfinite(qp):
             return self.max_stages
         return table[self._bin(table, qp)]
 
-    def strength_for(self, qp: float | None, hevc: bool = False) -> float:
-        table = self._tables(hevc)[1]
+    def strength_for(self, qp: float | None, hevc: bool = False, blind: bool = False) -> float:
+        table = self._tables(hevc, blind)[1]
         if not table or qp is None or not np.isfinite(qp):
             return 1.0
         return table[self._bin(table, qp)]
@@ -74,6 +86,10 @@ class ExitPolicy:
             "hevc_gains": self.hevc_gains,
             "strengths": self.strengths,
             "hevc_strengths": self.hevc_strengths,
+            "blind_stages": self.blind_stages,
+            "blind_gains": self.blind_gains,
+            "blind_strengths": self.blind_strengths,
+            "blind_qp": self.blind_qp,
         }
 
     @classmethod

@@ -9,7 +9,11 @@ correction. From those records ``policy.calibrate`` picks, per QP bin, the
 count and strength under which no source loses more than 0.03 dB at any
 CRF, each stage paying for its time, and with stages taken away where they
 cost CRF 22 most until early exit fits its budget; the result is written into
-the model file. The sequences are other crops than bench/quality.py's (another seed).
+the model file. The blind path (``--side-info blind``) is measured the same way on
+the x264 encodes and gets its own table, binned by the QP estimated from the
+pixels (enhancer.blind_qp; fit it first with enhancer.training.fit_blind_qp): it
+steers only streams that carry no CRF. The sequences are other crops than
+bench/quality.py's (another seed).
 About 20 minutes on 2 cores in fp32, 6 in bf16.
 
     python -m enhancer.training.recalibrate --footage ../shared/footage \
@@ -23,12 +27,15 @@ import io
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bitstream.reader import open_video
+from bitstream.types import RateControl
+from enhancer.blind_qp import BlindQP, frame_features
 from enhancer.checkpoint import load_model, save_model
 from enhancer.engine import Engine
 from enhancer.policy import calibrate
@@ -55,9 +62,12 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
-def collect(footage: Path, weights, frames: int, size: tuple[int, int], log) -> list[dict]:
-    """Per frame: source, codec, CRF, QP the engine used, network ms per stage count and
-    ``deltas[a][k - 1]``: ΔPSNR-Y with k stages, the correction scaled by ``SCALES[a]``."""
+def collect(
+    footage: Path, weights, frames: int, size: tuple[int, int], log, blind_only: bool = False
+) -> list[dict]:
+    """Per frame and path (codec-aware, blind): source, codec, CRF, QP the engine used (and
+    the pixel-statistics estimate), network ms per stage count and ``deltas[a][k - 1]``:
+    ΔPSNR-Y with k stages, the correction scaled by ``SCALES[a]``."""
     sources = split_sources(footage_sources(footage), validation=True)
     photos = [p for _, p in sources if p.parent.name == "photos"]
     seqs = {
@@ -66,7 +76,17 @@ def collect(footage: Path, weights, frames: int, size: tuple[int, int], log) -> 
     }
     _, _, policy, _ = load_model(weights)
     depth = policy.max_stages if policy else 3
-    engines = {k: Engine(weights, device="cpu", stages=k) for k in range(1, depth + 1)}
+    pixel_qp = BlindQP.from_dict(policy.blind_qp if policy else None)
+    paths = {"aware": "auto", "blind": "blind"} if pixel_qp else {"aware": "auto"}
+    if blind_only:
+        if not pixel_qp:
+            raise ValueError("the model file has no blind QP estimate: run fit_blind_qp first")
+        paths = {"blind": "blind"}
+    engines = {
+        (path, k): Engine(weights, device="cpu", stages=k, side_info=mode)
+        for path, mode in paths.items()
+        for k in range(1, depth + 1)
+    }
     configs = [("libx264", c) for c in X264_CRFS] + [("libx265", c) for c in X265_CRFS]
     records, t0 = [], time.time()
     for codec, crf in configs:
@@ -74,16 +94,32 @@ def collect(footage: Path, weights, frames: int, size: tuple[int, int], log) -> 
             data = encode_planes(clean, EncodeSettings(codec=codec, crf=crf))
             with open_video(io.BytesIO(data)) as r:
                 info, dec = r.info, list(r)
+            # The blind table serves streams without a CRF (the estimate steers only those).
+            no_crf = replace(info, rate_control=RateControl(), encoder=None)
             base = [_psnr(f.planes[0], c[0]) for f, c in zip(dec, clean, strict=False)]
-            rows = [
-                {"source": name, "codec": codec, "crf": crf, "index": i, "ms": []}
-                for i in range(len(dec))
-            ]
-            for row in rows:
-                row["deltas"] = [[] for _ in SCALES]
-            for eng in engines.values():
+            stats = [
+                pixel_qp.predict(frame_features(f.planes[0], dec[i - 1].planes[0] if i else None))
+                for i, f in enumerate(dec)
+            ] if pixel_qp else [None] * len(dec)  # fmt: skip
+            rows = {
+                path: [
+                    {"source": name, "codec": codec, "crf": crf, "index": i, "path": path,
+                     "pixel_qp": stats[i], "ms": [], "deltas": [[] for _ in SCALES]}
+                    for i in range(len(dec))
+                ]
+                for path in paths
+                if path == "aware" or codec == "libx264"
+            }  # fmt: skip
+            for (path, _), eng in engines.items():
+                if path not in rows:
+                    continue
                 for (out, rep), row, d, c, b in zip(
-                    eng.process(iter(dec), info), rows, dec, clean, base, strict=False
+                    eng.process(iter(dec), no_crf if path == "blind" else info),
+                    rows[path],
+                    dec,
+                    clean,
+                    base,
+                    strict=False,
                 ):
                     x = d.planes[0].astype(np.float64)
                     corr = out.planes[0].astype(np.float64) - x
@@ -92,7 +128,7 @@ def collect(footage: Path, weights, frames: int, size: tuple[int, int], log) -> 
                         row["deltas"][a].append(round(_psnr(y, c[0]) - b, 4))
                     row["ms"].append(round(1000 * rep.model_seconds, 2))
                     row["qp"] = rep.qp
-            records += rows
+            records += [r for path_rows in rows.values() for r in path_rows]
         log(f"{codec} CRF {crf}: {len(records)} frames ({time.time() - t0:.0f}s)")
     return records
 
@@ -108,8 +144,12 @@ def _fit(rows: list[dict], level, max_stages: int, **kw):
     )
 
 
+def _aware(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("path", "aware") == "aware"]
+
+
 def _fit_h264(records: list[dict], max_stages: int, caps: list[int] | None = None, **kw):
-    rows = [r for r in records if r["codec"] == "libx264"]
+    rows = [r for r in _aware(records) if r["codec"] == "libx264"]
     return _fit(rows, lambda r: r["qp"], max_stages, caps=caps, **kw)
 
 
@@ -117,12 +157,22 @@ def policy_from(records: list[dict], max_stages: int, caps: list[int] | None = N
     """The H.264 policy by frame QP (``caps``: its most stages per bin) and the HEVC one by
     CRF, from engine records."""
     policy = _fit_h264(records, max_stages, caps, **kw)
-    hevc = [r for r in records if r["codec"] == "libx265"]
+    hevc = [r for r in _aware(records) if r["codec"] == "libx265"]
     if hevc:
         hp = _fit(hevc, lambda r: float(r["crf"]), max_stages, **kw)
         policy.hevc_stages, policy.hevc_gains = hp.stages, hp.gains
         policy.hevc_strengths = hp.strengths
+    blind_policy(records, max_stages, policy, **kw)
     return policy
+
+
+def blind_policy(records: list[dict], max_stages: int, policy, **kw) -> None:
+    """Fit the blind path's table, by the pixel-statistics QP, into ``policy``."""
+    blind = [r for r in records if r.get("path") == "blind"]
+    if blind:
+        bp = _fit(blind, lambda r: r["pixel_qp"], max_stages, **kw)
+        policy.blind_stages, policy.blind_gains = bp.stages, bp.gains
+        policy.blind_strengths = bp.strengths
 
 
 def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
@@ -131,7 +181,7 @@ def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
     def mean_cost(crf: int) -> float:
         c = [
             costs[k - 1] if (k := policy.stages_for(r["qp"])) else 0.0
-            for r in records
+            for r in _aware(records)
             if r["codec"] == "libx264" and r["crf"] == crf
         ]
         return float(np.mean(c)) if c else 0.0
@@ -142,17 +192,17 @@ def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
 
 def mean_gain(records: list[dict], policy) -> float:
     """Mean ΔPSNR-Y of the x264 records under ``policy`` (its stages and strengths)."""
-    total = 0.0
-    for r in records:
-        if r["codec"] == "libx264" and (k := policy.stages_for(r["qp"])):
+    total, rows = 0.0, [r for r in _aware(records) if r["codec"] == "libx264"]
+    for r in rows:
+        if k := policy.stages_for(r["qp"]):
             total += r["deltas"][SCALES.index(policy.strength_for(r["qp"]))][k - 1]
-    return total / max(1, sum(r["codec"] == "libx264" for r in records))
+    return total / max(1, len(rows))
 
 
 def budgeted_policy(records: list[dict], max_stages: int, log=None):
     """``policy_from`` at PRICE, then stages taken away bin by bin (least gain lost per
     unit of early-exit ratio saved first) until early exit fits EXIT_BUDGET."""
-    costs = _mean_costs([r for r in records if r["codec"] == "libx264"], max_stages)
+    costs = _mean_costs([r for r in _aware(records) if r["codec"] == "libx264"], max_stages)
     policy = policy_from(records, max_stages, tolerance=TOLERANCE, price=PRICE)
     caps = list(policy.stages)
     ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
@@ -197,20 +247,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=Path, default=Path("runs/recalibrate.json"))
     ap.add_argument("--reuse", action="store_true", help="calibrate from existing --records")
     ap.add_argument("--write", type=Path, default=None, help="model file to write the policy to")
+    ap.add_argument(
+        "--blind-only", action="store_true", help="measure the blind path only; keep the rest"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if args.reuse:
         records = json.loads(args.records.read_text())
     else:
-        records = collect(args.footage, args.weights, args.frames, (384, 256), log)
+        records = collect(args.footage, args.weights, args.frames, (384, 256), log, args.blind_only)
         args.records.parent.mkdir(parents=True, exist_ok=True)
         args.records.write_text(json.dumps(records))
     model, est, old, meta = load_model(args.weights)
-    policy = budgeted_policy(records, model.cfg.stages, log)
+    if args.blind_only:
+        policy = old
+        blind_policy(records, model.cfg.stages, policy, tolerance=TOLERANCE, price=PRICE)
+    else:
+        policy = budgeted_policy(records, model.cfg.stages, log)
+        policy.blind_qp = old.blind_qp if old else {}
     print(f"H.264 by QP, edges {policy.edges}")
     print(f"  stages {policy.stages}\n  strengths {policy.strengths}")
     print(f"HEVC by CRF\n  stages {policy.hevc_stages}\n  strengths {policy.hevc_strengths}")
+    print(f"blind by pixel QP\n  stages {policy.blind_stages}")
+    print(f"  strengths {policy.blind_strengths}")
     if args.write:
         meta = meta | {"policy_source": "enhancer.training.recalibrate (engine records)"}
         save_model(args.write, model, est, policy, meta)

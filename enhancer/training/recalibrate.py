@@ -10,7 +10,7 @@ count and strength under which no source loses more than 0.03 dB at any
 CRF, each stage paying for its time, and with stages taken away where they
 cost CRF 22 most until early exit fits its budget; the result is written into
 the model file. The blind path (``--side-info blind``) is measured the same way on
-the x264 encodes and gets its own table, binned by the QP estimated from the
+CRF-less streams and gets its own table, binned by the QP estimated from the
 pixels (enhancer.blind_qp; fit it first with enhancer.training.fit_blind_qp): it
 steers only streams that carry no CRF. The sequences are other crops than
 bench/quality.py's (another seed).
@@ -108,7 +108,6 @@ def collect(
                     for i in range(len(dec))
                 ]
                 for path in paths
-                if path == "aware" or codec == "libx264"
             }  # fmt: skip
             for (path, _), eng in engines.items():
                 if path not in rows:

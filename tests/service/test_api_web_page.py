@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,7 +202,7 @@ def test_page_batch_of_several_files(chromium: str, server: ServiceProcess, tmp_
 
     good = [make_clip(tmp_path / f"b{n}.mp4", size=(64, 48), frames=n) for n in (3, 5)]
     items = [[p.name, base64.b64encode(p.read_bytes()).decode()] for p in good]
-    items.insert(1, ["broken.mp4", base64.b64encode(os.urandom(2000)).decode()])
+    items.insert(1, ["broken.mp4", base64.b64encode(random.Random(7).randbytes(2000)).decode()])
 
     with sync_api.sync_playwright() as pw:
         browser = _launch(pw, chromium)

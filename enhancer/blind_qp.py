@@ -52,7 +52,7 @@ def frame_features(y: np.ndarray, prev: np.ndarray | None) -> np.ndarray:
     dh2 = np.abs(np.diff(half, axis=1))
     b4 = _blocks(f, 4)
     var4 = b4.var(axis=(2, 3))
-    coef = np.einsum("ij,abjk,lk->abil", _DCT, b4, _DCT)
+    coef = _DCT.astype(np.float32) @ b4 @ _DCT.T.astype(np.float32)  # per 4x4 block
     ac = (coef**2).sum((2, 3)) - coef[:, :, 0, 0] ** 2
     high = (coef**2 * _HIGH).sum((2, 3))
     if prev is not None and prev.shape == y.shape:

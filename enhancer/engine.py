@@ -294,10 +294,11 @@ class Engine:
         if self.stages != "auto":
             n = self.stages
         elif self.policy:
-            level = self._policy_level(qp, info.codec, ctx["seq_qp"])
-            if p.pixel_qp is not None:
-                qp = p.pixel_qp  # the network reads its own estimate; the policy this one
+            if p.pixel_qp is not None:  # the network reads its own estimate; the policy this
+                qp = p.pixel_qp
                 level = (qp, False, True)
+            else:
+                level = (*self._policy_level(qp, info.codec, ctx["seq_qp"]), False)
             n, strength = self.policy.stages_for(*level), self.policy.strength_for(*level)
         p.model_seconds, p.transferred = 0.0, 0.0
         out = None

@@ -22,6 +22,8 @@ import torch
 
 from bitstream.reader import open_video
 from enhancer.blind_qp import BlindQP, frame_features
+from enhancer.checkpoint import load_model, save_model
+from enhancer.policy import ExitPolicy
 from enhancer.training.data import EncodeSettings, encode_planes, random_settings
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources
 
@@ -88,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{np.percentile(hp[sel], 10):6.1f} {np.percentile(hp[sel], 90):6.1f}"
         )
     if args.write:
-        ckpt = torch.load(args.write, map_location="cpu", weights_only=False)
-        ckpt["policy"]["blind_qp"] = est.to_dict()
-        torch.save(ckpt, args.write)
+        model, qp_est, policy, meta = load_model(args.write)
+        policy = policy or ExitPolicy(max_stages=model.cfg.stages)
+        policy.blind_qp = est.to_dict()
+        save_model(args.write, model, qp_est, policy, meta)
         print(f"stored in {args.write}")
     return 0
 

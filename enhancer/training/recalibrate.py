@@ -110,8 +110,6 @@ def collect(
                 for path in paths
             }  # fmt: skip
             for (path, _), eng in engines.items():
-                if path not in rows:
-                    continue
                 for (out, rep), row, d, c, b in zip(
                     eng.process(iter(dec), no_crf if path == "blind" else info),
                     rows[path],

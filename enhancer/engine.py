@@ -208,12 +208,14 @@ class Engine:
             return None
         return self.policy.stages_for(*self._policy_level(side.qp, info.codec, info.sequence_qp))
 
-    def _policy_level(self, qp: float, codec: str, seq_qp: float | None) -> tuple[float, bool]:
-        """(level, hevc): HEVC is calibrated by the stream's CRF (when x265 wrote it), H.264
-        by frame QP."""
-        if codec == "hevc" and self.policy.hevc_stages:
-            return (seq_qp if seq_qp is not None else qp), True
-        return qp, False
+    def _policy_level(self, qp: float, codec: str, seq_qp: float | None) -> tuple[float, str]:
+        """(level, table kind): HEVC is calibrated by the stream's CRF (when x265 wrote it),
+        H.264 by frame QP, or on the blind path by the CRF when the stream gives it."""
+        if codec == "hevc" and self.policy.has("hevc"):
+            return (seq_qp if seq_qp is not None else qp), "hevc"
+        if self.side_info == "blind" and seq_qp is not None and self.policy.has("blind_crf"):
+            return seq_qp, "blind_crf"
+        return qp, "h264"
 
     def _amp(self):
         if self.autocast:
@@ -296,9 +298,9 @@ class Engine:
         elif self.policy:
             if p.pixel_qp is not None:  # the network reads its own estimate; the policy this
                 qp = p.pixel_qp
-                level = (qp, False, True)
+                level = (qp, "blind")
             else:
-                level = (*self._policy_level(qp, info.codec, ctx["seq_qp"]), False)
+                level = self._policy_level(qp, info.codec, ctx["seq_qp"])
             n, strength = self.policy.stages_for(*level), self.policy.strength_for(*level)
         p.model_seconds, p.transferred = 0.0, 0.0
         out = None
@@ -398,7 +400,7 @@ class Engine:
         # Only where the stream says neither the frame's QP nor the encoder's CRF: with
         # the CRF known the network itself holds back on light compression.
         estimated = not (ctx["plan"].frame_qp and frame.side.qp is not None)
-        table = self.policy.blind_stages if self.policy else []
+        table = self.policy and self.policy.has("blind")
         if estimated and not ctx["seq_known"] and self.blind_qp and table:
             if ctx["bit_depth"] > 8:  # the statistics are fitted on 8-bit samples
                 y = y >> (ctx["bit_depth"] - 8)

@@ -17,15 +17,19 @@ over-corrects lightly compressed frames (measured: at CRF 15 half of its
 correction gains twice as much as all of it), so each bin also stores the
 strength that gains most there.
 
-The blind path has a table of its own, binned by a QP estimated from the
-decoded pixels (enhancer.blind_qp, whose coefficients it also stores): its
-network reads no QP it could trust, so its gains per bin differ from the
-codec-aware ones.
+The blind path has tables of its own: its network reads no QP it could
+trust, so its gains per bin differ from the codec-aware ones. On H.264 streams
+that carry the encoder's CRF (x264's options SEI) it is binned by that CRF;
+on streams that carry none, by a QP estimated from the decoded pixels
+(enhancer.blind_qp, whose coefficients the policy also stores).
+
+Tables, by ``kind``: "h264" (by frame QP), "hevc" (by CRF), "blind_crf" (by
+CRF), "blind" (by the pixel estimate). An empty table falls back to "h264".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -51,46 +55,45 @@ class ExitPolicy:
     blind_gains: list[list[float]] = field(default_factory=list)
     blind_strengths: list[float] = field(default_factory=list)
     blind_qp: dict = field(default_factory=dict)
+    # The blind path's on H.264 streams whose CRF is known, by that CRF.
+    blind_crf_stages: list[int] = field(default_factory=list)
+    blind_crf_gains: list[list[float]] = field(default_factory=list)
+    blind_crf_strengths: list[float] = field(default_factory=list)
 
-    def _tables(self, hevc: bool, blind: bool = False) -> tuple[list[int], list[float]]:
-        if blind and self.blind_stages:
-            return self.blind_stages, self.blind_strengths
-        if hevc and self.hevc_stages:
-            return self.hevc_stages, self.hevc_strengths
+    def has(self, kind: str) -> bool:
+        """Whether the ``kind`` table is calibrated (else "h264" stands in for it)."""
+        return bool(self.stages if kind == "h264" else getattr(self, f"{kind}_stages"))
+
+    def table(self, kind: str) -> tuple[list[int], list[float]]:
+        """(stages, strengths) per bin of the ``kind`` table, or of "h264" if it is empty."""
+        if kind != "h264" and self.has(kind):
+            return getattr(self, f"{kind}_stages"), getattr(self, f"{kind}_strengths")
         return self.stages, self.strengths
+
+    def set_table(self, kind: str, other: ExitPolicy, other_kind: str = "h264") -> None:
+        """Take ``other``'s ``other_kind`` table (by default calibrate's result) as ``kind``."""
+        for name in ("stages", "gains", "strengths"):
+            value = getattr(other, name if other_kind == "h264" else f"{other_kind}_{name}")
+            setattr(self, name if kind == "h264" else f"{kind}_{name}", value)
 
     def _bin(self, table: list, qp: float) -> int:
         i = int(np.searchsorted(self.edges, qp, side="right")) - 1
         return min(max(i, 0), len(table) - 1)
 
-    def stages_for(self, qp: float | None, hevc: bool = False, blind: bool = False) -> int:
-        table = self._tables(hevc, blind)[0]
+    def stages_for(self, qp: float | None, kind: str = "h264") -> int:
+        table = self.table(kind)[0]
         if not table or qp is None or not np.isfinite(qp):
             return self.max_stages
         return table[self._bin(table, qp)]
 
-    def strength_for(self, qp: float | None, hevc: bool = False, blind: bool = False) -> float:
-        table = self._tables(hevc, blind)[1]
+    def strength_for(self, qp: float | None, kind: str = "h264") -> float:
+        table = self.table(kind)[1]
         if not table or qp is None or not np.isfinite(qp):
             return 1.0
         return table[self._bin(table, qp)]
 
     def to_dict(self) -> dict:
-        return {
-            "edges": self.edges,
-            "stages": self.stages,
-            "gains": self.gains,
-            "tolerance": self.tolerance,
-            "max_stages": self.max_stages,
-            "hevc_stages": self.hevc_stages,
-            "hevc_gains": self.hevc_gains,
-            "strengths": self.strengths,
-            "hevc_strengths": self.hevc_strengths,
-            "blind_stages": self.blind_stages,
-            "blind_gains": self.blind_gains,
-            "blind_strengths": self.blind_strengths,
-            "blind_qp": self.blind_qp,
-        }
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ExitPolicy:

@@ -9,12 +9,14 @@ correction. From those records ``policy.calibrate`` picks, per QP bin, the
 count and strength under which no source loses more than 0.03 dB at any
 CRF, each stage paying for its time, and with stages taken away where they
 cost CRF 22 most until early exit fits its budget; the result is written into
-the model file. The blind path (``--side-info blind``) is measured the same way on
-CRF-less streams and gets its own table, binned by the QP estimated from the
-pixels (enhancer.blind_qp; fit it first with enhancer.training.fit_blind_qp): it
-steers only streams that carry no CRF. The sequences are other crops than
-bench/quality.py's (another seed).
-About 20 minutes on 2 cores in fp32, 6 in bf16.
+the model file. The blind path (``--side-info blind``) is measured the same way
+and gets two tables of its own: on x264 streams with their CRF ("blind_crf",
+binned by the CRF) and on CRF-less x264 and x265 streams ("blind", binned by the
+QP estimated from the pixels: enhancer.blind_qp; fit it first with
+enhancer.training.fit_blind_qp). ``--paths`` measures only some of the three;
+the tables of paths not measured are kept as the model file has them. The
+sequences are other crops than bench/quality.py's (another seed).
+About 11 minutes per path on 2 cores in bf16.
 
     python -m enhancer.training.recalibrate --footage ../shared/footage \
         --records runs/recalibrate.json [--write enhancer/weights/vqe-v3.pt]
@@ -38,7 +40,7 @@ from bitstream.types import RateControl
 from enhancer.blind_qp import BlindQP, frame_features
 from enhancer.checkpoint import load_model, save_model
 from enhancer.engine import Engine
-from enhancer.policy import calibrate
+from enhancer.policy import ExitPolicy, calibrate
 from enhancer.training.data import EncodeSettings, encode_planes
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources
 
@@ -55,6 +57,12 @@ SEED = 4321  # bench/quality.py draws its crops with 1234
 PRICE = 0.03
 EXIT_BUDGET = 0.5
 TOLERANCE = 0.0
+# Per path measured: the engine's side_info, whether the stream keeps its CRF, codecs.
+PATHS = {
+    "aware": ("auto", True, ("libx264", "libx265")),
+    "blind_crf": ("blind", True, ("libx264",)),
+    "blind": ("blind", False, ("libx264", "libx265")),
+}
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,10 +71,10 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def collect(
-    footage: Path, weights, frames: int, size: tuple[int, int], log, blind_only: bool = False
+    footage: Path, weights, frames: int, size: tuple[int, int], log, paths=tuple(PATHS)
 ) -> list[dict]:
-    """Per frame and path (codec-aware, blind): source, codec, CRF, QP the engine used (and
-    the pixel-statistics estimate), network ms per stage count and ``deltas[a][k - 1]``:
+    """Per frame and path (of PATHS): source, codec, CRF, QP the engine used (and the
+    pixel-statistics estimate), network ms per stage count and ``deltas[a][k - 1]``:
     ΔPSNR-Y with k stages, the correction scaled by ``SCALES[a]``."""
     sources = split_sources(footage_sources(footage), validation=True)
     photos = [p for _, p in sources if p.parent.name == "photos"]
@@ -77,19 +85,19 @@ def collect(
     _, _, policy, _ = load_model(weights)
     depth = policy.max_stages if policy else 3
     pixel_qp = BlindQP.from_dict(policy.blind_qp if policy else None)
-    paths = {"aware": "auto", "blind": "blind"} if pixel_qp else {"aware": "auto"}
-    if blind_only:
-        if not pixel_qp:
-            raise ValueError("the model file has no blind QP estimate: run fit_blind_qp first")
-        paths = {"blind": "blind"}
+    if "blind" in paths and not pixel_qp:
+        raise ValueError("the model file has no blind QP estimate: run fit_blind_qp first")
     engines = {
-        (path, k): Engine(weights, device="cpu", stages=k, side_info=mode)
-        for path, mode in paths.items()
+        (path, k): Engine(weights, device="cpu", stages=k, side_info=PATHS[path][0])
+        for path in paths
         for k in range(1, depth + 1)
     }
     configs = [("libx264", c) for c in X264_CRFS] + [("libx265", c) for c in X265_CRFS]
     records, t0 = [], time.time()
     for codec, crf in configs:
+        here = [path for path in paths if codec in PATHS[path][2]]
+        if not here:
+            continue
         for name, clean in seqs.items():
             data = encode_planes(clean, EncodeSettings(codec=codec, crf=crf))
             with open_video(io.BytesIO(data)) as r:
@@ -100,18 +108,20 @@ def collect(
             stats = [
                 pixel_qp.predict(frame_features(f.planes[0], dec[i - 1].planes[0] if i else None))
                 for i, f in enumerate(dec)
-            ] if pixel_qp else [None] * len(dec)  # fmt: skip
+            ] if pixel_qp and "blind" in here else [None] * len(dec)  # fmt: skip
             rows = {
                 path: [
                     {"source": name, "codec": codec, "crf": crf, "index": i, "path": path,
                      "pixel_qp": stats[i], "ms": [], "deltas": [[] for _ in SCALES]}
                     for i in range(len(dec))
                 ]
-                for path in paths
+                for path in here
             }  # fmt: skip
             for (path, _), eng in engines.items():
+                if path not in here:
+                    continue
                 for (out, rep), row, d, c, b in zip(
-                    eng.process(iter(dec), no_crf if path == "blind" else info),
+                    eng.process(iter(dec), info if PATHS[path][1] else no_crf),
                     rows[path],
                     dec,
                     clean,
@@ -156,20 +166,18 @@ def policy_from(records: list[dict], max_stages: int, caps: list[int] | None = N
     policy = _fit_h264(records, max_stages, caps, **kw)
     hevc = [r for r in _aware(records) if r["codec"] == "libx265"]
     if hevc:
-        hp = _fit(hevc, lambda r: float(r["crf"]), max_stages, **kw)
-        policy.hevc_stages, policy.hevc_gains = hp.stages, hp.gains
-        policy.hevc_strengths = hp.strengths
+        policy.set_table("hevc", _fit(hevc, lambda r: float(r["crf"]), max_stages, **kw))
     blind_policy(records, max_stages, policy, **kw)
     return policy
 
 
 def blind_policy(records: list[dict], max_stages: int, policy, **kw) -> None:
-    """Fit the blind path's table, by the pixel-statistics QP, into ``policy``."""
-    blind = [r for r in records if r.get("path") == "blind"]
-    if blind:
-        bp = _fit(blind, lambda r: r["pixel_qp"], max_stages, **kw)
-        policy.blind_stages, policy.blind_gains = bp.stages, bp.gains
-        policy.blind_strengths = bp.strengths
+    """Fit the blind path's tables into ``policy``: by the pixel-statistics QP on streams
+    without a CRF, and by the CRF on x264 streams with one (those measured)."""
+    for kind, level in (("blind", lambda r: r["pixel_qp"]), ("blind_crf", lambda r: r["crf"])):
+        rows = [r for r in records if r.get("path") == kind]
+        if rows:
+            policy.set_table(kind, _fit(rows, lambda r, f=level: float(f(r)), max_stages, **kw))
 
 
 def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
@@ -241,33 +249,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--footage", type=Path, default=Path("../shared/footage"))
     ap.add_argument("--weights", default=None)
     ap.add_argument("--frames", type=int, default=12)
-    ap.add_argument("--records", type=Path, default=Path("runs/recalibrate.json"))
+    ap.add_argument(
+        "--records", type=Path, nargs="+", default=[Path("runs/recalibrate.json")],
+        help="where to write the records (the first); with --reuse, all are read",
+    )  # fmt: skip
     ap.add_argument("--reuse", action="store_true", help="calibrate from existing --records")
     ap.add_argument("--write", type=Path, default=None, help="model file to write the policy to")
     ap.add_argument(
-        "--blind-only", action="store_true", help="measure the blind path only; keep the rest"
+        "--paths", default=",".join(PATHS), help=f"paths to measure, of {','.join(PATHS)}"
     )
     args = ap.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    if bad := [p for p in paths if p not in PATHS]:
+        ap.error(f"unknown path {bad[0]!r}: choose from {', '.join(PATHS)}")
     torch.set_num_threads(2)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if args.reuse:
-        records = json.loads(args.records.read_text())
+        records = [r for f in args.records for r in json.loads(f.read_text())]
     else:
-        records = collect(args.footage, args.weights, args.frames, (384, 256), log, args.blind_only)
-        args.records.parent.mkdir(parents=True, exist_ok=True)
-        args.records.write_text(json.dumps(records))
+        records = collect(args.footage, args.weights, args.frames, (384, 256), log, paths)
+        args.records[0].parent.mkdir(parents=True, exist_ok=True)
+        args.records[0].write_text(json.dumps(records))
     model, est, old, meta = load_model(args.weights)
-    if args.blind_only:
-        policy = old
-        blind_policy(records, model.cfg.stages, policy, tolerance=TOLERANCE, price=PRICE)
-    else:
+    if _aware(records):
         policy = budgeted_policy(records, model.cfg.stages, log)
         policy.blind_qp = old.blind_qp if old else {}
+        for kind in ("blind", "blind_crf"):  # blind paths not measured keep their tables
+            if old and not any(r.get("path") == kind for r in records):
+                policy.set_table(kind, old, kind)
+    else:  # only blind paths measured: the codec-aware and HEVC tables stay
+        policy = old or ExitPolicy(max_stages=model.cfg.stages)
+        blind_policy(records, model.cfg.stages, policy, tolerance=TOLERANCE, price=PRICE)
     print(f"H.264 by QP, edges {policy.edges}")
-    print(f"  stages {policy.stages}\n  strengths {policy.strengths}")
-    print(f"HEVC by CRF\n  stages {policy.hevc_stages}\n  strengths {policy.hevc_strengths}")
-    print(f"blind by pixel QP\n  stages {policy.blind_stages}")
-    print(f"  strengths {policy.blind_strengths}")
+    for kind, by in (("h264", "QP"), ("hevc", "CRF"), ("blind_crf", "CRF"), ("blind", "pixel QP")):
+        table, strengths = policy.table(kind)
+        print(f"{kind} by {by}: stages {table}, strengths {strengths}")
     if args.write:
         meta = meta | {"policy_source": "enhancer.training.recalibrate (engine records)"}
         save_model(args.write, model, est, policy, meta)

@@ -338,7 +338,7 @@ def export(work: Path, val_set, args, log) -> Path:
         hevc = validate(model, est, hevc_set, max_frames=16, bf16=bf16, enhanced=True)
         log("x265 validation\n" + format_table(hevc, model.cfg.stages))
         hevc_policy = calibrate(hevc["hevc_records"], model.cfg.stages)
-        policy.hevc_stages, policy.hevc_gains = hevc_policy.stages, hevc_policy.gains
+        policy.set_table("hevc", hevc_policy)
         log(f"HEVC exit policy: stages {policy.hevc_stages}")
     meta = {
         "version": args.version,

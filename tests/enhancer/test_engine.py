@@ -7,6 +7,7 @@ policy, see tests/enhancer/tiny.py) on small real encodes.
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -256,10 +257,10 @@ def test_engine_hevc_takes_the_peaks_plan_with_header_qp(clip, weights, monkeypa
     assert {(t, j) for t, j, _ in calls} == planned_pairs(frames, input_plan("hevc"))
     assert not any(bits for _, _, bits in calls)
     want = HEVC_STAGES[2]  # CRF 27 is in the [24, 28) bin of the HEVC table
-    assert want == engine.policy.stages_for(27.0, hevc=True) != engine.policy.stages_for(27.0)
+    assert want == engine.policy.stages_for(27.0, "hevc") != engine.policy.stages_for(27.0)
     # Neither table at the frames' own QP would answer the same: the CRF is what counts.
     reports = [rep for _, rep in results]
-    assert any(engine.policy.stages_for(r.qp, hevc=True) != want for r in reports)
+    assert any(engine.policy.stages_for(r.qp, "hevc") != want for r in reports)
     assert any(engine.policy.stages_for(r.qp) != want for r in reports)
     for (out, rep), src in zip(results, frames, strict=True):
         assert rep.side_info == "estimated"
@@ -397,3 +398,18 @@ def test_engine_blind_policy_steers_by_the_pixel_estimate_without_a_crf(h264, tm
     aware = enhance(Engine(weights, device="cpu"), no_crf, frames)
     assert [r.stages for _, r in aware] == [pol.stages_for(r.qp) for _, r in aware]
     assert any(r.stages for _, r in aware)
+
+
+def test_engine_blind_policy_follows_the_crf_when_the_stream_gives_it(h264, tmp_path):
+    """With a blind-by-CRF table, the blind path on a stream with its CRF picks stages by
+    that CRF; the codec-aware path keeps its frame-QP table."""
+    info, frames = h264
+    crf = info.sequence_qp
+    pol = tiny_policy()
+    pol.blind_crf_stages = [2 if lo <= crf < hi else 0 for lo, hi in pairwise(pol.edges)]
+    pol.blind_crf_strengths = [1.0] * len(pol.blind_crf_stages)
+    weights = write_weights(tmp_path / "blind-crf.pt", pol)
+    blind = enhance(Engine(weights, device="cpu", side_info="blind"), info, frames)
+    assert [r.stages for _, r in blind] == [2] * len(frames)
+    aware = enhance(Engine(weights, device="cpu"), info, frames)
+    assert [r.stages for _, r in aware] == [pol.stages_for(r.qp) for _, r in aware]

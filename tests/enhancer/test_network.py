@@ -403,11 +403,11 @@ def test_policy_without_data_runs_everything_and_round_trips():
     assert back == pol and back.tolerance == 0.02
     assert [back.stages_for(q) for q in (None, 10, 30, 45)] == [2, 2, 2, 1]
     # HEVC has its own table when calibrated, else falls back to the H.264 one.
-    assert back.stages_for(45, hevc=True) == 1
+    assert back.stages_for(45, "hevc") == 1
     back.hevc_stages = [0] * len(back.stages)
-    assert back.stages_for(45, hevc=True) == 0 and back.stages_for(45) == 1
+    assert back.stages_for(45, "hevc") == 0 and back.stages_for(45) == 1
     back.hevc_strengths = [0.5] * len(back.stages)
-    assert back.strength_for(45, hevc=True) == 0.5 and back.strength_for(45) == 1.0
+    assert back.strength_for(45, "hevc") == 0.5 and back.strength_for(45) == 1.0
     assert ExitPolicy.from_dict(json.loads(json.dumps(back.to_dict()))) == back
 
 

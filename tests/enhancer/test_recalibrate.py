@@ -38,8 +38,8 @@ def test_policy_from_engine_records_bins_h264_by_qp_and_hevc_by_crf():
     assert pol.stages_for(22.0) == 3 and pol.strength_for(22.0) == 1.0
     assert pol.stages_for(38.0) == 0
     assert pol.stages_for(17.0) == 1 and pol.strength_for(17.0) == 0.5
-    assert pol.stages_for(37.0, hevc=True) == 1 and pol.hevc_stages[1] == 1
-    assert pol.strength_for(37.0, hevc=True) == 1.0
+    assert pol.stages_for(37.0, "hevc") == 1 and pol.hevc_stages[1] == 1
+    assert pol.strength_for(37.0, "hevc") == 1.0
     assert _mean_costs(records, 3) == [1.0, 2.0, 3.0]
 
 
@@ -71,8 +71,26 @@ def test_blind_records_get_their_own_table_by_the_pixel_estimate():
     ]
     pol = policy_from(aware + blind, 3, tolerance=0.0)
     assert pol.stages_for(22.0) == 3  # the aware table saw no blind record
-    assert pol.stages_for(38.0, blind=True) == 0
-    assert pol.stages_for(45.0, blind=True) == 3
+    assert pol.stages_for(38.0, "blind") == 0
+    assert pol.stages_for(45.0, "blind") == 3
     assert pol.stages_for(38.0) == 3  # nearest calibrated aware bin, not the blind one
     alone = policy_from(aware, 3, tolerance=0.0)
-    assert alone.blind_stages == [] and alone.stages_for(38.0, blind=True) == 3
+    assert alone.blind_stages == [] and alone.stages_for(38.0, "blind") == 3
+
+
+def test_blind_records_with_the_crf_get_a_table_by_crf():
+    """On the blind path with the CRF known, records are binned by that CRF (not by the QP
+    the network estimated): a source that loses at CRF 15 passes that bin through."""
+    aware = [_rec("libx264", 15, 16.0, s, [0.1, 0.2, 0.3]) for s in "ab" * 4]
+    blind = [
+        _rec("libx264", 15, 34.0, s, [0.2, 0.2, 0.2] if s == "a" else [-0.5, -0.5, -0.5])
+        | {"path": "blind_crf"}
+        for s in "ab" * 4
+    ]
+    blind += [
+        _rec("libx264", 37, 34.0, s, [0.4, 0.5, 0.6]) | {"path": "blind_crf"} for s in "ab" * 4
+    ]
+    pol = policy_from(aware + blind, 3, tolerance=0.0)
+    assert pol.stages_for(15.0, "blind_crf") == 0 and pol.stages_for(37.0, "blind_crf") == 3
+    assert pol.stages_for(16.0) == 3 and pol.blind_stages == []
+    assert pol.table("blind") == pol.table("h264")  # an empty table falls back

@@ -9,8 +9,8 @@ input, the worst source, and time per frame:
 
 - vqe auto (bitstream side info, early-exit policy), vqe blind (no per-frame
   side info; the CRF from the encoder's options SEI) and vqe blind on the
-  same stream with the SEI taken away (no CRF: the policy follows the QP its
-  pixel statistics give, enhancer.blind_qp);
+  same stream with the SEI taken away (no CRF: the network is told the CRF
+  estimated from the pixels, enhancer.pixel_qp, and the policy follows it);
 - FFmpeg nlmeans and bm3d through PyAV's filter graph, each at the strength
   that is best on this very data for every CRF (an oracle-tuned baseline,
   the strongest fair reading of them). Their results are cached by input
@@ -66,7 +66,7 @@ CACHE = Path(__file__).resolve().parent / "baselines.json"
 PRECISION_CONFIGS = (("libx264", 22), ("libx264", 37))
 PRECISION_TOLERANCE = 0.01  # dB between the bf16 default and fp32
 # The blind path on a stream that carries no CRF (no x264/x265 options SEI: hardware
-# encoders, VP9, AV1, re-muxed streams): its policy follows the pixel-statistics QP.
+# encoders, VP9, AV1, re-muxed streams): it is told the CRF estimated from the pixels.
 NO_CRF = "vqe blind no CRF"
 BLIND_PATHS = ("vqe auto", "vqe blind", NO_CRF)
 

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from bitstream.types import DecodedFrame, FrameSideInfo, SequenceInfo
 from enhancer.align import apply_flow
 from enhancer.batch import FrameInputs, Reference, collate, cost_plane
-from enhancer.blind_qp import BlindQP, frame_features
 from enhancer.checkpoint import load_model
 from enhancer.features import (
     cpu_has_bf16,
@@ -44,6 +43,7 @@ from enhancer.features import (
     tensor_to_planes,
 )
 from enhancer.options import SIDE_INFO_MODES
+from enhancer.pixel_qp import ESTIMATE_FRAMES, PixelQP
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, align_reference, input_plan
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -84,7 +84,7 @@ class _Pending:
     t0: float
     model_seconds: float = 0.0
     transferred: float = 0.0
-    pixel_qp: float | None = None  # QP estimated from the pixels (blind policy), if needed
+    pixel_crf: float | None = None  # the CRF estimated from the pixels, if the stream has none
 
 
 @dataclass
@@ -168,7 +168,7 @@ class Engine:
         model, est, policy, meta = load_model(weights)
         self.meta = meta
         self.policy = policy
-        self.blind_qp = BlindQP.from_dict(policy.blind_qp if policy else None)
+        self.pixel_qp = PixelQP.from_dict(policy.blind_qp if policy else None)
         self.max_stages = model.cfg.stages
         if stages != "auto":
             stages = int(stages)
@@ -272,13 +272,19 @@ class Engine:
         aligned = [
             self._reference(p.cur, side, a, frame.index, plan.bitstream_vectors) for a in refs
         ]
+        seq_qp, seq_known = (
+            ctx["seq_qp"] if ctx["seq_known"] else ctx["mean_qp"](),
+            ctx["seq_known"],
+        )
+        if p.pixel_crf is not None:
+            seq_qp, seq_known = p.pixel_crf, True
         item = FrameInputs(
             cur=p.cur,
             refs=[r for r, _ in aligned],
             frame_qp=frame_qp,
             pict_type=pict,
-            seq_qp=ctx["seq_qp"] if ctx["seq_known"] else ctx["mean_qp"](),
-            seq_known=ctx["seq_known"],
+            seq_qp=seq_qp,
+            seq_known=seq_known,
         )
         if use_bits:
             item.qmap = qp_plane(side.qp_map, h, w)
@@ -292,13 +298,15 @@ class Engine:
         qp = float(batch.frame_qp[0])
         ctx["qp_sum"] += qp  # what the network conditions on (a sequence QP, if unknown)
         ctx["qp_n"] += 1
+        if p.pixel_crf is not None:  # what the network was told, and the blind table follows
+            qp = p.pixel_crf
         n, strength = self.max_stages, 1.0
         if self.stages != "auto":
             n = self.stages
         elif self.policy:
-            if p.pixel_qp is not None:  # the network reads its own estimate; the policy this
-                qp = p.pixel_qp
-                level = (qp, "blind")
+            if p.pixel_crf is not None:
+                hevc = info.codec == "hevc" and self.policy.has("blind_hevc")
+                level = (qp, "blind_hevc" if hevc else "blind")
             else:
                 level = self._policy_level(qp, info.codec, ctx["seq_qp"])
             n, strength = self.policy.stages_for(*level), self.policy.strength_for(*level)
@@ -383,6 +391,7 @@ class Engine:
             "seq_known": info.sequence_qp is not None,
             "qp_sum": 0.0,
             "qp_n": 0,
+            "pixel_qps": [],
         }
         ctx["mean_qp"] = lambda: ctx["qp_sum"] / ctx["qp_n"] if ctx["qp_n"] else None
         if plan.references == "adjacent":
@@ -394,18 +403,15 @@ class Engine:
         t0 = time.perf_counter()
         cur = planes_to_tensor(frame.planes, ctx["bit_depth"]).to(self.device)
         p = _Pending(frame, cur, t0)
-        # Display order: the statistics compare each frame with the one shown before it.
-        y, prev = frame.planes[0], ctx.get("prev_y")
-        ctx["prev_y"] = y
-        # Only where the stream says neither the frame's QP nor the encoder's CRF: with
-        # the CRF known the network itself holds back on light compression.
+        # Only where the stream says neither the frame's QP nor the encoder's CRF: the
+        # network is then told a CRF estimated from the pixels of the first frames (the
+        # CRF belongs to the whole sequence), and the blind exit table follows it.
         estimated = not (ctx["plan"].frame_qp and frame.side.qp is not None)
-        table = self.policy and self.policy.has("blind")
-        if estimated and not ctx["seq_known"] and self.blind_qp and table:
-            if ctx["bit_depth"] > 8:  # the statistics are fitted on 8-bit samples
-                y = y >> (ctx["bit_depth"] - 8)
-                prev = None if prev is None else prev >> (ctx["bit_depth"] - 8)
-            p.pixel_qp = self.blind_qp.predict(frame_features(y, prev))
+        if estimated and not ctx["seq_known"] and self.pixel_qp:
+            qps = ctx["pixel_qps"]
+            if len(qps) < ESTIMATE_FRAMES:
+                qps.append(self.pixel_qp.frame_qp(frame.planes[0], ctx["bit_depth"]))
+            p.pixel_crf = self.pixel_qp.crf(qps)
         return p
 
     def _process_peaks(self, frames, info, ctx):

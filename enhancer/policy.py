@@ -24,7 +24,8 @@ on streams that carry none, by a QP estimated from the decoded pixels
 (enhancer.blind_qp, whose coefficients the policy also stores).
 
 Tables, by ``kind``: "h264" (by frame QP), "hevc" (by CRF), "blind_crf" (by
-CRF), "blind" (by the pixel estimate). An empty table falls back to "h264".
+CRF), "blind" and "blind_hevc" (by the pixel estimate, on H.264 and HEVC
+streams). An empty table falls back to "h264".
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ class ExitPolicy:
     blind_gains: list[list[float]] = field(default_factory=list)
     blind_strengths: list[float] = field(default_factory=list)
     blind_qp: dict = field(default_factory=dict)
+    # The same on HEVC streams without a CRF (the estimate reads x265 differently).
+    blind_hevc_stages: list[int] = field(default_factory=list)
+    blind_hevc_gains: list[list[float]] = field(default_factory=list)
+    blind_hevc_strengths: list[float] = field(default_factory=list)
     # The blind path's on H.264 streams whose CRF is known, by that CRF.
     blind_crf_stages: list[int] = field(default_factory=list)
     blind_crf_gains: list[list[float]] = field(default_factory=list)

@@ -12,9 +12,10 @@ cost CRF 22 most until early exit fits its budget; the result is written into
 the model file. The blind path (``--side-info blind``) is measured the same way
 and gets two tables of its own: on x264 streams with their CRF ("blind_crf",
 binned by the CRF) and on CRF-less x264 and x265 streams ("blind", binned by the
-QP estimated from the pixels: enhancer.blind_qp; fit it first with
-enhancer.training.fit_blind_qp). ``--paths`` measures only some of the three;
-the tables of paths not measured are kept as the model file has them. The
+CRF estimated from the pixels that the engine tells the network:
+enhancer.pixel_qp; fit it first with enhancer.training.fit_pixel_qp).
+``--paths`` measures only some of the three; the tables of paths not
+measured are kept as the model file has them. The
 sequences are other crops than bench/quality.py's (another seed).
 About 11 minutes per path on 2 cores in bf16.
 
@@ -37,9 +38,9 @@ import torch
 
 from bitstream.reader import open_video
 from bitstream.types import RateControl
-from enhancer.blind_qp import BlindQP, frame_features
 from enhancer.checkpoint import load_model, save_model
 from enhancer.engine import Engine
+from enhancer.pixel_qp import PixelQP
 from enhancer.policy import ExitPolicy, calibrate
 from enhancer.training.data import EncodeSettings, encode_planes
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources
@@ -57,6 +58,11 @@ SEED = 4321  # bench/quality.py draws its crops with 1234
 PRICE = 0.03
 EXIT_BUDGET = 0.5
 TOLERANCE = 0.0
+# The blind tables by the pixel estimate are guarded at 0 dB, not policy.calibrate's 0.03:
+# the estimate moves with content by more than a bin's width, so a source can land in a bin
+# on other footage where it did not in calibration (at 0.03, FallenLeaf lost 0.08 dB at x264
+# CRF 15 on bench/quality.py's crops: its CRF read 22).
+ESTIMATE_GUARD = 0.0
 # Per path measured: the engine's side_info, whether the stream keeps its CRF, codecs.
 PATHS = {
     "aware": ("auto", True, ("libx264", "libx265")),
@@ -84,9 +90,8 @@ def collect(
     }
     _, _, policy, _ = load_model(weights)
     depth = policy.max_stages if policy else 3
-    pixel_qp = BlindQP.from_dict(policy.blind_qp if policy else None)
-    if "blind" in paths and not pixel_qp:
-        raise ValueError("the model file has no blind QP estimate: run fit_blind_qp first")
+    if "blind" in paths and not PixelQP.from_dict(policy.blind_qp if policy else None):
+        raise ValueError("the model file has no pixel CRF estimate: run fit_pixel_qp first")
     engines = {
         (path, k): Engine(weights, device="cpu", stages=k, side_info=PATHS[path][0])
         for path in paths
@@ -102,17 +107,13 @@ def collect(
             data = encode_planes(clean, EncodeSettings(codec=codec, crf=crf))
             with open_video(io.BytesIO(data)) as r:
                 info, dec = r.info, list(r)
-            # The blind table serves streams without a CRF (the estimate steers only those).
+            # The blind table serves streams without a CRF (only there is the CRF estimated).
             no_crf = replace(info, rate_control=RateControl(), encoder=None)
             base = [_psnr(f.planes[0], c[0]) for f, c in zip(dec, clean, strict=False)]
-            stats = [
-                pixel_qp.predict(frame_features(f.planes[0], dec[i - 1].planes[0] if i else None))
-                for i, f in enumerate(dec)
-            ] if pixel_qp and "blind" in here else [None] * len(dec)  # fmt: skip
             rows = {
                 path: [
                     {"source": name, "codec": codec, "crf": crf, "index": i, "path": path,
-                     "pixel_qp": stats[i], "ms": [], "deltas": [[] for _ in SCALES]}
+                     "ms": [], "deltas": [[] for _ in SCALES]}
                     for i in range(len(dec))
                 ]
                 for path in here
@@ -134,7 +135,7 @@ def collect(
                         y = np.clip(np.round(x + s * corr), 0, 255)
                         row["deltas"][a].append(round(_psnr(y, c[0]) - b, 4))
                     row["ms"].append(round(1000 * rep.model_seconds, 2))
-                    row["qp"] = rep.qp
+                    row["qp"] = rep.qp  # on the blind path without a CRF: the CRF estimate
             records += [r for path_rows in rows.values() for r in path_rows]
         log(f"{codec} CRF {crf}: {len(records)} frames ({time.time() - t0:.0f}s)")
     return records
@@ -172,12 +173,19 @@ def policy_from(records: list[dict], max_stages: int, caps: list[int] | None = N
 
 
 def blind_policy(records: list[dict], max_stages: int, policy, **kw) -> None:
-    """Fit the blind path's tables into ``policy``: by the pixel-statistics QP on streams
-    without a CRF, and by the CRF on x264 streams with one (those measured)."""
-    for kind, level in (("blind", lambda r: r["pixel_qp"]), ("blind_crf", lambda r: r["crf"])):
-        rows = [r for r in records if r.get("path") == kind]
+    """Fit the blind path's tables into ``policy``: by the estimated CRF on streams
+    without one, and by the CRF on x264 streams with one (those measured)."""
+    tables = {
+        "blind": ("blind", "libx264", "qp"),
+        "blind_hevc": ("blind", "libx265", "qp"),
+        "blind_crf": ("blind_crf", "libx264", "crf"),
+    }
+    for kind, (path, codec, level) in tables.items():
+        rows = [r for r in records if r.get("path") == path and r["codec"] == codec]
         if rows:
-            policy.set_table(kind, _fit(rows, lambda r, f=level: float(f(r)), max_stages, **kw))
+            guard = {"guard": ESTIMATE_GUARD} if level == "qp" else {}
+            fitted = _fit(rows, lambda r, k=level: float(r[k]), max_stages, **kw | guard)
+            policy.set_table(kind, fitted)
 
 
 def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
@@ -274,14 +282,21 @@ def main(argv: list[str] | None = None) -> int:
     if _aware(records):
         policy = budgeted_policy(records, model.cfg.stages, log)
         policy.blind_qp = old.blind_qp if old else {}
-        for kind in ("blind", "blind_crf"):  # blind paths not measured keep their tables
-            if old and not any(r.get("path") == kind for r in records):
+        for kind in ("blind", "blind_hevc", "blind_crf"):  # paths not measured keep theirs
+            path = "blind" if kind == "blind_hevc" else kind
+            if old and not any(r.get("path") == path for r in records):
                 policy.set_table(kind, old, kind)
     else:  # only blind paths measured: the codec-aware and HEVC tables stay
         policy = old or ExitPolicy(max_stages=model.cfg.stages)
         blind_policy(records, model.cfg.stages, policy, tolerance=TOLERANCE, price=PRICE)
     print(f"H.264 by QP, edges {policy.edges}")
-    for kind, by in (("h264", "QP"), ("hevc", "CRF"), ("blind_crf", "CRF"), ("blind", "pixel QP")):
+    for kind, by in (
+        ("h264", "QP"),
+        ("hevc", "CRF"),
+        ("blind_crf", "CRF"),
+        ("blind", "estimated CRF"),
+        ("blind_hevc", "estimated CRF"),
+    ):
         table, strengths = policy.table(kind)
         print(f"{kind} by {by}: stages {table}, strengths {strengths}")
     if args.write:

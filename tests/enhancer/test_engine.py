@@ -16,13 +16,19 @@ import torch
 import enhancer.engine as engine_module
 from bitstream.types import RateControl
 from enhancer.batch import FrameInputs, collate
-from enhancer.blind_qp import BlindQP
 from enhancer.engine import Engine, pick_device
 from enhancer.features import cpu_has_bf16, planes_to_tensor, qp_plane
 from enhancer.policy import ExitPolicy
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, input_plan, reference_indices
 from enhancer.training.data import EncodeSettings, encode_planes
-from tests.enhancer.tiny import HEVC_STAGES, decode, same_planes, tiny_policy, write_weights
+from tests.enhancer.tiny import (
+    HEVC_STAGES,
+    constant_pixel_qp,
+    decode,
+    same_planes,
+    tiny_policy,
+    write_weights,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -377,24 +383,33 @@ def test_engine_weakens_the_correction_by_the_policy_strength(h264, tmp_path):
         assert np.abs(h - (x + 0.5 * (f - x))).max() <= 1.0  # rounding to 8 bits
 
 
-def test_engine_blind_policy_steers_by_the_pixel_estimate_without_a_crf(h264, tmp_path):
-    """With a blind table and no CRF in the stream, the blind path picks stages by the QP
-    its pixel statistics give (here a constant 20, whose bin passes through). With the
-    CRF known (x264's options SEI) and on the codec-aware path the estimate is not used."""
+def test_engine_tells_the_network_a_pixel_crf_estimate_without_a_crf(h264, tmp_path):
+    """With no CRF in the stream, the blind path tells the network the CRF its pixel
+    estimate gives (here read QP 27.5 less 8) as if the stream had said it, and picks
+    stages by it (its bin passes through). With the CRF known (x264's options SEI) and
+    on the codec-aware path the estimate is not used."""
     info, frames = h264
     assert info.sequence_qp is not None
     no_crf = replace(info, rate_control=RateControl(), encoder=None)
-    const = BlindQP(mean=[0.0] * 18, scale=[1.0] * 18, weights=[0.0] * 18 + [20.0])
-    pol = replace(tiny_policy(), blind_stages=[3, 0, 3, 3, 3, 3, 3, 3, 3],
-                  blind_strengths=[1.0] * 9, blind_qp=const.to_dict())  # fmt: skip
+    told = replace(info, rate_control=RateControl(mode="crf", crf=19.5))
+    reads = constant_pixel_qp(27.5).to_dict()
+    pol = replace(tiny_policy(), blind_stages=[0, 3, 3, 3, 3, 3, 3, 3, 3],
+                  blind_strengths=[1.0] * 9, blind_qp=reads)  # fmt: skip
     weights = write_weights(tmp_path / "blind.pt", pol)
     engine = Engine(weights, device="cpu", side_info="blind")
     blind = enhance(engine, no_crf, frames)
     assert [r.stages for _, r in blind] == [0] * len(frames)
-    assert [r.qp for _, r in blind] == [20.0] * len(frames)
+    assert [r.qp for _, r in blind] == [19.5] * len(frames)
     assert all(equal_frames(blind, frames))
     known = enhance(engine, info, frames)
-    assert all(r.stages == 3 and r.qp != 20.0 for _, r in known)  # the estimator's bin
+    assert all(r.stages == 3 and r.qp != 19.5 for _, r in known)  # the estimator's bin
+    three = Engine(weights, device="cpu", side_info="blind", stages=3)
+    estimated = [f.planes[0] for f, _ in enhance(three, no_crf, frames)]
+    said = [f.planes[0] for f, _ in enhance(three, told, frames)]
+    plain = write_weights(tmp_path / "plain.pt", tiny_policy())
+    unknown = enhance(Engine(plain, device="cpu", side_info="blind", stages=3), no_crf, frames)
+    assert all((a == b).all() for a, b in zip(estimated, said, strict=True))
+    assert any((a != f.planes[0]).any() for a, (f, _) in zip(estimated, unknown, strict=True))
     aware = enhance(Engine(weights, device="cpu"), no_crf, frames)
     assert [r.stages for _, r in aware] == [pol.stages_for(r.qp) for _, r in aware]
     assert any(r.stages for _, r in aware)

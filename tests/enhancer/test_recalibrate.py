@@ -58,17 +58,15 @@ def test_stages_go_where_early_exit_costs_least_until_it_fits_the_budget():
 
 
 def test_blind_records_get_their_own_table_by_the_pixel_estimate():
-    """Blind records are binned by the pixel-statistics QP and never feed the aware tables:
-    where a source loses on the blind path its bin is passed through there only."""
+    """Blind records are binned by the CRF the engine estimated from the pixels (their
+    "qp") and never feed the aware tables: where a source loses on the blind path its bin
+    is passed through there only."""
     aware = [_rec("libx264", 22, 22.0, s, [0.1, 0.2, 0.3]) for s in "ab" * 4]
     blind = []
     for s, d in (("a", [0.3, 0.3, 0.3]), ("b", [-0.5, -0.5, -0.5])):
-        for _ in range(4):  # true QP 22, but the pixels say 38
-            blind.append(_rec("libx264", 22, 34.9, s, d) | {"path": "blind", "pixel_qp": 38.0})
-    blind += [
-        _rec("libx264", 37, 34.9, s, [0.4, 0.5, 0.6]) | {"path": "blind", "pixel_qp": 45.0}
-        for s in "ab" * 4
-    ]
+        for _ in range(4):  # CRF 22, but the pixels say 38
+            blind.append(_rec("libx264", 22, 38.0, s, d) | {"path": "blind"})
+    blind += [_rec("libx264", 37, 45.0, s, [0.4, 0.5, 0.6]) | {"path": "blind"} for s in "ab" * 4]
     pol = policy_from(aware + blind, 3, tolerance=0.0)
     assert pol.stages_for(22.0) == 3  # the aware table saw no blind record
     assert pol.stages_for(38.0, "blind") == 0
@@ -76,6 +74,10 @@ def test_blind_records_get_their_own_table_by_the_pixel_estimate():
     assert pol.stages_for(38.0) == 3  # nearest calibrated aware bin, not the blind one
     alone = policy_from(aware, 3, tolerance=0.0)
     assert alone.blind_stages == [] and alone.stages_for(38.0, "blind") == 3
+    # x265 streams the estimate reads differently: their own table, H.264's unchanged.
+    hevc = [_rec("libx265", 22, 45.0, s, [-0.4, -0.4, -0.4]) | {"path": "blind"} for s in "ab" * 4]
+    both = policy_from(aware + blind + hevc, 3, tolerance=0.0)
+    assert both.stages_for(45.0, "blind_hevc") == 0 and both.stages_for(45.0, "blind") == 3
 
 
 def test_blind_records_with_the_crf_get_a_table_by_crf():

@@ -17,6 +17,7 @@ from enhancer.batch import FrameInputs, Reference, collate
 from enhancer.checkpoint import save_model
 from enhancer.features import PARTITION_CHANNELS
 from enhancer.network import ModelConfig, QPEstimator, VQENet
+from enhancer.pixel_qp import PixelQP, PixelQPNet
 from enhancer.policy import DEFAULT_EDGES, ExitPolicy
 
 H, W = 16, 24  # half-resolution model grid of the model tests (luma 32x48)
@@ -98,3 +99,13 @@ def same_planes(a, b) -> bool:
 def psnr(a: np.ndarray, b: np.ndarray, maxv: float = 255.0) -> float:
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return 10 * np.log10(maxv**2 / max(mse, 1e-10))
+
+
+def constant_pixel_qp(qp: float, offset: float = 8.0) -> PixelQP:
+    """A pixel CRF estimate whose network reads ``qp`` everywhere."""
+    net = PixelQPNet(8)
+    with torch.no_grad():
+        last = net.body[-1]
+        last.weight.zero_()
+        last.bias.fill_((qp - 35) / 10)
+    return PixelQP(net, offset)

@@ -1,0 +1,82 @@
+"""enhancer.pixel_qp: the CRF-from-pixels estimate behind the blind path without a CRF."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from enhancer.checkpoint import load_model
+from enhancer.pixel_qp import TILE, PixelQP, PixelQPNet, tiles
+from enhancer.training.data import EncodeSettings, encode_planes
+from enhancer.training.fit_pixel_qp import train
+from tests.enhancer.tiny import constant_pixel_qp, decode
+
+
+def _texture(t: int, h: int = 160, w: int = 224) -> np.ndarray:
+    """A deterministic detailed picture that pans one pixel per frame."""
+    rng = np.random.default_rng(3)
+    base = rng.normal(128, 40, (h // 4 + 4, w // 4 + 4)).repeat(4, 0).repeat(4, 1)
+    yy, xx = np.mgrid[0 : base.shape[0], 0 : base.shape[1]]
+    base = base + 25 * np.sin(xx / 3.0) * np.cos(yy / 5.0) + rng.normal(0, 6, base.shape)
+    return np.clip(base[2 : 2 + h, t : t + w], 0, 255).astype(np.uint8)
+
+
+def test_tiles_are_grid_aligned_and_cover_small_planes():
+    y = np.arange(360 * 640, dtype=np.int64).reshape(360, 640) % 251
+    t = tiles(y.astype(np.uint8))
+    assert t.shape == (6, TILE, TILE)
+    for tile in t:  # every tile starts on the 16-pixel macroblock grid
+        r, c = np.argwhere(y.astype(np.uint8) == tile[0, 0])[0]
+        assert (y[r : r + TILE, c : c + TILE].astype(np.uint8) == tile).all()
+    small = tiles(np.zeros((72, 100), np.uint8))
+    assert small.shape == (1, 64, 96)
+
+
+def test_estimate_round_trips_as_json_and_errs_low_by_its_offset():
+    est = constant_pixel_qp(30.0, offset=6.0)
+    d = json.loads(json.dumps(est.to_dict()))
+    back = PixelQP.from_dict(d)
+    y = _texture(0)
+    assert back and back.offset == 6.0
+    assert back.frame_qp(y) == pytest.approx(30.0, abs=0.2)
+    assert back.crf([30.0, 32.0]) == pytest.approx(25.0)
+    assert back.frame_qp((y.astype(np.uint16) << 2), bit_depth=10) == pytest.approx(30.0, abs=0.2)
+    # No estimate, or the ridge statistics of an earlier release: none.
+    assert not PixelQP.from_dict(None) and not PixelQP.from_dict({"mean": [0.0]})
+    assert PixelQP().to_dict() == {}
+
+
+def test_training_learns_a_qp_from_the_pixels():
+    """A few hundred steps on two real encodes: the estimate reads CRF 40 above CRF 18."""
+    grey = np.full((80, 112), 128, np.uint8)
+    clean = [(_texture(t), grey, grey) for t in range(6)]
+    ys, qs = [], []
+    for crf in (18, 40):
+        _, frames = decode(io.BytesIO(encode_planes(clean, EncodeSettings(crf=crf))))
+        ys += [f.planes[0] for f in frames]
+        qs += [f.side.qp_map for f in frames]
+    torch.manual_seed(0)
+    net = PixelQPNet(8).to(memory_format=torch.channels_last)
+    train(net, {"y": np.stack(ys), "q": np.stack(qs)}, 300, 3e-3, lambda m: None, batch=16)
+    est = PixelQP(net)
+    light, heavy = est.frame_qp(ys[0]), est.frame_qp(ys[-1])
+    assert light + 8 < heavy
+
+
+def test_shipped_estimate_orders_light_and_heavy_compression():
+    """The shipped estimate, on a clip it never saw: CRF 18 reads lower than CRF 40."""
+    _, _, policy, _ = load_model()
+    est = PixelQP.from_dict(policy.blind_qp)
+    if not est:
+        pytest.fail("the shipped model file has no pixel CRF estimate")
+    grey = np.full((80, 112), 128, np.uint8)
+    clean = [(_texture(t), grey, grey) for t in range(8)]
+    means = {}
+    for crf in (18, 40):
+        _, frames = decode(io.BytesIO(encode_planes(clean, EncodeSettings(crf=crf))))
+        means[crf] = est.crf([est.frame_qp(f.planes[0]) for f in frames])
+    assert means[18] + 8 < means[40]

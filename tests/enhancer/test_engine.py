@@ -428,3 +428,19 @@ def test_engine_blind_policy_follows_the_crf_when_the_stream_gives_it(h264, tmp_
     assert [r.stages for _, r in blind] == [2] * len(frames)
     aware = enhance(Engine(weights, device="cpu"), info, frames)
     assert [r.stages for _, r in aware] == [pol.stages_for(r.qp) for _, r in aware]
+
+
+def test_engine_blind_hevc_without_a_crf_takes_its_own_table(clip, tmp_path):
+    """x265 streams without a CRF follow the HEVC blind table (the estimate reads x265
+    otherwise than x264), H.264 ones the blind table."""
+    path = clip("h27nocrf.mp4", codec="libx265", size=(64, 48), frames=4,
+                options={"crf": "27", "x265-params": "log-level=none"})  # fmt: skip
+    info, frames = decode(path)
+    no_crf = replace(info, rate_control=RateControl(), encoder=None)
+    pol = replace(tiny_policy(), blind_stages=[3] * 9, blind_strengths=[1.0] * 9,
+                  blind_hevc_stages=[2] * 9, blind_hevc_strengths=[1.0] * 9,
+                  blind_qp=constant_pixel_qp(40.0).to_dict())  # fmt: skip
+    engine = Engine(write_weights(tmp_path / "hevc.pt", pol), device="cpu", side_info="blind")
+    reports = [r for _, r in enhance(engine, no_crf, frames)]
+    assert [r.stages for r in reports] == [2] * len(frames)
+    assert all(r.qp == pytest.approx(32.0, abs=0.1) for r in reports)

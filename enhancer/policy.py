@@ -20,8 +20,8 @@ strength that gains most there.
 The blind path has tables of its own: its network reads no QP it could
 trust, so its gains per bin differ from the codec-aware ones. On H.264 streams
 that carry the encoder's CRF (x264's options SEI) it is binned by that CRF;
-on streams that carry none, by a QP estimated from the decoded pixels
-(enhancer.blind_qp, whose coefficients the policy also stores).
+on streams that carry none, by the CRF estimated from the decoded pixels
+(enhancer.pixel_qp, whose network the policy also stores).
 
 Tables, by ``kind``: "h264" (by frame QP), "hevc" (by CRF), "blind_crf" (by
 CRF), "blind" and "blind_hevc" (by the pixel estimate, on H.264 and HEVC
@@ -51,7 +51,8 @@ class ExitPolicy:
     # Strength of the correction per bin (empty: 1.0 everywhere).
     strengths: list[float] = field(default_factory=list)
     hevc_strengths: list[float] = field(default_factory=list)
-    # The blind path's, by the pixel-statistics QP estimate ``blind_qp`` (BlindQP's dict).
+    # The blind path's without a CRF, by the CRF estimated from the pixels (``blind_qp``:
+    # PixelQP's dict, enhancer.pixel_qp), on H.264 streams.
     blind_stages: list[int] = field(default_factory=list)
     blind_gains: list[list[float]] = field(default_factory=list)
     blind_strengths: list[float] = field(default_factory=list)

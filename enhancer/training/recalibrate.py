@@ -79,9 +79,9 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 def collect(
     footage: Path, weights, frames: int, size: tuple[int, int], log, paths=tuple(PATHS)
 ) -> list[dict]:
-    """Per frame and path (of PATHS): source, codec, CRF, QP the engine used (and the
-    pixel-statistics estimate), network ms per stage count and ``deltas[a][k - 1]``:
-    ΔPSNR-Y with k stages, the correction scaled by ``SCALES[a]``."""
+    """Per frame and path (of PATHS): source, codec, CRF, QP the engine used (on the
+    blind path without a CRF: the CRF it estimated), network ms per stage count and
+    ``deltas[a][k - 1]``: ΔPSNR-Y with k stages, the correction scaled by ``SCALES[a]``."""
     sources = split_sources(footage_sources(footage), validation=True)
     photos = [p for _, p in sources if p.parent.name == "photos"]
     seqs = {

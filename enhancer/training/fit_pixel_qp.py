@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--width", type=int, default=48)
     ap.add_argument("--offset", type=float, default=9.0, help="CRF told = mean read QP - this")
     ap.add_argument(
         "--init", type=Path, default=None, help="model file (or --cache's last.json) to start from"

@@ -10,13 +10,13 @@ count and strength under which no source loses more than 0.03 dB at any
 CRF, each stage paying for its time, and with stages taken away where they
 cost CRF 22 most until early exit fits its budget; the result is written into
 the model file. The blind path (``--side-info blind``) is measured the same way
-and gets two tables of its own: on x264 streams with their CRF ("blind_crf",
-binned by the CRF) and on CRF-less x264 and x265 streams ("blind", binned by the
-CRF estimated from the pixels that the engine tells the network:
-enhancer.pixel_qp; fit it first with enhancer.training.fit_pixel_qp).
-``--paths`` measures only some of the three; the tables of paths not
-measured are kept as the model file has them. The
-sequences are other crops than bench/quality.py's (another seed).
+and gets tables of its own: on x264 streams with their CRF ("blind_crf",
+binned by the CRF) and on CRF-less streams ("blind" for x264, "blind_hevc" for
+x265, binned by the CRF estimated from the pixels that the engine tells the
+network: enhancer.pixel_qp; fit it first with enhancer.training.fit_pixel_qp).
+``--paths`` measures only some of the paths; the tables of paths not
+measured are kept as the model file has them. The sequences are other crops
+than bench/quality.py's (another seed).
 About 11 minutes per path on 2 cores in bf16.
 
     python -m enhancer.training.recalibrate --footage ../shared/footage \

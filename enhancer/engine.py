@@ -208,9 +208,15 @@ class Engine:
             return None
         return self.policy.stages_for(*self._policy_level(side.qp, info.codec, info.sequence_qp))
 
-    def _policy_level(self, qp: float, codec: str, seq_qp: float | None) -> tuple[float, str]:
+    def _policy_level(
+        self, qp: float, codec: str, seq_qp: float | None, pixel_crf: float | None = None
+    ) -> tuple[float, str]:
         """(level, table kind): HEVC is calibrated by the stream's CRF (when x265 wrote it),
-        H.264 by frame QP, or on the blind path by the CRF when the stream gives it."""
+        H.264 by frame QP, the blind path by the CRF when the stream gives it, and streams
+        that give neither by the CRF estimated from the pixels (H.264 and HEVC apart)."""
+        if pixel_crf is not None:
+            hevc = codec == "hevc" and self.policy.has("blind_hevc")
+            return pixel_crf, "blind_hevc" if hevc else "blind"
         if codec == "hevc" and self.policy.has("hevc"):
             return (seq_qp if seq_qp is not None else qp), "hevc"
         if self.side_info == "blind" and seq_qp is not None and self.policy.has("blind_crf"):
@@ -272,19 +278,15 @@ class Engine:
         aligned = [
             self._reference(p.cur, side, a, frame.index, plan.bitstream_vectors) for a in refs
         ]
-        seq_qp, seq_known = (
-            ctx["seq_qp"] if ctx["seq_known"] else ctx["mean_qp"](),
-            ctx["seq_known"],
-        )
-        if p.pixel_crf is not None:
-            seq_qp, seq_known = p.pixel_crf, True
+        seq_qp = ctx["seq_qp"] if ctx["seq_known"] else ctx["mean_qp"]()
         item = FrameInputs(
             cur=p.cur,
             refs=[r for r, _ in aligned],
             frame_qp=frame_qp,
             pict_type=pict,
-            seq_qp=seq_qp,
-            seq_known=seq_known,
+            # Without a CRF in the stream, the one estimated from the pixels, as if it said so.
+            seq_qp=seq_qp if p.pixel_crf is None else p.pixel_crf,
+            seq_known=ctx["seq_known"] or p.pixel_crf is not None,
         )
         if use_bits:
             item.qmap = qp_plane(side.qp_map, h, w)
@@ -304,11 +306,7 @@ class Engine:
         if self.stages != "auto":
             n = self.stages
         elif self.policy:
-            if p.pixel_crf is not None:
-                hevc = info.codec == "hevc" and self.policy.has("blind_hevc")
-                level = (qp, "blind_hevc" if hevc else "blind")
-            else:
-                level = self._policy_level(qp, info.codec, ctx["seq_qp"])
+            level = self._policy_level(qp, info.codec, ctx["seq_qp"], p.pixel_crf)
             n, strength = self.policy.stages_for(*level), self.policy.strength_for(*level)
         p.model_seconds, p.transferred = 0.0, 0.0
         out = None

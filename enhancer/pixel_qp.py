@@ -20,7 +20,6 @@ weights and all, in the exit policy's ``blind_qp`` dict.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 
 import numpy as np
@@ -87,8 +86,7 @@ class PixelQP:
         if bit_depth > 8:  # trained on 8-bit samples
             y = y >> (bit_depth - 8)
         t = torch.from_numpy(tiles(y).astype(np.float32) / 255.0)[:, None]
-        amp = torch.autocast("cpu", dtype=torch.bfloat16) if _BF16 else contextlib.nullcontext()
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=_BF16):
             qp = self.net(t.contiguous(memory_format=torch.channels_last)).float().mean()
         return float(np.clip(float(qp), QP_MIN, QP_MAX))
 

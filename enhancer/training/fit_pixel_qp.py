@@ -22,7 +22,6 @@ policy. About 6 minutes per seed of encodes and 10 for 4000 steps on 2 cores.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import json
 import sys
@@ -39,6 +38,7 @@ from enhancer.features import cpu_has_bf16
 from enhancer.pixel_qp import PixelQP, PixelQPNet
 from enhancer.policy import ExitPolicy
 from enhancer.training.data import EncodeSettings, encode_planes, random_settings
+from enhancer.training.evaluate import autocast
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources
 
 SIZE = (384, 256)  # width, height of the training crops' sequences
@@ -90,18 +90,13 @@ def cached(path: Path, make) -> dict:
     return data
 
 
-def _amp():
-    if cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train(net: PixelQPNet, data: dict, steps: int, lr: float, log, batch: int = 64) -> None:
     y, q = data["y"], data["q"]
     rng = np.random.default_rng(0)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     net.train()
+    bf16 = cpu_has_bf16()
     t0, err = time.time(), 0.0
     mb = CROP // 16
     for step in range(1, steps + 1):
@@ -115,7 +110,7 @@ def train(net: PixelQPNet, data: dict, steps: int, lr: float, log, batch: int = 
         if rng.random() < 0.5:  # mirrored content keeps its block grid (64 is a multiple of 16)
             crops = crops[:, :, ::-1]
         x = torch.from_numpy(crops.astype(np.float32) / 255.0)[:, None]
-        with _amp():
+        with autocast(enabled=bf16):
             pred = net(x.contiguous(memory_format=torch.channels_last)).float().mean((1, 2, 3))
         loss = F.smooth_l1_loss(pred, truth, beta=2.0)
         opt.zero_grad(set_to_none=True)

@@ -26,12 +26,16 @@ def _texture(t: int, h: int = 160, w: int = 224) -> np.ndarray:
 
 
 def test_tiles_are_grid_aligned_and_cover_small_planes():
-    y = np.arange(360 * 640, dtype=np.int64).reshape(360, 640) % 251
-    t = tiles(y.astype(np.uint8))
+    y = np.arange(360 * 640, dtype=np.int64).reshape(360, 640)  # each value: its position
+    t = tiles(y)
     assert t.shape == (6, TILE, TILE)
-    for tile in t:  # every tile starts on the 16-pixel macroblock grid
-        r, c = np.argwhere(y.astype(np.uint8) == tile[0, 0])[0]
-        assert (y[r : r + TILE, c : c + TILE].astype(np.uint8) == tile).all()
+    corners = [divmod(int(tile[0, 0]), 640) for tile in t]
+    for (r, c), tile in zip(corners, t, strict=True):  # on the 16-pixel macroblock grid
+        assert r % 16 == 0 and c % 16 == 0
+        assert (y[r : r + TILE, c : c + TILE] == tile).all()
+    # Spread over the plane: both edges are reached (to within a macroblock).
+    assert min(r for r, _ in corners) == 0 and max(r for r, _ in corners) + TILE > 360 - 16
+    assert min(c for _, c in corners) == 0 and max(c for _, c in corners) + TILE > 640 - 16
     small = tiles(np.zeros((72, 100), np.uint8))
     assert small.shape == (1, 64, 96)
 

@@ -7,10 +7,10 @@ them through the bitstream reader and measures, against the clean source,
 ΔPSNR-Y and ΔVMAF (v0.6.1, vmaf-torch) of each method over the compressed
 input, the worst source, and time per frame:
 
-- vqe auto (bitstream side info, early-exit policy), vqe blind (no per-frame
-  side info; the CRF from the encoder's options SEI) and vqe blind on the
-  same stream with the SEI taken away (no CRF: the network is told the CRF
-  estimated from the pixels, enhancer.pixel_qp, and the policy follows it);
+- vqe auto (bitstream side info, early-exit policy) and vqe blind (pixels
+  only: not even the encoder's CRF from its options SEI; the network is told
+  the CRF estimated from the pixels, enhancer.pixel_qp, and the policy
+  follows it);
 - FFmpeg nlmeans and bm3d through PyAV's filter graph, each at the strength
   that is best on this very data for every CRF (an oracle-tuned baseline,
   the strongest fair reading of them). Their results are cached by input
@@ -34,7 +34,6 @@ import json
 import sys
 import time
 from collections import defaultdict
-from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -45,7 +44,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitstream.reader import open_video  # noqa: E402
-from bitstream.types import RateControl  # noqa: E402
 from enhancer.engine import Engine  # noqa: E402
 from enhancer.features import cpu_has_bf16  # noqa: E402
 from enhancer.training.data import EncodeSettings, encode_planes  # noqa: E402
@@ -65,10 +63,7 @@ FILTERS = {
 CACHE = Path(__file__).resolve().parent / "baselines.json"
 PRECISION_CONFIGS = (("libx264", 22), ("libx264", 37))
 PRECISION_TOLERANCE = 0.01  # dB between the bf16 default and fp32
-# The blind path on a stream that carries no CRF (no x264/x265 options SEI: hardware
-# encoders, VP9, AV1, re-muxed streams): it is told the CRF estimated from the pixels.
-NO_CRF = "vqe blind no CRF"
-BLIND_PATHS = ("vqe auto", "vqe blind", NO_CRF)
+PATHS = ("vqe auto", "vqe blind")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -253,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
     methods = {
         "vqe auto": {},
         "vqe blind": {"side_info": "blind"},
-        NO_CRF: {"side_info": "blind"},
     }
     if cpu_has_bf16():  # the bf16 default must match fp32 (checked at two CRFs)
         methods["vqe auto fp32"] = {"precision": "fp32"}
@@ -273,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
             info, frames = decode(data)
             if codec == "libx264" and crf in (22, 37):
                 exit_streams[crf].append((info, frames))
-            no_crf = replace(info, rate_control=RateControl(), encoder=None)
             base = [psnr(f.planes[0], c[0]) for f, c in zip(frames, clean, strict=False)]
             base_v = vmaf([c[0] for c in clean[: len(frames)]], [f.planes[0] for f in frames])
             inputs.append((base, base_v))
@@ -281,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 if m.endswith("fp32") and (codec, crf) not in PRECISION_CONFIGS:
                     continue
                 t0 = time.perf_counter()
-                outs = list(eng.process(iter(frames), no_crf if m == NO_CRF else info))
+                outs = list(eng.process(iter(frames), info))
                 sec = (time.perf_counter() - t0) / len(frames)
                 pairs = zip(outs, clean, base, strict=False)
                 d = [psnr(o.planes[0], c[0]) - b for (o, _), c, b in pairs]
@@ -384,12 +377,12 @@ def verdict(table: dict, early_ratio: float) -> dict[str, bool]:
     get = lambda crf, m: table.get(f"x264 CRF {crf}", {}).get(m)  # noqa: E731
     out = {}
     for crf, target in ((37, 0.5), (27, 0.3), (22, 0.0)):
-        for m in BLIND_PATHS:
+        for m in PATHS:
             r = get(crf, m)
             if r:
                 out[f"{m} CRF {crf} >= {target:+.2f} dB"] = r["dpsnr_y"] >= target
     for key, s in table.items():
-        for m in BLIND_PATHS:
+        for m in PATHS:
             if m in s:
                 out[f"{m} {key} worst source >= -0.05 dB"] = s[m]["worst_source"] >= -0.05
                 if s[m]["dvmaf"] is not None:

@@ -212,15 +212,13 @@ class Engine:
         self, qp: float, codec: str, seq_qp: float | None, pixel_crf: float | None = None
     ) -> tuple[float, str]:
         """(level, table kind): HEVC is calibrated by the stream's CRF (when x265 wrote it),
-        H.264 by frame QP, the blind path by the CRF when the stream gives it, and streams
-        that give neither by the CRF estimated from the pixels (H.264 and HEVC apart)."""
+        H.264 by frame QP, and the blind path and streams that give neither by the CRF
+        estimated from the pixels (H.264 and HEVC apart)."""
         if pixel_crf is not None:
             hevc = codec == "hevc" and self.policy.has("blind_hevc")
             return pixel_crf, "blind_hevc" if hevc else "blind"
         if codec == "hevc" and self.policy.has("hevc"):
             return (seq_qp if seq_qp is not None else qp), "hevc"
-        if self.side_info == "blind" and seq_qp is not None and self.policy.has("blind_crf"):
-            return seq_qp, "blind_crf"
         return qp, "h264"
 
     def _amp(self):
@@ -382,11 +380,14 @@ class Engine:
         self, frames: Iterable[DecodedFrame], info: SequenceInfo
     ) -> Iterator[tuple[DecodedFrame, FrameReport]]:
         plan = input_plan(info.codec, self.side_info)
+        # The blind path takes nothing from the bitstream, the encoder's CRF included: it
+        # is what the pixels alone give, the measure of what the side information adds.
+        seq_qp = None if self.side_info == "blind" else info.sequence_qp
         ctx = {
             "plan": plan,
             "bit_depth": info.bit_depth or 8,
-            "seq_qp": info.sequence_qp,
-            "seq_known": info.sequence_qp is not None,
+            "seq_qp": seq_qp,
+            "seq_known": seq_qp is not None,
             "qp_sum": 0.0,
             "qp_n": 0,
             "pixel_qps": [],

@@ -68,8 +68,9 @@ class EnhanceOptions(BaseModel):
     )
     side_info: Literal[SIDE_INFO_MODES] = Field(  # type: ignore[valid-type]
         "auto",
-        description="Use the bitstream's side information (`bitstream`), estimate it from "
-        "pixels (`blind`), or let the service choose (`auto`).",
+        description="Use the bitstream's side information (`bitstream`), work from the "
+        "pixels alone (`blind`: not even the encoder's CRF is read), or let the service "
+        "choose (`auto`).",
     )
     max_frames: Annotated[int, Field(ge=1)] | None = Field(
         None, description="Stop after this many frames (other streams are cut to match)."

@@ -17,15 +17,15 @@ over-corrects lightly compressed frames (measured: at CRF 15 half of its
 correction gains twice as much as all of it), so each bin also stores the
 strength that gains most there.
 
-The blind path has tables of its own: its network reads no QP it could
-trust, so its gains per bin differ from the codec-aware ones. On H.264 streams
-that carry the encoder's CRF (x264's options SEI) it is binned by that CRF;
-on streams that carry none, by the CRF estimated from the decoded pixels
-(enhancer.pixel_qp, whose network the policy also stores).
+The blind path (pixels only) and streams that carry neither a frame QP nor
+the encoder's CRF have tables of their own, binned by the CRF estimated from
+the decoded pixels (enhancer.pixel_qp, whose network the policy also
+stores): the network then reads no QP it could trust, so its gains per bin
+differ from the codec-aware ones.
 
-Tables, by ``kind``: "h264" (by frame QP), "hevc" (by CRF), "blind_crf" (by
-CRF), "blind" and "blind_hevc" (by the pixel estimate, on H.264 and HEVC
-streams). An empty table falls back to "h264".
+Tables, by ``kind``: "h264" (by frame QP), "hevc" (by CRF), "blind" and
+"blind_hevc" (by the pixel estimate, on H.264 and HEVC streams). An empty
+table falls back to "h264".
 """
 
 from __future__ import annotations
@@ -61,10 +61,6 @@ class ExitPolicy:
     blind_hevc_stages: list[int] = field(default_factory=list)
     blind_hevc_gains: list[list[float]] = field(default_factory=list)
     blind_hevc_strengths: list[float] = field(default_factory=list)
-    # The blind path's on H.264 streams whose CRF is known, by that CRF.
-    blind_crf_stages: list[int] = field(default_factory=list)
-    blind_crf_gains: list[list[float]] = field(default_factory=list)
-    blind_crf_strengths: list[float] = field(default_factory=list)
 
     def has(self, kind: str) -> bool:
         """Whether the ``kind`` table is calibrated (else "h264" stands in for it)."""
@@ -103,7 +99,8 @@ class ExitPolicy:
 
     @classmethod
     def from_dict(cls, d: dict) -> ExitPolicy:
-        return cls(**d)
+        """From ``to_dict``; tables this version no longer has are dropped."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def calibrate(

@@ -9,10 +9,9 @@ correction. From those records ``policy.calibrate`` picks, per QP bin, the
 count and strength under which no source loses more than 0.03 dB at any
 CRF, each stage paying for its time, and with stages taken away where they
 cost CRF 22 most until early exit fits its budget; the result is written into
-the model file. The blind path (``--side-info blind``) is measured the same way
-and gets tables of its own: on x264 streams with their CRF ("blind_crf",
-binned by the CRF) and on CRF-less streams ("blind" for x264, "blind_hevc" for
-x265, binned by the CRF estimated from the pixels that the engine tells the
+the model file. The blind path (``--side-info blind``: pixels only, no CRF) is measured the
+same way and gets tables of its own ("blind" for x264, "blind_hevc" for x265,
+binned by the CRF estimated from the pixels that the engine tells the
 network: enhancer.pixel_qp; fit it first with enhancer.training.fit_pixel_qp).
 ``--paths`` measures only some of the paths; the tables of paths not
 measured are kept as the model file has them. The sequences are other crops
@@ -30,14 +29,12 @@ import io
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bitstream.reader import open_video
-from bitstream.types import RateControl
 from enhancer.checkpoint import load_model, save_model
 from enhancer.engine import Engine
 from enhancer.pixel_qp import PixelQP
@@ -63,11 +60,10 @@ TOLERANCE = 0.0
 # on other footage where it did not in calibration (at 0.03, FallenLeaf lost 0.08 dB at x264
 # CRF 15 on bench/quality.py's crops: its CRF read 22).
 ESTIMATE_GUARD = 0.0
-# Per path measured: the engine's side_info, whether the stream keeps its CRF, codecs.
+# Per path measured: the engine's side_info, codecs.
 PATHS = {
-    "aware": ("auto", True, ("libx264", "libx265")),
-    "blind_crf": ("blind", True, ("libx264",)),
-    "blind": ("blind", False, ("libx264", "libx265")),
+    "aware": ("auto", ("libx264", "libx265")),
+    "blind": ("blind", ("libx264", "libx265")),
 }
 
 
@@ -80,7 +76,7 @@ def collect(
     footage: Path, weights, frames: int, size: tuple[int, int], log, paths=tuple(PATHS)
 ) -> list[dict]:
     """Per frame and path (of PATHS): source, codec, CRF, QP the engine used (on the
-    blind path without a CRF: the CRF it estimated), network ms per stage count and
+    blind path: the CRF it estimated from the pixels), network ms per stage count and
     ``deltas[a][k - 1]``: ΔPSNR-Y with k stages, the correction scaled by ``SCALES[a]``."""
     sources = split_sources(footage_sources(footage), validation=True)
     photos = [p for _, p in sources if p.parent.name == "photos"]
@@ -100,15 +96,13 @@ def collect(
     configs = [("libx264", c) for c in X264_CRFS] + [("libx265", c) for c in X265_CRFS]
     records, t0 = [], time.time()
     for codec, crf in configs:
-        here = [path for path in paths if codec in PATHS[path][2]]
+        here = [path for path in paths if codec in PATHS[path][1]]
         if not here:
             continue
         for name, clean in seqs.items():
             data = encode_planes(clean, EncodeSettings(codec=codec, crf=crf))
             with open_video(io.BytesIO(data)) as r:
                 info, dec = r.info, list(r)
-            # The blind table serves streams without a CRF (only there is the CRF estimated).
-            no_crf = replace(info, rate_control=RateControl(), encoder=None)
             base = [_psnr(f.planes[0], c[0]) for f, c in zip(dec, clean, strict=False)]
             rows = {
                 path: [
@@ -122,7 +116,7 @@ def collect(
                 if path not in here:
                     continue
                 for (out, rep), row, d, c, b in zip(
-                    eng.process(iter(dec), info if PATHS[path][1] else no_crf),
+                    eng.process(iter(dec), info),
                     rows[path],
                     dec,
                     clean,
@@ -135,7 +129,7 @@ def collect(
                         y = np.clip(np.round(x + s * corr), 0, 255)
                         row["deltas"][a].append(round(_psnr(y, c[0]) - b, 4))
                     row["ms"].append(round(1000 * rep.model_seconds, 2))
-                    row["qp"] = rep.qp  # on the blind path without a CRF: the CRF estimate
+                    row["qp"] = rep.qp  # on the blind path: the CRF estimated from the pixels
             records += [r for path_rows in rows.values() for r in path_rows]
         log(f"{codec} CRF {crf}: {len(records)} frames ({time.time() - t0:.0f}s)")
     return records
@@ -173,18 +167,11 @@ def policy_from(records: list[dict], max_stages: int, caps: list[int] | None = N
 
 
 def blind_policy(records: list[dict], max_stages: int, policy, **kw) -> None:
-    """Fit the blind path's tables into ``policy``: by the estimated CRF on streams
-    without one, and by the CRF on x264 streams with one (those measured)."""
-    tables = {
-        "blind": ("blind", "libx264", "qp"),
-        "blind_hevc": ("blind", "libx265", "qp"),
-        "blind_crf": ("blind_crf", "libx264", "crf"),
-    }
-    for kind, (path, codec, level) in tables.items():
-        rows = [r for r in records if r.get("path") == path and r["codec"] == codec]
+    """Fit the blind path's tables into ``policy``, by the estimated CRF (those measured)."""
+    for kind, codec in (("blind", "libx264"), ("blind_hevc", "libx265")):
+        rows = [r for r in records if r.get("path") == "blind" and r["codec"] == codec]
         if rows:
-            guard = {"guard": ESTIMATE_GUARD} if level == "qp" else {}
-            fitted = _fit(rows, lambda r, k=level: float(r[k]), max_stages, **kw | guard)
+            fitted = _fit(rows, lambda r: float(r["qp"]), max_stages, **kw, guard=ESTIMATE_GUARD)
             policy.set_table(kind, fitted)
 
 
@@ -282,9 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     if _aware(records):
         policy = budgeted_policy(records, model.cfg.stages, log)
         policy.blind_qp = old.blind_qp if old else {}
-        for kind in ("blind", "blind_hevc", "blind_crf"):  # paths not measured keep theirs
-            path = "blind" if kind == "blind_hevc" else kind
-            if old and not any(r.get("path") == path for r in records):
+        if old and not any(r.get("path") == "blind" for r in records):
+            for kind in ("blind", "blind_hevc"):  # a path not measured keeps its tables
                 policy.set_table(kind, old, kind)
     else:  # only blind paths measured: the codec-aware and HEVC tables stay
         policy = old or ExitPolicy(max_stages=model.cfg.stages)
@@ -293,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     for kind, by in (
         ("h264", "QP"),
         ("hevc", "CRF"),
-        ("blind_crf", "CRF"),
         ("blind", "estimated CRF"),
         ("blind_hevc", "estimated CRF"),
     ):

@@ -106,7 +106,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--side-info",
         default="auto",
         metavar="|".join(SIDE_INFO_MODES),
-        help="use the bitstream's QP/motion vectors, or estimate blind",
+        help="use the bitstream's QP/motion vectors/CRF, or work from the pixels alone (blind)",
     )
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(

@@ -78,21 +78,3 @@ def test_blind_records_get_their_own_table_by_the_pixel_estimate():
     hevc = [_rec("libx265", 22, 45.0, s, [-0.4, -0.4, -0.4]) | {"path": "blind"} for s in "ab" * 4]
     both = policy_from(aware + blind + hevc, 3, tolerance=0.0)
     assert both.stages_for(45.0, "blind_hevc") == 0 and both.stages_for(45.0, "blind") == 3
-
-
-def test_blind_records_with_the_crf_get_a_table_by_crf():
-    """On the blind path with the CRF known, records are binned by that CRF (not by the QP
-    the network estimated): a source that loses at CRF 15 passes that bin through."""
-    aware = [_rec("libx264", 15, 16.0, s, [0.1, 0.2, 0.3]) for s in "ab" * 4]
-    blind = [
-        _rec("libx264", 15, 34.0, s, [0.2, 0.2, 0.2] if s == "a" else [-0.5, -0.5, -0.5])
-        | {"path": "blind_crf"}
-        for s in "ab" * 4
-    ]
-    blind += [
-        _rec("libx264", 37, 34.0, s, [0.4, 0.5, 0.6]) | {"path": "blind_crf"} for s in "ab" * 4
-    ]
-    pol = policy_from(aware + blind, 3, tolerance=0.0)
-    assert pol.stages_for(15.0, "blind_crf") == 0 and pol.stages_for(37.0, "blind_crf") == 3
-    assert pol.stages_for(16.0) == 3 and pol.blind_stages == []
-    assert pol.table("blind") == pol.table("h264")  # an empty table falls back

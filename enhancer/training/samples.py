@@ -12,10 +12,23 @@ import torch
 
 from enhancer.batch import FrameInputs, Reference, cost_plane
 from enhancer.features import partition_planes, planes_to_tensor, qp_plane
+from enhancer.pixel_qp import ESTIMATE_FRAMES, PixelQP
 from enhancer.references import input_plan
 from enhancer.training.data import unpack_yuv
 
 SLOT_NAMES = {"peaks": ("peak_past", "peak_future"), "adjacent": ("adj_past", "adj_future")}
+
+
+def attach_pixel_crf(samples: list[dict], pixel_qp: PixelQP) -> int:
+    """Store in each sample the CRF the engine's pixel estimate would tell the network on
+    the blind path (``pixel_crf``), which ``frame_inputs(blind=True)`` then hands it."""
+    if not pixel_qp:
+        return 0
+    for s in samples:
+        if "pixel_crf" not in s:
+            planes = s["dec"][:ESTIMATE_FRAMES]
+            s["pixel_crf"] = pixel_qp.crf([pixel_qp.frame_qp(unpack_yuv(p)[0]) for p in planes])
+    return len(samples)
 
 
 def frame_inputs(
@@ -25,12 +38,14 @@ def frame_inputs(
     blind: bool = False,
     drop_refs: tuple[bool, bool] = (False, False),
     enhanced: bool = False,
+    crf_noise: float = 0.0,
 ) -> tuple[FrameInputs, torch.Tensor]:
     """FrameInputs (and the clean target) for frame ``t`` of a cached sample.
 
     ``crop`` = (y0, x0, size) in luma pixels, multiples of 16 so block phase is kept.
     ``blind`` builds what ``--side-info blind`` gives: adjacent references aligned by
-    search, no QP map, no picture types; only the CRF from the options SEI, if any.
+    search, no QP map, no picture types, and the CRF the pixel estimate reads
+    (``attach_pixel_crf``; the true CRF in a sample without one) plus ``crf_noise``.
     ``enhanced`` takes the quality-peak slots warped from the enhanced anchors
     (training.anchors), as the recurrent engine does, where the sample has them.
     """
@@ -73,7 +88,9 @@ def frame_inputs(
         refs=refs,
         frame_qp=frame_qp,
         pict_type=pict,
-        seq_qp=float(sample["crf"]),
+        seq_qp=float(sample["pixel_crf"]) + crf_noise
+        if blind and "pixel_crf" in sample
+        else float(sample["crf"]),
         seq_known=True,
     )
     qmap_arr = sample["qp_map"][t]

@@ -40,6 +40,7 @@ from enhancer.batch import collate
 from enhancer.checkpoint import load_model, save_model
 from enhancer.features import cpu_has_bf16, phase_planes
 from enhancer.network import ModelConfig, QPEstimator, VQENet
+from enhancer.pixel_qp import PixelQP
 from enhancer.policy import calibrate
 from enhancer.training.anchors import attach_all
 from enhancer.training.data import build, load_cache
@@ -50,7 +51,7 @@ from enhancer.training.evaluate import (
     score,
     validate,
 )
-from enhancer.training.samples import frame_inputs
+from enhancer.training.samples import attach_pixel_crf, frame_inputs
 
 CHANNEL_WEIGHTS = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.5]).view(1, 6, 1, 1)
 ABLATIONS = ("references", "qp_map", "partitions", "phase", "frame_cond")
@@ -84,12 +85,14 @@ class PatchSampler:
         blind_p: float,
         drop_ref_p: float,
         enhanced_p: float = 0.0,
+        crf_noise: float = 0.0,
     ):
         fits = lambda s: min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2]) >= patch  # noqa: E731
         self.samples = [s for s in samples if fits(s)]
         self.patch = patch
         self.rng = np.random.default_rng(seed)
         self.blind_p, self.drop_ref_p, self.enhanced_p = blind_p, drop_ref_p, enhanced_p
+        self.crf_noise = crf_noise
 
     def batch(self, n: int):
         items, targets = [], []
@@ -102,8 +105,9 @@ class PatchSampler:
             drops = tuple(bool(self.rng.random() < self.drop_ref_p) for _ in range(2))
             blind = self.rng.random() < self.blind_p
             enhanced = self.rng.random() < self.enhanced_p
+            noise = float(self.rng.normal(0.0, self.crf_noise)) if blind else 0.0
             item, target = frame_inputs(
-                s, t, (y0, x0, self.patch), blind=blind, drop_refs=drops, enhanced=enhanced
+                s, t, (y0, x0, self.patch), blind, drops, enhanced, crf_noise=noise
             )
             if self.rng.random() < 0.15:  # streams without an options SEI: CRF unknown
                 item.seq_qp, item.seq_known = None, False
@@ -226,8 +230,18 @@ def train(args) -> Path:
         est.load_state_dict({k: v.float() for k, v in blob["estimator"].items()})
         log(f"initialised from {args.init} (trained {blob.get('step')} steps)")
     log(f"config {json.dumps(cfg.to_dict())}; {sum(p.numel() for p in model.parameters())} params")
+    # The blind path is told the CRF the pixel estimate reads, as in the engine.
+    t_p = time.time()
+    n = attach_pixel_crf(train_set + val_set, pixel_estimate(args))
+    log(f"pixel CRF estimate of {n} sequences in {time.time() - t_p:.0f}s")
     sampler = PatchSampler(
-        train_set, args.patch, args.seed + step, args.blind_p, args.drop_ref_p, args.enhanced_p
+        train_set,
+        args.patch,
+        args.seed + step,
+        args.blind_p,
+        args.drop_ref_p,
+        args.enhanced_p,
+        args.crf_noise,
     )
 
     def refresh() -> None:  # the references the engine would hand this model
@@ -320,6 +334,15 @@ def train(args) -> Path:
     return export(work, val_set, args, log)
 
 
+def pixel_estimate(args) -> PixelQP:
+    """The pixel CRF estimate of the ``--init`` model file, else the default weights'."""
+    try:
+        _, _, policy, _ = load_model(args.init or None)
+    except ValueError:  # --init is a training checkpoint, which holds none
+        _, _, policy, _ = load_model(None)
+    return PixelQP.from_dict(policy.blind_qp if policy else None)
+
+
 def export(work: Path, val_set, args, log) -> Path:
     """Calibrate the exit policies on validation data and write the model file."""
     ck = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
@@ -328,8 +351,12 @@ def export(work: Path, val_set, args, log) -> Path:
     est.load_state_dict(ck["estimator"])
     bf16 = not args.fp32 and cpu_has_bf16()
     attach_all(val_set, model, est, bf16=bf16)
+    pixel_qp = pixel_estimate(args)
+    attach_pixel_crf(val_set, pixel_qp)
     res = validate(model, est, val_set, max_frames=16, bf16=bf16, enhanced=True)
     policy = calibrate(res["records"], model.cfg.stages)
+    # The blind tables come from recalibrate (through the engine); the estimate stays.
+    policy.blind_qp = pixel_qp.to_dict()
     log("final validation (best checkpoint, all frames)\n" + format_table(res, model.cfg.stages))
     log(f"exit policy: edges {policy.edges} stages {policy.stages}")
     hevc_set = load_cache(work / "cache" / "val-hevc")
@@ -373,6 +400,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--blind-p", type=float, default=0.25)
     p.add_argument("--drop-ref-p", type=float, default=0.1)
+    p.add_argument(
+        "--crf-noise",
+        type=float,
+        default=3.0,
+        help="sd (QP) of noise on the blind path's pixel CRF estimate in training: the "
+        "estimate errs more on unseen footage than on the sources it was fitted on",
+    )
     p.add_argument(
         "--enhanced-p",
         type=float,

@@ -20,11 +20,12 @@ from bitstream.reader import open_video
 from enhancer.batch import collate
 from enhancer.checkpoint import load_model, save_model
 from enhancer.engine import Engine
+from enhancer.pixel_qp import PixelQP, PixelQPNet
 from enhancer.references import input_plan, reference_indices
 from enhancer.training import data, train
 from enhancer.training.anchors import attach_all
 from enhancer.training.evaluate import estimator_spread, format_table, luma, psnr_y, score
-from enhancer.training.samples import frame_inputs
+from enhancer.training.samples import attach_pixel_crf, frame_inputs
 from enhancer.training.sources import (
     VALIDATION_SOURCES,
     clean_sequence,
@@ -203,6 +204,8 @@ def test_train_builds_trains_validates_and_exports(trained):
     assert pol.max_stages == 2 and len(pol.stages) == len(pol.edges) - 1
     assert len(pol.hevc_stages) == len(pol.edges) - 1
     assert meta["version"] == "tiny" and meta["step"] == best["step"]
+    assert PixelQP.from_dict(pol.blind_qp)  # the default weights' estimate is carried over
+    assert "pixel CRF estimate of 4 sequences" in log
     assert sorted(float(k) for k in meta["validation"]) == list(map(float, VAL_CRFS))
     for k, v in best["model"].items():  # the export is the best checkpoint in fp16
         assert torch.equal(model.state_dict()[k], v.half().float())
@@ -268,6 +271,17 @@ def test_frame_inputs_follow_the_input_plan(trained):
     assert blind.seq_qp == 27.0 and all(r is None or r.qp is None for r in blind.refs)
     assert int(sample["adj_past_idx"][t]) == t - 1 and blind.refs[0] is not None
     assert torch.equal(blind.cur, item.cur)
+    # With the pixel estimate attached, the blind path is told it (plus training noise),
+    # as the engine tells it; the codec-aware path keeps the stream's CRF.
+    reads = PixelQP(PixelQPNet(4).eval(), offset=5.0)
+    assert attach_pixel_crf([sample], reads) == 1
+    told = float(sample["pixel_crf"])
+    qps = [reads.frame_qp(data.unpack_yuv(p)[0]) for p in sample["dec"]]
+    assert told == pytest.approx(reads.crf(qps)) and told != 27.0
+    assert frame_inputs(sample, t, blind=True)[0].seq_qp == pytest.approx(told)
+    noisy = frame_inputs(sample, t, blind=True, crf_noise=-2.0)[0]
+    assert noisy.seq_qp == pytest.approx(told - 2.0) and noisy.seq_known
+    assert frame_inputs(sample, t)[0].seq_qp == 27.0
 
 
 def test_patch_sampler_is_seeded_and_fits(trained):

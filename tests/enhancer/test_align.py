@@ -3,7 +3,9 @@
 The main check encodes clips with KNOWN motion (a photo-like texture panned by
 integer and half-pixel steps, libx264 CRF 37 with B-frames), decodes them
 through the bitstream reader and requires the aligned quality-peak references
-to be within 0.5 dB PSNR-Y of the true alignment on P- and B-frames.
+to be within 0.5 dB PSNR-Y of the true alignment on P- and B-frames (over all the
+references of one picture type, as the issue's table measures; measured 0.09-0.49),
+and no single reference more than 1 dB behind (measured up to 0.78).
 """
 
 from __future__ import annotations
@@ -228,7 +230,11 @@ def known_motion(request):
     return (vx, vy), clean, decoded
 
 
-TOLERANCE_DB = 1.0  # not yet the 0.5 dB the enhancer issue asks for
+# The enhancer issue's target, on its measure: PSNR-Y over all the P- (or B-) frames'
+# references together. Single references may fall further behind (the lowest SAD against a
+# CRF 37 decode is not always the true motion), never by more than SINGLE_DB.
+TOLERANCE_DB = 0.5
+SINGLE_DB = 1.0
 
 
 @pytest.mark.parametrize("bitstream", [True, False], ids=["vectors", "search-only"])
@@ -244,6 +250,7 @@ def test_aligned_peaks_are_within_half_a_db_of_the_true_alignment(known_motion, 
     inner = (slice(MARGIN, h - MARGIN), slice(MARGIN, w - MARGIN))
     checked = {"P": 0, "B": 0}
     losses = []
+    mse: dict[str, list[list[float]]] = {"P": [[], []], "B": [[], []]}  # got, true
     for t, pict in enumerate(picts):
         if pict == "I":
             continue
@@ -259,10 +266,15 @@ def test_aligned_peaks_are_within_half_a_db_of_the_true_alignment(known_motion, 
             want = tensor_to_planes(apply_flow(tens[j][None], true[None])[0], h, w)[0]
             p_got, p_true = psnr(got[inner], target), psnr(want[inner], target)
             losses.append((t, j, pict, round(p_true - p_got, 2)))
-            # The issue's target is 0.5 dB; measured on B-frames 0.31 dB on average,
-            # up to 0.78 (the lowest SAD against a CRF 37 decode is not the true motion).
-            assert p_got >= p_true - TOLERANCE_DB, (t, j, pict, p_got, p_true)
+            assert p_got >= p_true - SINGLE_DB, (t, j, pict, p_got, p_true)
+            for k, y in enumerate((got, want)):
+                mse[pict][k].append(float(((y[inner] - target.astype(np.float64)) ** 2).mean()))
             checked[pict] += 1
     assert checked["P"] >= 1 and checked["B"] >= 2, (checked, losses)
+    lag = {  # dB behind the truth
+        pict: round(float(10 * np.log10(np.mean(got_mse) / np.mean(true_mse))), 3)
+        for pict, (got_mse, true_mse) in mse.items()
+    }
+    assert max(lag.values()) <= TOLERANCE_DB, (lag, losses)
     # B-frames were checked against both of their anchors.
     assert any(picts[t] == "B" and future[t] >= 0 for t in range(FRAMES))

@@ -43,7 +43,7 @@ from enhancer.features import (
     tensor_to_planes,
 )
 from enhancer.options import SIDE_INFO_MODES
-from enhancer.pixel_qp import ESTIMATE_FRAMES, PixelQP
+from enhancer.pixel_qp import PixelQP
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, align_reference, input_plan
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -390,7 +390,7 @@ class Engine:
             "seq_known": seq_qp is not None,
             "qp_sum": 0.0,
             "qp_n": 0,
-            "pixel_qps": [],
+            "estimate": self.pixel_qp.estimate(info.bit_depth or 8) if self.pixel_qp else None,
         }
         ctx["mean_qp"] = lambda: ctx["qp_sum"] / ctx["qp_n"] if ctx["qp_n"] else None
         if plan.references == "adjacent":
@@ -406,11 +406,8 @@ class Engine:
         # network is then told a CRF estimated from the pixels of the first frames (the
         # CRF belongs to the whole sequence), and the blind exit table follows it.
         estimated = not (ctx["plan"].frame_qp and frame.side.qp is not None)
-        if estimated and not ctx["seq_known"] and self.pixel_qp:
-            qps = ctx["pixel_qps"]
-            if len(qps) < ESTIMATE_FRAMES:
-                qps.append(self.pixel_qp.frame_qp(frame.planes[0], ctx["bit_depth"]))
-            p.pixel_crf = self.pixel_qp.crf(qps)
+        if estimated and not ctx["seq_known"] and ctx["estimate"] is not None:
+            p.pixel_crf = ctx["estimate"].add(frame.planes[0])
         return p
 
     def _process_peaks(self, frames, info, ctx):

@@ -94,6 +94,15 @@ class PixelQP:
         """The CRF handed to the network for a sequence whose frames read ``frame_qps``."""
         return float(np.clip(np.mean(frame_qps) - self.offset, QP_MIN, QP_MAX))
 
+    def estimate(self, bit_depth: int = 8) -> CRFEstimate:
+        """A running estimate for one stream, fed its luma planes in order."""
+        return CRFEstimate(self, bit_depth)
+
+    def told_crfs(self, lumas, bit_depth: int = 8) -> list[float]:
+        """The CRF told on each frame of a stream whose luma planes are ``lumas``."""
+        est = self.estimate(bit_depth)
+        return [est.add(y) for y in lumas]
+
     def to_dict(self) -> dict:
         """JSON-safe: the fp16 weights as base64 (stored inside the exit policy)."""
         if self.net is None:
@@ -116,3 +125,21 @@ class PixelQP:
         state = torch.load(io.BytesIO(base64.b64decode(d["weights"])), weights_only=True)
         net.load_state_dict({k: v.float() for k, v in state.items()})
         return cls(net.to(memory_format=torch.channels_last), float(d["offset"]))
+
+
+class CRFEstimate:
+    """One stream's running CRF estimate: the frame QPs of its first ESTIMATE_FRAMES frames."""
+
+    def __init__(self, pixel_qp: PixelQP, bit_depth: int = 8):
+        self.pixel_qp, self.bit_depth = pixel_qp, bit_depth
+        self.qps: list[float] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.qps) >= ESTIMATE_FRAMES
+
+    def add(self, y: np.ndarray) -> float:
+        """Read one more luma plane (ignored once full); the CRF told from here on."""
+        if not self.full:
+            self.qps.append(self.pixel_qp.frame_qp(y, self.bit_depth))
+        return self.pixel_qp.crf(self.qps)

@@ -12,7 +12,7 @@ import torch
 
 from enhancer.batch import FrameInputs, Reference, cost_plane
 from enhancer.features import partition_planes, planes_to_tensor, qp_plane
-from enhancer.pixel_qp import ESTIMATE_FRAMES, PixelQP
+from enhancer.pixel_qp import PixelQP
 from enhancer.references import input_plan
 from enhancer.training.data import unpack_yuv
 
@@ -21,13 +21,13 @@ SLOT_NAMES = {"peaks": ("peak_past", "peak_future"), "adjacent": ("adj_past", "a
 
 def attach_pixel_crf(samples: list[dict], pixel_qp: PixelQP) -> int:
     """Store in each sample the CRF the engine's pixel estimate would tell the network on
-    the blind path (``pixel_crf``), which ``frame_inputs(blind=True)`` then hands it."""
+    each frame on the blind path (``pixel_crf``, the running estimate), which
+    ``frame_inputs(blind=True)`` then hands it."""
     if not pixel_qp:
         return 0
     for s in samples:
         if "pixel_crf" not in s:
-            planes = s["dec"][:ESTIMATE_FRAMES]
-            s["pixel_crf"] = pixel_qp.crf([pixel_qp.frame_qp(unpack_yuv(p)[0]) for p in planes])
+            s["pixel_crf"] = np.array(pixel_qp.told_crfs(unpack_yuv(p)[0] for p in s["dec"]))
     return len(samples)
 
 
@@ -88,7 +88,7 @@ def frame_inputs(
         refs=refs,
         frame_qp=frame_qp,
         pict_type=pict,
-        seq_qp=float(sample["pixel_crf"]) + crf_noise
+        seq_qp=float(sample["pixel_crf"][t]) + crf_noise
         if blind and "pixel_crf" in sample
         else float(sample["crf"]),
         seq_known=True,

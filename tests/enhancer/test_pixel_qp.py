@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from enhancer.checkpoint import load_model
-from enhancer.pixel_qp import TILE, PixelQP, PixelQPNet, tiles
+from enhancer.pixel_qp import ESTIMATE_FRAMES, TILE, PixelQP, PixelQPNet, tiles
 from enhancer.training.data import EncodeSettings, encode_planes
 from enhancer.training.fit_pixel_qp import train
 from tests.enhancer.tiny import constant_pixel_qp, decode
@@ -52,6 +52,25 @@ def test_estimate_round_trips_as_json_and_errs_low_by_its_offset():
     # No estimate, or the ridge statistics of an earlier release: none.
     assert not PixelQP.from_dict(None) and not PixelQP.from_dict({"mean": [0.0]})
     assert PixelQP().to_dict() == {}
+
+
+class _MeanReads(PixelQP):
+    """Reads a plane's mean brightness / 4 as its QP: frames that read apart, knowably."""
+
+    def frame_qp(self, y: np.ndarray, bit_depth: int = 8) -> float:
+        return float((y >> (bit_depth - 8)).mean() / 4)
+
+
+def test_running_estimate_reads_the_first_frames_only():
+    est = _MeanReads(PixelQPNet(4), offset=2.0)
+    lumas = [np.full((64, 64), 40 + 4 * t, np.uint8) for t in range(ESTIMATE_FRAMES + 3)]
+    qps = [10 + t for t in range(len(lumas))]
+    told = est.told_crfs(lumas)  # frame t is told the mean of frames 0..t, up to the limit
+    assert told == pytest.approx([est.crf(qps[: t + 1]) for t in range(ESTIMATE_FRAMES)]
+                                 + [est.crf(qps[:ESTIMATE_FRAMES])] * 3)  # fmt: skip
+    assert told[0] == pytest.approx(8.0)
+    ten = est.estimate(bit_depth=10)  # 10-bit planes read on their 8-bit scale
+    assert ten.add(lumas[1].astype(np.uint16) << 2) == pytest.approx(9.0)
 
 
 def test_training_learns_a_qp_from_the_pixels():

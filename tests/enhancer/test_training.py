@@ -272,12 +272,15 @@ def test_frame_inputs_follow_the_input_plan(trained):
     assert int(sample["adj_past_idx"][t]) == t - 1 and blind.refs[0] is not None
     assert torch.equal(blind.cur, item.cur)
     # With the pixel estimate attached, the blind path is told it (plus training noise),
-    # as the engine tells it; the codec-aware path keeps the stream's CRF.
+    # as the engine tells it: on frame t the estimate of frames 0..t; the codec-aware path
+    # keeps the stream's CRF.
     reads = PixelQP(PixelQPNet(4).eval(), offset=5.0)
     assert attach_pixel_crf([sample], reads) == 1
-    told = float(sample["pixel_crf"])
     qps = [reads.frame_qp(data.unpack_yuv(p)[0]) for p in sample["dec"]]
-    assert told == pytest.approx(reads.crf(qps)) and told != 27.0
+    assert len(sample["pixel_crf"]) == len(qps)
+    assert sample["pixel_crf"][0] == pytest.approx(reads.crf(qps[:1]))
+    told = float(sample["pixel_crf"][t])
+    assert told == pytest.approx(reads.crf(qps[: t + 1])) and told != 27.0
     assert frame_inputs(sample, t, blind=True)[0].seq_qp == pytest.approx(told)
     noisy = frame_inputs(sample, t, blind=True, crf_noise=-2.0)[0]
     assert noisy.seq_qp == pytest.approx(told - 2.0) and noisy.seq_known

@@ -7,6 +7,10 @@ training and inference cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -19,15 +23,40 @@ from enhancer.training.data import unpack_yuv
 SLOT_NAMES = {"peaks": ("peak_past", "peak_future"), "adjacent": ("adj_past", "adj_future")}
 
 
-def attach_pixel_crf(samples: list[dict], pixel_qp: PixelQP) -> int:
+def attach_pixel_crf(samples: list[dict], pixel_qp: PixelQP, store: Path | None = None) -> int:
     """Store in each sample the CRF the engine's pixel estimate would tell the network on
     each frame on the blind path (``pixel_crf``, the running estimate), which
-    ``frame_inputs(blind=True)`` then hands it."""
+    ``frame_inputs(blind=True)`` then hands it.
+
+    With ``store`` (a folder), the estimates are kept in a file named by the estimate's
+    weights and read back on the next call, so a training restart does not recompute them.
+    """
     if not pixel_qp:
         return 0
+    known: dict[str, np.ndarray] = {}
+    path = None
+    if store is not None:
+        digest = hashlib.sha1(json.dumps(pixel_qp.to_dict()).encode()).hexdigest()[:12]
+        path = store / f"pixel_crf-{digest}.npz"
+        if path.exists():
+            known = dict(np.load(path))
+    added = 0
     for s in samples:
-        if "pixel_crf" not in s:
-            s["pixel_crf"] = np.array(pixel_qp.told_crfs(unpack_yuv(p)[0] for p in s["dec"]))
+        if "pixel_crf" in s:
+            continue
+        name = s.get("name")
+        if name in known and len(known[name]) == len(s["dec"]):
+            s["pixel_crf"] = known[name]
+            continue
+        s["pixel_crf"] = np.array(pixel_qp.told_crfs(unpack_yuv(p)[0] for p in s["dec"]))
+        if name is not None:
+            known[name] = s["pixel_crf"]
+            added += 1
+    if path is not None and added:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **known)
+        tmp.replace(path)
     return len(samples)
 
 

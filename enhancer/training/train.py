@@ -232,7 +232,7 @@ def train(args) -> Path:
     log(f"config {json.dumps(cfg.to_dict())}; {sum(p.numel() for p in model.parameters())} params")
     # The blind path is told the CRF the pixel estimate reads, as in the engine.
     t_p = time.time()
-    n = attach_pixel_crf(train_set + val_set, pixel_estimate(args))
+    n = attach_pixel_crf(train_set + val_set, pixel_estimate(args), work / "cache")
     log(f"pixel CRF estimate of {n} sequences in {time.time() - t_p:.0f}s")
     sampler = PatchSampler(
         train_set,
@@ -352,7 +352,7 @@ def export(work: Path, val_set, args, log) -> Path:
     bf16 = not args.fp32 and cpu_has_bf16()
     attach_all(val_set, model, est, bf16=bf16)
     pixel_qp = pixel_estimate(args)
-    attach_pixel_crf(val_set, pixel_qp)
+    attach_pixel_crf(val_set, pixel_qp, work / "cache")
     res = validate(model, est, val_set, max_frames=16, bf16=bf16, enhanced=True)
     policy = calibrate(res["records"], model.cfg.stages)
     # The blind tables come from recalibrate (through the engine); the estimate stays.

@@ -287,6 +287,26 @@ def test_frame_inputs_follow_the_input_plan(trained):
     assert frame_inputs(sample, t)[0].seq_qp == 27.0
 
 
+def test_pixel_crf_estimates_are_kept_for_the_next_start(trained, tmp_path):
+    _, _, work = trained
+    samples = data.load_cache(work / "cache" / "val")
+    reads = PixelQP(PixelQPNet(4).eval(), offset=5.0)
+    assert attach_pixel_crf(samples, reads, tmp_path) == len(samples)
+    (kept,) = tmp_path.glob("pixel_crf-*.npz")
+
+    class Unread(PixelQP):  # the same weights; reading a frame again would be a bug
+        def frame_qp(self, y, bit_depth=8):
+            raise AssertionError("recomputed")
+
+    again = data.load_cache(work / "cache" / "val")
+    assert attach_pixel_crf(again, Unread(reads.net, 5.0), tmp_path) == len(again)
+    for a, b in zip(samples, again, strict=True):
+        assert np.array_equal(a["pixel_crf"], b["pixel_crf"])
+    other = PixelQP(PixelQPNet(4).eval(), offset=6.0)  # another estimate: its own file
+    attach_pixel_crf(data.load_cache(work / "cache" / "val"), other, tmp_path)
+    assert len(list(tmp_path.glob("pixel_crf-*.npz"))) == 2 and kept.exists()
+
+
 def test_patch_sampler_is_seeded_and_fits(trained):
     _, _, work = trained
     samples = data.load_cache(work / "cache" / "train")

@@ -109,7 +109,10 @@ class PatchSampler:
             item, target = frame_inputs(
                 s, t, (y0, x0, self.patch), blind, drops, enhanced, crf_noise=noise
             )
-            if self.rng.random() < 0.15:  # streams without an options SEI: CRF unknown
+            # Streams without an options SEI: CRF unknown. Not on the blind path told the
+            # pixel estimate, which the engine never runs without one.
+            hide = self.rng.random() < 0.15
+            if hide and not (blind and "pixel_crf" in s):
                 item.seq_qp, item.seq_known = None, False
             k = int(self.rng.integers(8))
             items.append(_augment(item, k))

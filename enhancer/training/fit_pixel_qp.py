@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("runs/pixel_qp"))
     ap.add_argument("--seeds", default="11,12", help="one set of training encodes per seed")
     ap.add_argument(
-        "--restyled-seeds", default="13,14",
+        "--restyled-seeds", default="",
         help="more training encodes, of sources blurred, sharpened or re-toned first",
     )  # fmt: skip
     ap.add_argument("--sequences", type=int, default=8, help="per training source and seed")

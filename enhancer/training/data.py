@@ -238,9 +238,4 @@ def build(
 
 
 def load_cache(folder: Path) -> list[dict]:
-    """The cached sequences of ``folder``, each with its file's stem as ``name``."""
-    return [
-        dict(np.load(p)) | {"name": f"{folder.name}/{p.stem}"}
-        for p in sorted(folder.glob("*.npz"))
-        if ".tmp" not in p.name
-    ]
+    return [dict(np.load(p)) for p in sorted(folder.glob("*.npz")) if ".tmp" not in p.name]

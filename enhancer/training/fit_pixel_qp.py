@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
 from bitstream.reader import open_video
 from enhancer.checkpoint import load_model, save_model
@@ -56,15 +57,6 @@ def _noisy(seq: list[tuple], sigma: float, rng: np.random.Generator) -> list[tup
     ]
 
 
-def _gaussian(y: np.ndarray, sigma: float) -> np.ndarray:
-    r = int(np.ceil(3 * sigma))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k = torch.from_numpy((k / k.sum()).astype(np.float32))
-    x = F.pad(torch.from_numpy(y)[None, None], (r, r, r, r), mode="replicate")
-    x = F.conv2d(F.conv2d(x, k.view(1, 1, 1, -1)), k.view(1, 1, -1, 1))
-    return x[0, 0].numpy()
-
-
 def _restyled(seq: list[tuple], rng: np.random.Generator) -> list[tuple]:
     """The clean source made softer or crisper, flatter or punchier, before it is encoded.
 
@@ -80,7 +72,8 @@ def _restyled(seq: list[tuple], rng: np.random.Generator) -> list[tuple]:
     for y, u, v in seq:
         f = y.astype(np.float32)
         if kind != "none":
-            soft = _gaussian(f, sigma)
+            soft = Image.fromarray(y).filter(ImageFilter.GaussianBlur(sigma))
+            soft = np.asarray(soft, np.float32)
             f = soft if kind == "blur" else f + amount * (f - soft)
         f = (f - 128) * gain + 128 + lift
         out.append((np.clip(np.round(f), 0, 255).astype(np.uint8), u, v))

@@ -23,34 +23,38 @@ from enhancer.training.data import unpack_yuv
 SLOT_NAMES = {"peaks": ("peak_past", "peak_future"), "adjacent": ("adj_past", "adj_future")}
 
 
+def _digest(data) -> str:
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
 def attach_pixel_crf(samples: list[dict], pixel_qp: PixelQP, store: Path | None = None) -> int:
     """Store in each sample the CRF the engine's pixel estimate would tell the network on
     each frame on the blind path (``pixel_crf``, the running estimate), which
     ``frame_inputs(blind=True)`` then hands it.
 
     With ``store`` (a folder), the estimates are kept in a file named by the estimate's
-    weights and read back on the next call, so a training restart does not recompute them.
+    weights, each under a digest of its sample's decoded frames, and read back on the next
+    call: a training restart does not recompute them, a rebuilt sample is not told a stale one.
     """
     if not pixel_qp:
         return 0
     known: dict[str, np.ndarray] = {}
     path = None
     if store is not None:
-        digest = hashlib.sha1(json.dumps(pixel_qp.to_dict()).encode()).hexdigest()[:12]
-        path = store / f"pixel_crf-{digest}.npz"
+        path = store / f"pixel_crf-{_digest(json.dumps(pixel_qp.to_dict()).encode())}.npz"
         if path.exists():
             known = dict(np.load(path))
     added = 0
     for s in samples:
         if "pixel_crf" in s:
             continue
-        name = s.get("name")
-        if name in known and len(known[name]) == len(s["dec"]):
-            s["pixel_crf"] = known[name]
+        key = _digest(np.ascontiguousarray(s["dec"]).data) if path is not None else None
+        if key in known:
+            s["pixel_crf"] = known[key]
             continue
         s["pixel_crf"] = np.array(pixel_qp.told_crfs(unpack_yuv(p)[0] for p in s["dec"]))
-        if name is not None:
-            known[name] = s["pixel_crf"]
+        if key is not None:
+            known[key] = s["pixel_crf"]
             added += 1
     if path is not None and added:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -302,6 +302,10 @@ def test_pixel_crf_estimates_are_kept_for_the_next_start(trained, tmp_path):
     assert attach_pixel_crf(again, Unread(reads.net, 5.0), tmp_path) == len(again)
     for a, b in zip(samples, again, strict=True):
         assert np.array_equal(a["pixel_crf"], b["pixel_crf"])
+    rebuilt = data.load_cache(work / "cache" / "val")[:1]  # other frames, same file name
+    rebuilt[0]["dec"] = rebuilt[0]["dec"] ^ 1
+    with pytest.raises(AssertionError, match="recomputed"):
+        attach_pixel_crf(rebuilt, Unread(reads.net, 5.0), tmp_path)
     other = PixelQP(PixelQPNet(4).eval(), offset=6.0)  # another estimate: its own file
     attach_pixel_crf(data.load_cache(work / "cache" / "val"), other, tmp_path)
     assert len(list(tmp_path.glob("pixel_crf-*.npz"))) == 2 and kept.exists()

@@ -68,14 +68,20 @@ def block_costs(
     return _window_cost((warped - cur_y).abs(), block)
 
 
-def coarse_search(cur_y: torch.Tensor, ref_y: torch.Tensor, radius: int = COARSE_RADIUS):
-    """Full integer search at quarter resolution -> per-block flow (2, gh, gw) in luma px.
+def coarse_search(
+    cur_y: torch.Tensor, ref_y: torch.Tensor, radius: int = COARSE_RADIUS, scale: int = 4
+):
+    """Full integer search at 1/``scale`` resolution (4 or 8) -> per-block flow (2, gh, gw)
+    in luma px; +-``radius`` * ``scale`` luma pixels.
 
     One row of shifts at a time with a running minimum: the whole stack of shifted
     frames never exists at once (1.7x faster than stacking all of them).
     """
-    c = F.avg_pool2d(cur_y, 4)
-    r = F.pad(F.avg_pool2d(ref_y, 4), (radius,) * 4, mode="replicate")
+    c = F.avg_pool2d(cur_y, scale)
+    r = F.pad(F.avg_pool2d(ref_y, scale), (radius,) * 4, mode="replicate")
+    # A luma block is 2x2 pixels at quarter resolution, 1 at an eighth; either way its
+    # cost is taken over a window twice its size.
+    window = (4, 2, 1) if scale == 4 else (3, 1, 1)
     h, w = c.shape[-2:]
     span = torch.arange(-radius, radius + 1, dtype=torch.float32, device=cur_y.device)
     best = best_cost = None
@@ -84,10 +90,7 @@ def coarse_search(cur_y: torch.Tensor, ref_y: torch.Tensor, radius: int = COARSE
         stack = torch.cat(
             [rows[..., radius + dx : radius + dx + w] for dx in range(-radius, radius + 1)]
         )
-        # A luma block is 2x2 here.
-        cost = F.avg_pool2d((stack - c).abs(), 4, stride=2, padding=1, count_include_pad=False)[
-            :, 0
-        ]
+        cost = F.avg_pool2d((stack - c).abs(), *window, count_include_pad=False)[:, 0]
         if dy == 0:
             cost[radius] -= 1e-3  # a small bias to the zero vector keeps flat areas still
         low, i = cost.min(0)
@@ -97,7 +100,7 @@ def coarse_search(cur_y: torch.Tensor, ref_y: torch.Tensor, radius: int = COARSE
         else:
             take = low < best_cost
             best, best_cost = torch.where(take[None], vec, best), torch.where(take, low, best_cost)
-    return best * 4.0
+    return best * float(scale)
 
 
 def _pick(cur_y, ref_y, cands, best, best_cost, scale):
@@ -127,6 +130,7 @@ def align(
     ref6: torch.Tensor,
     seeds: list[torch.Tensor] | None = None,
     search: bool = True,
+    search_scale: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow (2, gh, gw) aligning ``ref6`` to ``cur6`` and its per-block cost (gh, gw).
 
@@ -140,7 +144,8 @@ def align(
     cur_h, ref_h = F.avg_pool2d(cur_y, 2), F.avg_pool2d(ref_y, 2)
     cands = [torch.zeros(2, gh, gw, device=cur_y.device)]
     if search:
-        cands.append(coarse_search(cur_y, ref_y))
+        radius = COARSE_RADIUS * 4 // search_scale  # the same range in luma pixels
+        cands.append(coarse_search(cur_y, ref_y, radius, search_scale))
     cands += [s.to(cur_y.device, torch.float32) for s in seeds or []]
     stack = torch.stack(cands)
     costs = block_costs(cur_h, ref_h, stack, 2)
@@ -151,7 +156,10 @@ def align(
     # One pass of neighbour propagation: a block inherits a neighbour's vector if it fits better.
     neigh = torch.stack([torch.roll(best, s, d) for s, d in ((1, 1), (-1, 1), (1, 2), (-1, 2))])
     best, best_cost = _pick(cur_h, ref_h, neigh, best, best_cost, 2)
-    for step, ring in zip(REFINE_STEPS, (_RING, _CROSS, _CROSS), strict=True):
+    # An eighth-resolution search is within +-4 px: one more ring before the climb.
+    steps = ((4.0, _RING),) if search and search_scale == 8 else ()
+    steps += tuple(zip(REFINE_STEPS, (_RING, _CROSS, _CROSS), strict=True))
+    for step, ring in steps:
         cands = best[None] + (ring.to(cur_y.device) * step)[:, :, None, None]
         best, best_cost = _pick(cur_h, ref_h, cands, best, best_cost, 2)
     best = _smooth(cur_h, ref_h, best, best_cost)

@@ -48,12 +48,22 @@ from enhancer.references import ANCHOR_TYPES, MAX_PENDING, align_reference, inpu
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # Transfer (after FAST, Zhang and Sze 2017): where a block's decode matches its aligned
-# enhanced anchor this closely (mean absolute luma difference, 0..1; the cost is blended
-# with the neighbours', so the whole neighbourhood must match), the encoder copied it
-# (skipped, no residual), and so is the anchor's enhanced block taken as it is.
+# anchor this closely (mean absolute luma difference, 0..1; the cost is blended with the
+# neighbours', so the whole neighbourhood must match), the encoder copied it (skipped, no
+# residual), and so is the anchor's enhanced block taken as it is. Below TRANSFER_QP the
+# bound follows the frame's quantiser step (halved every 6 QP): at CRF 27 the flat bound
+# cost 0.015 dB on bench/quality, 0.003 with this. Above it, a looser bound loses more
+# than it saves (CRF 37: -0.017 dB for 1.5x the transferred share).
 TRANSFER_COST = 0.75 / 255
+TRANSFER_QP = 37.0
 TILE = 32  # half-resolution pixels (64 luma): the unit the network runs or skips
-CONTEXT = 16  # half-resolution pixels around a tile: the network's receptive field
+# Half-resolution pixels computed around a tile. The receptive field is 17, but the
+# output 4 pixels in from a crop's edge is within 0.09 of a level (8-bit, rms) of the
+# whole frame's, and at 16 the context cost 4x a tile's own area.
+CONTEXT = 4
+# Tiles of a large frame (bounded memory, ``tile``) take the whole receptive field: they
+# are large, so it costs little, and the seams vanish.
+TILE_CONTEXT = 16
 
 
 @dataclass
@@ -94,6 +104,13 @@ class _Anchor:
     pixels: torch.Tensor  # what the network borrows: the enhanced output if recurrent
     qp: float | None
     enhanced: torch.Tensor | None = None  # the network's output, what transfer copies
+
+
+def transfer_cost(qp: float | None) -> float:
+    """The matching cost under which a block is taken from its anchor, for a frame's QP."""
+    if qp is None:
+        return TRANSFER_COST
+    return TRANSFER_COST * min(1.0, 2.0 ** ((qp - TRANSFER_QP) / 6.0))
 
 
 def _changed_runs(changed: torch.Tensor, h: int, w: int) -> Iterator[tuple[int, int, int, int]]:
@@ -240,14 +257,14 @@ class Engine:
         warped = pixels if anchor.enhanced is anchor.pixels else None
         return ref, _Candidate(cost, flow, anchor.enhanced, warped)
 
-    def _transfer_source(self, candidates: list) -> tuple | None:
+    def _transfer_source(self, candidates: list, qp: float | None) -> tuple | None:
         """(runs of changed tiles, transferred share, pixels to transfer), or None."""
         usable = [c for c in candidates if c is not None]
         if not usable:
             return None
         cost = torch.stack([c.cost for c in usable])  # (R, gh, gw) per 8x8 luma block
         best = cost.argmin(0)
-        same = cost.gather(0, best[None])[0] < TRANSFER_COST
+        same = cost.gather(0, best[None])[0] < transfer_cost(qp)
         if not same.any():
             return None
         per = TILE * 2 // 8  # blocks per tile edge
@@ -258,8 +275,8 @@ class Engine:
             return None
         # Only now, when it is used, is an enhanced anchor warped (if the network did not
         # already borrow it).
-        pixels = torch.stack([c.pixels() for c in usable])  # (R, 6, h, w)
         pick = best.repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
+        pixels = torch.stack([c.pixels() for c in usable])  # (R, 6, h, w)
         source = pixels.gather(0, pick[None, None].expand(1, 6, h, w))[0]
         return runs, 1.0 - float(changed.float().mean()), source
 
@@ -310,7 +327,7 @@ class Engine:
         out = None
         if n > 0:
             t_model = time.perf_counter()
-            transfer = self._transfer_source([t for _, t in aligned])
+            transfer = self._transfer_source([t for _, t in aligned], frame_qp)
             if transfer is None:
                 out = self._run_model(batch, n, strength)[0]
             else:
@@ -318,12 +335,14 @@ class Engine:
             p.model_seconds = time.perf_counter() - t_model
         return out, n, qp, use_bits
 
-    def _run_region(self, batch, stages: int, strength: float, y0, y1, x0, x1, out) -> None:
+    def _run_region(
+        self, batch, stages: int, strength: float, y0, y1, x0, x1, out, context: int = CONTEXT
+    ) -> None:
         """Run the network on rows y0:y1, columns x0:x1 (half-res) with context; write ``out``."""
         x, inp = batch.x, batch.inputs
         _, _, h, w = x.shape
-        ya, xa = max(y0 - CONTEXT, 0), max(x0 - CONTEXT, 0)
-        yb, xb = min(y1 + CONTEXT, h), min(x1 + CONTEXT, w)
+        ya, xa = max(y0 - context, 0), max(x0 - context, 0)
+        yb, xb = min(y1 + context, h), min(x1 + context, w)
         crop = inp[:, :, ya:yb, xa:xb].contiguous(memory_format=torch.channels_last)
         res = self.model(x[:, :, ya:yb, xa:xb], crop, batch.seq_cond, batch.frame_cond, stages)
         part = res[-1][:, :, y0 - ya : y1 - ya, x0 - xa : x1 - xa].float()
@@ -345,7 +364,7 @@ class Engine:
             for y0 in range(0, h, tile):
                 for x0 in range(0, w, tile):
                     y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-                    self._run_region(batch, stages, strength, y0, y1, x0, x1, out)
+                    self._run_region(batch, stages, strength, y0, y1, x0, x1, out, TILE_CONTEXT)
             return out
 
     @torch.inference_mode()

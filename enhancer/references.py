@@ -103,5 +103,8 @@ def align_reference(cur6, ref6, side=None, distance: int = 0, bitstream: bool = 
     seeds = vector_seeds(side, distance, cur6.device) if bitstream and side is not None else []
     # Frames are padded to 16 pixels; the stream's vector grid covers only ceil(H/8) rows.
     seeds = [_fit_grid(s, gh, gw) for s in seeds]
-    flow, cost = align(cur6, ref6, seeds, search=True)
+    # With the stream's vectors as seeds the search only covers what they miss (intra
+    # blocks, vectors the encoder chose for rate rather than motion): an eighth of the
+    # resolution is enough, and costs a tenth of a quarter-resolution search.
+    flow, cost = align(cur6, ref6, seeds, search=True, search_scale=8 if seeds else 4)
     return flow[:, :gh, :gw], cost[:gh, :gw]

@@ -142,18 +142,25 @@ def phase_planes(h: int, w: int, device: torch.device | str = "cpu") -> torch.Te
     return _PHASE_CACHE[key]
 
 
-def warp(ref: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-    """Warp ``ref`` (B, C, h, w) by ``flow`` (B, 2, h, w) in pixels (dx, dy)."""
-    b, _, h, w = ref.shape
-    key = (h, w, str(ref.device), ref.dtype)
+def warp_base_grid(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """The identity sampling grid (1, h, w, 2) for ``grid_sample`` (align_corners=True),
+    on ``like``'s device and dtype; cached."""
+    key = (h, w, str(like.device), like.dtype)
     base = _GRID_CACHE.get(key)
     if base is None:
-        ys = torch.arange(h, device=ref.device, dtype=ref.dtype) * (2.0 / max(h - 1, 1)) - 1.0
-        xs = torch.arange(w, device=ref.device, dtype=ref.dtype) * (2.0 / max(w - 1, 1)) - 1.0
+        ys = torch.arange(h, device=like.device, dtype=like.dtype) * (2.0 / max(h - 1, 1)) - 1.0
+        xs = torch.arange(w, device=like.device, dtype=like.dtype) * (2.0 / max(w - 1, 1)) - 1.0
         base = torch.stack([xs[None, :].expand(h, w), ys[:, None].expand(h, w)], -1)[None]
         if len(_GRID_CACHE) > 32:
             _GRID_CACHE.clear()
         _GRID_CACHE[key] = base
+    return base
+
+
+def warp(ref: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Warp ``ref`` (B, C, h, w) by ``flow`` (B, 2, h, w) in pixels (dx, dy)."""
+    b, _, h, w = ref.shape
+    base = warp_base_grid(h, w, ref)
     scale = torch.tensor(
         [2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=ref.device, dtype=ref.dtype
     )

@@ -45,7 +45,7 @@ from enhancer.training.sources import clean_sequence, footage_sources, split_sou
 X264_CRFS = (15, 18, 22, 25, 27, 30, 32, 35, 37, 42, 47, 51)
 X265_CRFS = (22, 27, 32, 37, 42)
 # Strengths the network's correction is measured at (output = input + s * correction).
-SCALES = (0.25, 0.5, 0.75, 1.0, 1.25)
+SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 SEED = 4321  # bench/quality.py draws its crops with 1234
 # A stage must earn this many dB per unit of one stage's network time (policy.calibrate's
 # price). Then, while x264 CRF 22 costs more than EXIT_BUDGET times the network time of

@@ -46,9 +46,9 @@ from enhancer.training.samples import frame_inputs  # noqa: E402
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources  # noqa: E402
 
 
-def engine_gain(engine: Engine, clean, data: bytes) -> float:
+def engine_gain(engine: Engine, clean, data: bytes, side_info: str = "auto") -> float:
     info, frames = decode(data)
-    outs = list(engine.process(iter(frames), info))
+    outs = list(engine.process(iter(frames), info, stages=3, side_info=side_info))
     pairs = zip(outs, frames, clean, strict=False)
     return float(
         np.mean([psnr(o.planes[0], c[0]) - psnr(f.planes[0], c[0]) for (o, _), f, c in pairs])
@@ -86,11 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         n: clean_sequence(p, photos, {}, np.random.default_rng([1234, i]), args.frames, (384, 256))
         for i, (n, p) in enumerate(sources)
     }
-    engines = {
-        "full": Engine(args.weights, device="cpu", stages=3),
-        "no transfer": Engine(args.weights, device="cpu", stages=3, transfer=False),
-        "raw refs": Engine(args.weights, device="cpu", stages=3, recurrent=False),
-        "blind": Engine(args.weights, device="cpu", stages=3, side_info="blind"),
+    full = Engine(args.weights, device="cpu")
+    engines = {  # name -> (engine, side_info); all at 3 stages
+        "full": (full, "auto"),
+        "no transfer": (Engine(args.weights, device="cpu", transfer=False), "auto"),
+        "raw refs": (Engine(args.weights, device="cpu", recurrent=False), "auto"),
+        "blind": (full, "blind"),
     }
     model, est, _, _ = load_model(args.weights)
     cols: dict = defaultdict(lambda: defaultdict(list))
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         for clean in seqs.values():
             settings = EncodeSettings(crf=crf)
             data = encode_planes(clean, settings)
-            for name, eng in engines.items():
-                cols[crf][name].append(engine_gain(eng, clean, data))
+            for name, (eng, side_info) in engines.items():
+                cols[crf][name].append(engine_gain(eng, clean, data, side_info))
             samples.append(decode_sample(data, clean, settings))
         for name, edit in (
             ("adjacent", adjacent_refs),

@@ -253,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         methods["vqe auto fp32"] = {"precision": "fp32"}
     if args.filters_only:
         methods = {}
-    engines = {m: Engine(args.weights, device="cpu", **kw) for m, kw in methods.items()}
+    # One engine per precision; the side-information mode is an option of each run.
+    loaded = {}
+    for kw in methods.values():
+        precision = kw.get("precision", "auto")
+        if precision not in loaded:
+            loaded[precision] = Engine(args.weights, device="cpu", precision=precision)
+    engines = {m: loaded[kw.get("precision", "auto")] for m, kw in methods.items()}
+    side = {m: kw.get("side_info", "auto") for m, kw in methods.items()}
     t_start = time.time()
     table = {}
     network: dict = defaultdict(list)  # (config, method) -> network seconds per frame
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                 if m.endswith("fp32") and (codec, crf) not in PRECISION_CONFIGS:
                     continue
                 t0 = time.perf_counter()
-                outs = list(eng.process(iter(frames), info))
+                outs = list(eng.process(iter(frames), info, side_info=side[m]))
                 sec = (time.perf_counter() - t0) / len(frames)
                 pairs = zip(outs, clean, base, strict=False)
                 d = [psnr(o.planes[0], c[0]) - b for (o, _), c, b in pairs]

@@ -79,7 +79,7 @@ def make_bench_clip(folder: Path, size: str, frames: int) -> Path:
 class PassThrough:
     """An engine that changes nothing: what is left is the pipeline's floor."""
 
-    def process(self, frames, info):
+    def process(self, frames, info, stages="auto", side_info="auto"):
         from enhancer.engine import FrameReport
 
         for frame in frames:
@@ -159,18 +159,18 @@ def bench_size(folder: Path, size: str, frames: int, engine: Any, options: Enhan
     row: dict[str, Any] = {"size": size, "resolution": "x".join(map(str, SIZES[size]))}
     row["decode"] = timed(lambda: len(decode_all(clip)[0]))
     row["floor"] = timed(lambda: Pipeline(PassThrough()).run(clip, out, options).frames)
-    for _ in engine.process(iter(decoded[:2]), info):  # warm-up: allocator, kernels
+    for _ in engine.process(iter(decoded[:2]), info, options.stages):  # warm-up: allocator, kernels
         pass
 
     def model_only() -> int:
         count = 0
-        for _frame, _report in engine.process(iter(decoded), info):
+        for _frame, _report in engine.process(iter(decoded), info, options.stages):
             count += 1
         sync(engine.device)
         return count
 
     row["model"] = timed(model_only)
-    reports = [r for _, r in engine.process(iter(decoded), info)]
+    reports = [r for _, r in engine.process(iter(decoded), info, options.stages)]
     row["transferred"] = round(sum(r.transferred for r in reports) / len(reports), 3)
     results = []
 
@@ -198,15 +198,14 @@ def bench_size(folder: Path, size: str, frames: int, engine: Any, options: Enhan
 def make_engine(args: argparse.Namespace) -> Any:
     from enhancer.engine import Engine
 
-    return Engine(weights=args.weights, device=args.device, stages=args.stages)
+    return Engine(weights=args.weights, device=args.device)
 
 
 def rss_child(args: argparse.Namespace) -> int:
     """Subprocess body: run the pipeline once, print frames and peak RSS as JSON."""
     with tempfile.TemporaryDirectory() as tmp:
-        result = Pipeline(make_engine(args)).run(
-            args.rss_child, Path(tmp) / "out.mkv", EnhanceOptions(preset="veryfast")
-        )
+        options = EnhanceOptions(preset="veryfast", stages=args.stages)
+        result = Pipeline(make_engine(args)).run(args.rss_child, Path(tmp) / "out.mkv", options)
     print(json.dumps({"frames": result.frames, "peak_rss_mb": round(peak_rss_kb() / 1024, 1)}))
     return 0
 
@@ -298,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return rss_child(args)
 
     engine = make_engine(args)
-    options = EnhanceOptions(preset="veryfast")
+    options = EnhanceOptions(preset="veryfast", stages=args.stages)
     # The engine's precision, not its tensors' dtype: on CPU bf16 runs under autocast.
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     peaks = {

@@ -34,8 +34,7 @@ def save_model(
     tmp.replace(path)
 
 
-def load_model(path: str | Path | None = None, map_location: str = "cpu"):
-    """-> (VQENet, QPEstimator, ExitPolicy | None, meta). Float32 on ``map_location``."""
+def _read(path: str | Path | None, map_location: str = "cpu") -> dict:
     path = Path(path) if path else DEFAULT_WEIGHTS
     if not path.exists():
         raise FileNotFoundError(f"model weights not found: {path}")
@@ -45,6 +44,17 @@ def load_model(path: str | Path | None = None, map_location: str = "cpu"):
         raise ValueError(f"{path} is not a vqe model file ({type(exc).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a vqe model file (format {FORMAT})")
+    return blob
+
+
+def model_config(path: str | Path | None = None) -> ModelConfig:
+    """The network's configuration in a model file, without building the network."""
+    return ModelConfig.from_dict(_read(path)["config"])
+
+
+def load_model(path: str | Path | None = None, map_location: str = "cpu"):
+    """-> (VQENet, QPEstimator, ExitPolicy | None, meta). Float32 on ``map_location``."""
+    blob = _read(path, map_location)
     model = VQENet(ModelConfig.from_dict(blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["model"].items()})
     est = QPEstimator()

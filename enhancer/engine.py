@@ -163,22 +163,23 @@ def _as_samples(out: torch.Tensor, ctx: dict) -> torch.Tensor:
 
 
 class Engine:
-    """Loads the model once; ``process`` may be called for many videos."""
+    """The model, loaded once; ``process`` enhances any number of videos, each with its own
+    options (stage count, side information), as whisper's model transcribes.
+
+    ``weights``, ``device``, ``precision`` and ``tile`` belong to the loaded model: they
+    decide where and in what arithmetic it runs. Threads are the caller's
+    (``torch.set_num_threads``), set once per process.
+    """
 
     def __init__(
         self,
         weights: str | Path | None = None,
         device: str = "auto",
-        stages: str | int = "auto",
-        side_info: str = "auto",
         tile: int | None = None,
-        threads: int | None = None,
         precision: str = "auto",
         recurrent: bool = False,
         transfer: bool = True,
     ):
-        if side_info not in SIDE_INFO_MODES:
-            raise ValueError(f"side_info must be one of {SIDE_INFO_MODES}, not {side_info!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.device = pick_device(device)
@@ -187,17 +188,9 @@ class Engine:
         self.policy = policy
         self.pixel_qp = PixelQP.from_dict(policy.blind_qp if policy else None)
         self.max_stages = model.cfg.stages
-        if stages != "auto":
-            stages = int(stages)
-            if not 0 <= stages <= self.max_stages:
-                raise ValueError(f"stages must be auto or 0..{self.max_stages}, not {stages}")
-        self.stages = stages
-        self.side_info = side_info
         self.tile = tile  # half-resolution tile edge; None = automatic, 0 = never tile
         self.recurrent = recurrent
         self.transfer = transfer
-        if threads:
-            torch.set_num_threads(threads)
         self.dtype = torch.float32  # of the tensors handed to the model
         self.autocast = False
         if self.device.type == "cuda":
@@ -209,19 +202,37 @@ class Engine:
         self.model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last)
         self.estimator = est.to(self.device, self.dtype)
 
+    def check(self, stages: str | int = "auto", side_info: str = "auto") -> str | int:
+        """Validate per-call options against this model; -> the stage count ("auto" or int)."""
+        if side_info not in SIDE_INFO_MODES:
+            raise ValueError(f"side_info must be one of {SIDE_INFO_MODES}, not {side_info!r}")
+        if stages == "auto":
+            return stages
+        n = int(stages)
+        if not 0 <= n <= self.max_stages:
+            raise ValueError(f"stages must be auto or 0..{self.max_stages}, not {stages}")
+        return n
+
     # ------------------------------------------------------------ decisions
 
-    def plan_stages(self, side: FrameSideInfo, info: SequenceInfo) -> int | None:
-        """Stages ``process`` will run on a frame, from its side info alone.
+    def plan_stages(
+        self,
+        side: FrameSideInfo,
+        info: SequenceInfo,
+        stages: str | int = "auto",
+        side_info: str = "auto",
+    ) -> int | None:
+        """Stages ``process`` will run on a frame with these options, from its side info alone.
 
         None when that depends on the pixels (no QP in the stream, or the blind path,
         whose QP is estimated). A caller can use it to copy untouched GOPs as they are.
         """
-        if self.stages != "auto":
-            return int(self.stages)
+        stages = self.check(stages, side_info)
+        if stages != "auto":
+            return int(stages)
         if not self.policy:
             return self.max_stages
-        if self.side_info == "blind" or side.qp is None:
+        if side_info == "blind" or side.qp is None:
             return None
         return self.policy.stages_for(*self._policy_level(side.qp, info.codec, info.sequence_qp))
 
@@ -318,8 +329,8 @@ class Engine:
         if p.pixel_crf is not None:  # what the network was told, and the blind table follows
             qp = p.pixel_crf
         n, strength = self.max_stages, 1.0
-        if self.stages != "auto":
-            n = self.stages
+        if ctx["stages"] != "auto":
+            n = ctx["stages"]
         elif self.policy:
             level = self._policy_level(qp, info.codec, ctx["seq_qp"], p.pixel_crf)
             n, strength = self.policy.stages_for(*level), self.policy.strength_for(*level)
@@ -396,13 +407,24 @@ class Engine:
         return replace(frame, planes=planes), report
 
     def process(
-        self, frames: Iterable[DecodedFrame], info: SequenceInfo
+        self,
+        frames: Iterable[DecodedFrame],
+        info: SequenceInfo,
+        stages: str | int = "auto",
+        side_info: str = "auto",
     ) -> Iterator[tuple[DecodedFrame, FrameReport]]:
-        plan = input_plan(info.codec, self.side_info)
+        """Enhance ``frames`` (display order) of a video described by ``info``.
+
+        ``stages``: "auto" (the exit policy, per frame) or a fixed count; ``side_info``:
+        "auto"/"bitstream" (what the stream gives) or "blind" (the pixels alone).
+        """
+        stages = self.check(stages, side_info)
+        plan = input_plan(info.codec, side_info)
         # The blind path takes nothing from the bitstream, the encoder's CRF included: it
         # is what the pixels alone give, the measure of what the side information adds.
-        seq_qp = None if self.side_info == "blind" else info.sequence_qp
+        seq_qp = None if side_info == "blind" else info.sequence_qp
         ctx = {
+            "stages": stages,
             "plan": plan,
             "bit_depth": info.bit_depth or 8,
             "seq_qp": seq_qp,
@@ -412,10 +434,10 @@ class Engine:
             "estimate": self.pixel_qp.estimate(info.bit_depth or 8) if self.pixel_qp else None,
         }
         ctx["mean_qp"] = lambda: ctx["qp_sum"] / ctx["qp_n"] if ctx["qp_n"] else None
+        # Options are checked here, when called, not when the first frame is pulled.
         if plan.references == "adjacent":
-            yield from self._process_adjacent(frames, info, ctx)
-        else:
-            yield from self._process_peaks(frames, info, ctx)
+            return self._process_adjacent(frames, info, ctx)
+        return self._process_peaks(frames, info, ctx)
 
     def _pending(self, frame: DecodedFrame, ctx: dict) -> _Pending:
         t0 = time.perf_counter()

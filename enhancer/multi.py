@@ -184,7 +184,7 @@ def enhance_many(
             if cancel is not None and cancel.is_set():
                 raise Cancelled("cancelled")
             notify(BatchProgress(index, len(items), item, None, done))
-            pipeline.engine(options)  # load the model once, here, so a failure stops the batch
+            pipeline.load(options)  # load the model once, here, so a failure stops the batch
             _run_one(pipeline, item, options, cancel, index, len(items), done, notify)
         done.append(item)
         notify(BatchProgress(index, len(items), item, None, done))

@@ -36,9 +36,9 @@ SIDE_INFO_MODES = ("auto", "bitstream", "blind")
 @functools.cache
 def max_stages() -> int:
     """Stages of the shipped weights (loaded once per process)."""
-    from enhancer.checkpoint import load_model  # torch: only when a stage count is checked
+    from enhancer.checkpoint import model_config  # torch: only when a stage count is checked
 
-    return int(load_model()[0].cfg.stages)
+    return int(model_config().stages)
 
 
 class EnhanceOptions(BaseModel):

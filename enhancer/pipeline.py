@@ -307,13 +307,11 @@ def _check_output(source: Source, output: str | Path) -> Path | None:
 
 
 class Pipeline:
-    """Runs enhance jobs; keeps one engine so a worker loads the model once.
+    """Runs enhance jobs with one engine: the model loads once, whatever each job's options.
 
-    ``engine``: an object with ``process(frames, info)`` (see
-    ``enhancer.engine.Engine``); when None one is created from the first
-    run's options and recreated only when stages/side_info change.
-    ``device`` and ``tile`` say where and how the engine runs (tile edge at half
-    resolution; None: automatic, 0: never).
+    ``engine``: an object with ``process(frames, info, stages=, side_info=)`` (see
+    ``enhancer.engine.Engine``); when None one is loaded on first use, with ``device``
+    and ``tile`` (tile edge at half resolution; None: automatic, 0: never).
     """
 
     def __init__(self, engine: Any = None, device: str = "auto", tile: int | None = None) -> None:
@@ -322,29 +320,31 @@ class Pipeline:
         self.device = device
         self.tile = tile
         self._engine = engine
-        self._engine_key: tuple[Any, ...] | None = None
-        self._fixed = engine is not None
 
-    def engine(self, options: EnhanceOptions) -> Any:
-        """The engine for ``options`` (created on first use, then cached)."""
-        if self._fixed:
-            return self._engine
-        key = (options.stages, options.side_info)
-        if self._engine is None or key != self._engine_key:
+    @property
+    def engine(self) -> Any:
+        """The engine (the model is loaded on first use)."""
+        if self._engine is None:
             from enhancer.engine import Engine
 
-            self._engine = None  # free the old model before loading the new one
             try:
-                self._engine = Engine(
-                    device=self.device,
-                    stages=options.stages,
-                    side_info=options.side_info,
-                    tile=self.tile,
-                )
-            except (ValueError, RuntimeError, OSError) as exc:  # stage count, no CUDA, weights
+                self._engine = Engine(device=self.device, tile=self.tile)
+            except (ValueError, RuntimeError, OSError) as exc:  # no CUDA, weights
                 raise UserError(f"cannot set up the model: {exc}") from None
-            self._engine_key = key
         return self._engine
+
+    def load(self, options: EnhanceOptions | None = None) -> Any:
+        """The engine, loaded, with ``options`` checked against it (UserError if not)."""
+        engine = self.engine
+        if options is None:
+            return engine
+        check = getattr(engine, "check", None)
+        if check is not None:
+            try:
+                check(options.stages, options.side_info)
+            except ValueError as exc:  # e.g. more stages than these weights have
+                raise UserError(f"cannot set up the model: {exc}") from None
+        return engine
 
     def run(
         self,
@@ -383,7 +383,7 @@ class Pipeline:
             info = reader.info
             fmt = output_format(output)
             codec, _ = choose_codec(options.output_codec, info, fmt)  # bad output options fail fast
-            engine = self.engine(options)
+            engine = self.load(options)
             render = self._plan(source, info, options, engine, codec, fmt)
             copy = render.copy if render.copy and any(render.copy) else None
             writer = VideoWriter(
@@ -491,7 +491,7 @@ class Pipeline:
         if level is None:
             level = _first_frame_level(source, info)
         choice = choose_rate(meta, level, options.quality, codec, options.crf)
-        auto = options.stages == "auto" and getattr(engine, "stages", "auto") == "auto"
+        auto = options.stages == "auto"
         if scan is not None and choice.copy and auto:
             copy = [True] * len(scan.segments)  # re-encoding would lose more than it gains
             notes.append(
@@ -520,7 +520,7 @@ class Pipeline:
                 if side.qp is not None:
                     qp_sum, qp_n = qp_sum + float(side.qp), qp_n + 1
                 if plan is not None and copy[k := scan.segment_of(_pts(frame))]:
-                    copy[k] = plan(side, info) == 0
+                    copy[k] = plan(side, info, options.stages, options.side_info) == 0
                 if not any(copy) and info.sequence_qp is not None:
                     break  # nothing left to learn
         return copy, (qp_sum / qp_n if qp_n else None)
@@ -564,7 +564,8 @@ class Pipeline:
         try:
             copied = render.copy if render is not None and render.copy else None
             scan = render.scan if render is not None else None
-            for frame, report in engine.process(run.drain(decoded), info):
+            frames = run.drain(decoded)
+            for frame, report in engine.process(frames, info, options.stages, options.side_info):
                 stats.add(frame, report)
                 if copied and scan and report.stages and copied[scan.segment_of(_pts(frame))]:
                     stats.mismatch += 1

@@ -88,11 +88,8 @@ def collect(
     depth = policy.max_stages if policy else 3
     if "blind" in paths and not PixelQP.from_dict(policy.blind_qp if policy else None):
         raise ValueError("the model file has no pixel CRF estimate: run fit_pixel_qp first")
-    engines = {
-        (path, k): Engine(weights, device="cpu", stages=k, side_info=PATHS[path][0])
-        for path in paths
-        for k in range(1, depth + 1)
-    }
+    engine = Engine(weights, device="cpu")
+    runs = [(path, k) for path in paths for k in range(1, depth + 1)]
     configs = [("libx264", c) for c in X264_CRFS] + [("libx265", c) for c in X265_CRFS]
     records, t0 = [], time.time()
     for codec, crf in configs:
@@ -112,11 +109,11 @@ def collect(
                 ]
                 for path in here
             }  # fmt: skip
-            for (path, _), eng in engines.items():
+            for path, k in runs:
                 if path not in here:
                     continue
                 for (out, rep), row, d, c, b in zip(
-                    eng.process(iter(dec), info),
+                    engine.process(iter(dec), info, stages=k, side_info=PATHS[path][0]),
                     rows[path],
                     dec,
                     clean,

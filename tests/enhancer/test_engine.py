@@ -45,8 +45,8 @@ def h264(clip):
     return info, frames
 
 
-def enhance(engine: Engine, info, frames):
-    return list(engine.process(frames, info))
+def enhance(engine: Engine, info, frames, **options):
+    return list(engine.process(frames, info, **options))
 
 
 def equal_frames(a: list, b: list) -> list[bool]:
@@ -87,7 +87,7 @@ def test_engine_streams_in_display_order_with_reports(h264, weights, monkeypatch
 
     calls = spy_alignments(monkeypatch)
     engine = Engine(weights, device="cpu")
-    assert engine.policy is not None and engine.stages == "auto"
+    assert engine.policy is not None
     results = []
     for out, rep in engine.process(source(), info):
         results.append((out, rep))
@@ -128,7 +128,7 @@ def test_engine_holds_back_at_most_max_pending_frames(clip, weights):
             yield f
 
     results = []
-    for out, _ in Engine(weights, device="cpu", stages=1).process(source(), info):
+    for out, _ in Engine(weights, device="cpu").process(source(), info, stages=1):
         results.append(out.index)
         lags.append(len(pulled) - len(results))
     assert results == [f.index for f in frames]
@@ -138,41 +138,44 @@ def test_engine_holds_back_at_most_max_pending_frames(clip, weights):
 
 def test_engine_fixed_stage_counts(h264, weights):
     info, frames = h264
-    one_engine = Engine(weights, device="cpu", stages=1)
-    one = enhance(one_engine, info, frames)
-    three = enhance(Engine(weights, device="cpu", stages="3"), info, frames)
-    none = enhance(Engine(weights, device="cpu", stages=0), info, frames)
+    engine = Engine(weights, device="cpu")
+    one = enhance(engine, info, frames, stages=1)
+    three = enhance(engine, info, frames, stages="3")
+    none = enhance(engine, info, frames, stages=0)
     assert [r.stages for _, r in one] == [1] * len(frames)
     assert [r.stages for _, r in three] == [3] * len(frames)
     assert [r.stages for _, r in none] == [0] * len(frames)
     assert all(equal_frames(none, frames))  # 0 stages: exactly the decoded planes
     assert not any(equal_frames(three, frames))
     assert not all(equal_frames(one, three))
-    assert one_engine.plan_stages(frames[0].side, info) == 1
+    assert engine.plan_stages(frames[0].side, info, stages=1) == 1
     # The engine can be used again, for the same result.
-    assert all(equal_frames(enhance(one_engine, info, frames), one))
+    assert all(equal_frames(enhance(engine, info, frames, stages=1), one))
 
 
 def test_engine_recurrence_borrows_the_enhanced_anchors(h264, weights):
     info, frames = h264
-    rec = enhance(Engine(weights, device="cpu", stages=3, recurrent=True), info, frames)
-    plain = enhance(Engine(weights, device="cpu", stages=3), info, frames)
+    recurrent, engine = Engine(weights, device="cpu", recurrent=True), Engine(weights, device="cpu")
+    rec = enhance(recurrent, info, frames, stages=3)
+    plain = enhance(engine, info, frames, stages=3)
     same = equal_frames(rec, plain)
     assert same[0]  # the first I-frame has nothing to borrow
     assert not any(same[1:])  # every other frame borrows the (enhanced or decoded) frame 0 on
     # With no stages nothing is enhanced, so there is nothing different to borrow.
-    a = enhance(Engine(weights, device="cpu", stages=0, recurrent=True), info, frames)
-    b = enhance(Engine(weights, device="cpu", stages=0), info, frames)
+    a = enhance(recurrent, info, frames, stages=0)
+    b = enhance(engine, info, frames, stages=0)
     assert all(equal_frames(a, b))
 
 
 def test_engine_rejects_bad_settings(weights, tmp_path):
+    engine = Engine(weights, device="cpu")
+    # Per-call options are refused when called, before any frame is pulled.
     with pytest.raises(ValueError, match="stages"):
-        Engine(weights, device="cpu", stages=4)
+        engine.process(iter(()), None, stages=4)
     with pytest.raises(ValueError, match="stages"):
-        Engine(weights, device="cpu", stages=-1)
+        engine.plan_stages(None, None, stages=-1)
     with pytest.raises(ValueError, match="side_info"):
-        Engine(weights, device="cpu", side_info="psychic")
+        engine.process(iter(()), None, side_info="psychic")
     with pytest.raises(ValueError, match="precision"):
         Engine(weights, device="cpu", precision="fp8")
     with pytest.raises(ValueError, match="unknown device"):
@@ -186,7 +189,7 @@ def test_engine_device_and_precision_on_cpu(weights):
     assert pick_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="CUDA"):
         pick_device("cuda")
-    engine = Engine(weights, stages=1)
+    engine = Engine(weights)
     assert engine.device.type == "cpu" and engine.dtype == torch.float32
     assert next(engine.model.parameters()).device.type == "cpu"
     assert engine.precision == ("bf16" if cpu_has_bf16() else "fp32")
@@ -212,7 +215,8 @@ def test_engine_without_a_policy_runs_every_stage(h264, tmp_path):
 def test_engine_blind_uses_adjacent_frames_and_reports_estimated(h264, weights, monkeypatch):
     info, frames = h264
     calls = spy_alignments(monkeypatch)
-    engine = Engine(weights, device="cpu", stages=2, side_info="blind")
+    engine = Engine(weights, device="cpu")
+    blind_opts = {"stages": 2, "side_info": "blind"}
     pulled, lags = [], []
 
     def source(fs):
@@ -221,7 +225,7 @@ def test_engine_blind_uses_adjacent_frames_and_reports_estimated(h264, weights, 
             yield f
 
     blind = []
-    for r in engine.process(source(frames), info):
+    for r in engine.process(source(frames), info, **blind_opts):
         blind.append(r)
         lags.append(len(pulled) - len(blind))
     assert max(lags) == 1  # one frame of look-ahead
@@ -230,19 +234,19 @@ def test_engine_blind_uses_adjacent_frames_and_reports_estimated(h264, weights, 
     assert {(t, j) for t, j, _ in calls} == {(t, j) for t in range(n) for j in (t - 1, t + 1)
                                              if 0 <= j < n}  # fmt: skip
     assert not any(bits for _, _, bits in calls)  # aligned by search only
-    bits = enhance(Engine(weights, device="cpu", stages=2, side_info="bitstream"), info, frames)
+    bits = enhance(engine, info, frames, stages=2, side_info="bitstream")
     assert [r.side_info for _, r in blind] == ["estimated"] * n
     assert [r.side_info for _, r in bits] == ["bitstream"] * n
     for _, r in blind:
         assert 0.1 * 51 - 1e-3 <= r.qp <= 51 + 1e-3  # the estimator's clamped range
     assert not all(equal_frames(blind, bits))
-    assert engine.plan_stages(frames[0].side, info) == 2
-    auto_blind = Engine(weights, device="cpu", side_info="blind")
-    assert auto_blind.plan_stages(frames[0].side, info) is None  # the QP is estimated
+    assert engine.plan_stages(frames[0].side, info, **blind_opts) == 2
+    # On auto the blind path's QP is estimated: unknown before the pixels.
+    assert engine.plan_stages(frames[0].side, info, side_info="blind") is None
     # Only the neighbours matter: change frame 4 and frames 3-5 change, the others do not.
     altered = list(frames)
     altered[4] = replace(frames[4], planes=tuple(255 - p for p in frames[4].planes))
-    changed = enhance(engine, info, altered)
+    changed = enhance(engine, info, altered, **blind_opts)
     assert equal_frames(changed, blind) == [True, True, True, False, False, False, True, True]
 
 
@@ -291,12 +295,12 @@ def test_engine_tiles_large_frames_seamlessly(h264, weights):
         return engine
 
     # Without transfer, which would run the network on changed tiles only.
-    kw = {"device": "cpu", "stages": 3, "transfer": False}
+    kw = {"device": "cpu", "transfer": False}
     whole_engine = counted(Engine(weights, tile=0, **kw), "whole")
     tiled_engine = counted(Engine(weights, tile=32, **kw), "tiled")
-    whole = enhance(whole_engine, info, frames)
-    tiled = enhance(tiled_engine, info, frames)
-    auto = enhance(counted(Engine(weights, **kw), "auto"), info, frames)
+    whole = enhance(whole_engine, info, frames, stages=3)
+    tiled = enhance(tiled_engine, info, frames, stages=3)
+    auto = enhance(counted(Engine(weights, **kw), "auto"), info, frames, stages=3)
     n = len(frames)
     assert calls == {"whole": n, "tiled": 4 * n, "auto": n}  # 64x48 model grid: 2x2 tiles
     for (a, _), (b, _), (c, _) in zip(whole, tiled, auto, strict=True):
@@ -304,8 +308,8 @@ def test_engine_tiles_large_frames_seamlessly(h264, weights):
         for x, y in zip(a.planes, b.planes, strict=True):
             assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
     # Before rounding, in fp32: the overlap hides the seams entirely.
-    whole_fp32 = Engine(weights, device="cpu", stages=3, tile=0, precision="fp32")
-    tiled_fp32 = Engine(weights, device="cpu", stages=3, tile=32, precision="fp32")
+    whole_fp32 = Engine(weights, device="cpu", tile=0, precision="fp32")
+    tiled_fp32 = Engine(weights, device="cpu", tile=32, precision="fp32")
     cur = planes_to_tensor(frames[0].planes)
     qmap = qp_plane(frames[0].side.qp_map, *cur.shape[1:])
     it = FrameInputs(cur=cur, qmap=qmap, frame_qp=frames[0].side.qp, pict_type="I")
@@ -317,7 +321,7 @@ def test_engine_tiles_large_frames_seamlessly(h264, weights):
 def test_engine_ten_bit_odd_size(clip, weights):
     info, frames = decode(clip("ten.mp4", size=(90, 70), frames=3, pix_fmt="yuv420p10le"))
     assert info.bit_depth == 10
-    results = enhance(Engine(weights, device="cpu", stages=2), info, frames)
+    results = enhance(Engine(weights, device="cpu"), info, frames, stages=2)
     assert len(results) == 3
     for (out, rep), src in zip(results, frames, strict=True):
         assert rep.side_info == "bitstream"
@@ -353,9 +357,9 @@ def test_engine_transfers_what_the_encoder_copied(tmp_path, weights):
         engine.model.register_forward_pre_hook(hook)
         return engine
 
-    fast = enhance(counting(Engine(weights, device="cpu", stages=3), "transfer"), info, frames)
+    fast = enhance(counting(Engine(weights, device="cpu"), "transfer"), info, frames, stages=3)
     full = enhance(
-        counting(Engine(weights, device="cpu", stages=3, transfer=False), "full"), info, frames
+        counting(Engine(weights, device="cpu", transfer=False), "full"), info, frames, stages=3
     )
     assert fast[0][1].transferred == 0 and same_planes(fast[0][0].planes, full[0][0].planes)
     assert all(r.transferred > 0.5 for _, r in fast[1:])
@@ -397,25 +401,26 @@ def test_engine_tells_the_network_a_pixel_crf_estimate_without_a_crf(h264, tmp_p
     pol = replace(tiny_policy(), blind_stages=[0, 3, 3, 3, 3, 3, 3, 3, 3],
                   blind_strengths=[1.0] * 9, blind_qp=reads)  # fmt: skip
     weights = write_weights(tmp_path / "blind.pt", pol)
-    engine = Engine(weights, device="cpu", side_info="blind")
-    blind = enhance(engine, no_crf, frames)
+    engine = Engine(weights, device="cpu")
+    blind = enhance(engine, no_crf, frames, side_info="blind")
     assert [r.stages for _, r in blind] == [0] * len(frames)
     assert [r.qp for _, r in blind] == [19.5] * len(frames)
     assert all(equal_frames(blind, frames))
-    known = enhance(engine, info, frames)  # the stream's CRF is not read
+    known = enhance(engine, info, frames, side_info="blind")  # the stream's CRF is not read
     assert [r.qp for _, r in known] == [19.5] * len(frames)
     assert all(equal_frames(known, frames))
-    three = Engine(weights, device="cpu", side_info="blind", stages=3)
-    estimated = [f.planes[0] for f, _ in enhance(three, no_crf, frames)]
+    estimated = [
+        f.planes[0] for f, _ in enhance(engine, no_crf, frames, side_info="blind", stages=3)
+    ]
     # A codec with no side information takes the blind plan on ``auto`` and reads the
     # stream's CRF: told 19.5, the network gives what it gave on the estimate.
     vp9 = replace(told, codec="vp9")
-    said = [f.planes[0] for f, _ in enhance(Engine(weights, device="cpu", stages=3), vp9, frames)]
+    said = [f.planes[0] for f, _ in enhance(engine, vp9, frames, stages=3)]
     plain = write_weights(tmp_path / "plain.pt", tiny_policy())
-    unknown = enhance(Engine(plain, device="cpu", side_info="blind", stages=3), no_crf, frames)
+    unknown = enhance(Engine(plain, device="cpu"), no_crf, frames, side_info="blind", stages=3)
     assert all((a == b).all() for a, b in zip(estimated, said, strict=True))
     assert any((a != f.planes[0]).any() for a, (f, _) in zip(estimated, unknown, strict=True))
-    aware = enhance(Engine(weights, device="cpu"), no_crf, frames)
+    aware = enhance(engine, no_crf, frames)
     assert [r.stages for _, r in aware] == [pol.stages_for(r.qp) for _, r in aware]
     assert any(r.stages for _, r in aware)
 
@@ -430,7 +435,7 @@ def test_engine_blind_hevc_without_a_crf_takes_its_own_table(clip, tmp_path):
     pol = replace(tiny_policy(), blind_stages=[3] * 9, blind_strengths=[1.0] * 9,
                   blind_hevc_stages=[2] * 9, blind_hevc_strengths=[1.0] * 9,
                   blind_qp=constant_pixel_qp(40.0).to_dict())  # fmt: skip
-    engine = Engine(write_weights(tmp_path / "hevc.pt", pol), device="cpu", side_info="blind")
-    reports = [r for _, r in enhance(engine, no_crf, frames)]
+    engine = Engine(write_weights(tmp_path / "hevc.pt", pol), device="cpu")
+    reports = [r for _, r in enhance(engine, no_crf, frames, side_info="blind")]
     assert [r.stages for r in reports] == [2] * len(frames)
     assert all(r.qp == pytest.approx(32.0, abs=0.1) for r in reports)

@@ -38,10 +38,10 @@ class GopEngine:
         self.enhanced = enhanced
         self.meta = _table(copy)
 
-    def plan_stages(self, side, info):
+    def plan_stages(self, side, info, stages="auto", side_info="auto"):
         return 1 if side.index // 10 in self.enhanced else 0
 
-    def process(self, frames, info):
+    def process(self, frames, info, stages="auto", side_info="auto"):
         for frame in frames:
             n = self.plan_stages(frame.side, info)
             if n:

@@ -39,7 +39,7 @@ class DoubleEngine:
     def __init__(self, fail_at=None, stall=0.0, bad_frame_at=None):
         self.fail_at, self.stall, self.bad_frame_at = fail_at, stall, bad_frame_at
 
-    def process(self, frames, info):
+    def process(self, frames, info, stages="auto", side_info="auto"):
         for frame in frames:
             if frame.index == self.fail_at:
                 raise RuntimeError(f"model failed at frame {frame.index}")
@@ -59,7 +59,10 @@ def test_enhance_keeps_everything_but_pixels(clip, tmp_path, engine):
     src = clip("vfr.mp4", frames=8, pts=pts, time_base=Fraction(1, 90000), rate=30, audio=True)
     out = tmp_path / "out.mp4"
     seen = []
-    result = Pipeline(engine).run(src, out, EnhanceOptions(), progress=seen.append)
+    # An explicit CRF: the default would pass this clip through (its level is in the
+    # weights' copy range) and the model would not run.
+    options = EnhanceOptions(crf=23)
+    result = Pipeline(engine).run(src, out, options, progress=seen.append)
     a, b = video_summary(src), video_summary(out)
     assert (b.frames, b.width, b.height, b.pix_fmt) == (8, 176, 144, "yuv420p")
     assert b.times == a.times
@@ -131,7 +134,7 @@ def test_decoder_runs_at_most_a_queue_ahead(clip, tmp_path, monkeypatch):
     seen_when_stalled = []
 
     class Stalling(DoubleEngine):
-        def process(self, frames, info):
+        def process(self, frames, info, stages="auto", side_info="auto"):
             for frame in frames:
                 if frame.index == 0:
                     time.sleep(0.5)  # the decoder fills its queue meanwhile, then must wait
@@ -158,24 +161,33 @@ def test_max_frames(clip, tmp_path):
     assert result.frames == 4 and video_summary(tmp_path / "o.mp4").frames == 4
 
 
-def test_engine_is_created_once_per_options(monkeypatch):
-    made = []
-
-    class FakeEngine:
-        def __init__(self, **kwargs):
-            made.append(kwargs)
-
+def test_one_pipeline_loads_the_weights_once_whatever_the_options(clip, tmp_path, monkeypatch):
+    """auto, blind, auto and a fixed stage count: one call of the one loader."""
+    import enhancer.checkpoint
     import enhancer.engine
 
-    monkeypatch.setattr(enhancer.engine, "Engine", FakeEngine)
+    loads = []
+    real = enhancer.checkpoint.load_model
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return real(*args, **kwargs)
+
+    # Every importer of the one loader (the engine imports it by name).
+    monkeypatch.setattr(enhancer.checkpoint, "load_model", counted)
+    monkeypatch.setattr(enhancer.engine, "load_model", counted)
+    src = clip("once.mp4", frames=4)
     p = Pipeline(device="cpu")
-    first = p.engine(EnhanceOptions(stages=1))
-    assert p.engine(EnhanceOptions(stages=1, crf=20, codec="libx265")) is first
-    assert p.engine(EnhanceOptions(stages=2)) is not first
-    assert made == [
-        {"device": "cpu", "stages": 1, "side_info": "auto", "tile": None},
-        {"device": "cpu", "stages": 2, "side_info": "auto", "tile": None},
+    runs = [{"side_info": "auto"}, {"side_info": "blind"}, {"side_info": "auto", "stages": 1}]
+    results = [
+        p.run(src, tmp_path / f"o{i}.mkv", {**kw, "codec": "ffv1"}) for i, kw in enumerate(runs)
     ]
+    assert len(loads) == 1
+    assert [r.side_info["engine"] for r in results] == ["bitstream", "estimated", "bitstream"]
+    assert results[2].stages_histogram == {1: 4}
+    with pytest.raises(UserError, match="stages"):
+        p.run(src, tmp_path / "bad.mkv", {"stages": 9})  # refused by the options model
+    assert len(loads) == 1
 
 
 def test_probe(clip, tmp_path):

@@ -401,10 +401,8 @@ def test_enhanced_anchors_are_what_the_engine_borrows(trained, tmp_path):
     with open_video(io.BytesIO(stream)) as reader:
         info, frames = reader.info, list(reader)
     # Transfer off: the comparison is of the network's inputs, frame by frame.
-    engine = Engine(
-        weights, device="cpu", stages=2, precision="fp32", recurrent=True, transfer=False
-    )
-    got = [f.planes[0] for f, _ in engine.process(iter(frames), info)]
+    engine = Engine(weights, device="cpu", precision="fp32", recurrent=True, transfer=False)
+    got = [f.planes[0] for f, _ in engine.process(iter(frames), info, stages=2)]
 
     def predicted(t: int, enhanced: bool) -> np.ndarray:
         item, _ = frame_inputs(sample, t, enhanced=enhanced)

@@ -75,6 +75,8 @@ class FrameReport:
     seconds: float
     model_seconds: float = 0.0  # the network's share of ``seconds``
     transferred: float = 0.0  # share of the frame taken from enhanced anchors, not computed
+    align_seconds: float = 0.0  # aligning the references (and warping them)
+    transfer_seconds: float = 0.0  # finding and warping what is transferred
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -94,6 +96,8 @@ class _Pending:
     t0: float
     model_seconds: float = 0.0
     transferred: float = 0.0
+    align_seconds: float = 0.0
+    transfer_seconds: float = 0.0
     pixel_crf: float | None = None  # the CRF estimated from the pixels, if the stream has none
 
 
@@ -301,9 +305,11 @@ class Engine:
         )
         pict = side.pict_type if plan.pict_type and side.sources.get("pict_type") != "none" else "?"
         frame_qp = side.qp if plan.frame_qp and side.qp is not None else None
+        t_align = time.perf_counter()
         aligned = [
             self._reference(p.cur, side, a, frame.index, plan.bitstream_vectors) for a in refs
         ]
+        p.align_seconds = time.perf_counter() - t_align
         seq_qp = ctx["seq_qp"] if ctx["seq_known"] else ctx["mean_qp"]()
         item = FrameInputs(
             cur=p.cur,
@@ -337,8 +343,10 @@ class Engine:
         p.model_seconds, p.transferred = 0.0, 0.0
         out = None
         if n > 0:
-            t_model = time.perf_counter()
+            t_transfer = time.perf_counter()
             transfer = self._transfer_source([t for _, t in aligned], frame_qp)
+            t_model = time.perf_counter()
+            p.transfer_seconds = t_model - t_transfer
             if transfer is None:
                 out = self._run_model(batch, n, strength)[0]
             else:
@@ -403,6 +411,8 @@ class Engine:
             seconds=time.perf_counter() - p.t0,
             model_seconds=p.model_seconds,
             transferred=p.transferred,
+            align_seconds=p.align_seconds,
+            transfer_seconds=p.transfer_seconds,
         )
         return replace(frame, planes=planes), report
 

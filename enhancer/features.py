@@ -30,14 +30,23 @@ _PART_LUT[PARTITION_CODES["8x16"]] = 2
 _PART_LUT[PARTITION_CODES["8x8"]] = 3
 
 
-def cpu_has_bf16() -> bool:
-    """AMX or AVX-512 BF16: bf16 convolutions run several times faster than fp32 there."""
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_bf16() -> bool:
+    """AMX or AVX-512 BF16: bf16 convolutions run several times faster than fp32 there."""
+    flags = _cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_has_amx() -> bool:
+    """AMX tiles (bf16 convolutions about 15x fp32, the speed targets' reference CPU)."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def padded_size(height: int, width: int) -> tuple[int, int]:

@@ -117,16 +117,33 @@ def transfer_cost(qp: float | None) -> float:
     return TRANSFER_COST * min(1.0, 2.0 ** ((qp - TRANSFER_QP) / 6.0))
 
 
-def _changed_runs(changed: torch.Tensor, h: int, w: int) -> Iterator[tuple[int, int, int, int]]:
-    """Half-res (y0, y1, x0, x1) of each row's runs of changed tiles: one network call each."""
+def _changed_runs(changed: torch.Tensor, h: int, w: int) -> list[tuple[int, int, int, int]]:
+    """Half-res (y0, y1, x0, x1) rectangles covering the changed tiles: one network call each.
+
+    Each row's runs of changed tiles, stacked with the run above where the two span the
+    same columns: fewer, taller calls share their context rows.
+    """
+    open_: dict[tuple[int, int], list[int]] = {}  # (x0, x1) -> [y0, y1] of a growing rectangle
+    done: list[tuple[int, int, int, int]] = []
     for ty, row in enumerate(changed.tolist()):
-        start = None
+        spans, start = [], None
         for tx, on in enumerate([*row, False]):
             if on and start is None:
                 start = tx
             elif not on and start is not None:
-                yield ty * TILE, min((ty + 1) * TILE, h), start * TILE, min(tx * TILE, w)
+                spans.append((start * TILE, min(tx * TILE, w)))
                 start = None
+        y0, y1 = ty * TILE, min((ty + 1) * TILE, h)
+        for span in list(open_):
+            if span not in spans:
+                done.append((*open_.pop(span), *span))
+        for span in spans:
+            if span in open_:
+                open_[span][1] = y1
+            else:
+                open_[span] = [y0, y1]
+    done += [(*ys, *span) for span, ys in open_.items()]
+    return done
 
 
 def _runs_area(runs: list[tuple[int, int, int, int]], h: int, w: int) -> int:
@@ -285,7 +302,7 @@ class Engine:
         per = TILE * 2 // 8  # blocks per tile edge
         changed = F.max_pool2d((~same).float()[None, None], per, per, ceil_mode=True)[0, 0] > 0
         h, w = usable[0].source.shape[1:]
-        runs = list(_changed_runs(changed, h, w))
+        runs = _changed_runs(changed, h, w)
         if _runs_area(runs, h, w) >= h * w:  # the context around the runs costs more
             return None
         # Only now, when it is used, is an enhanced anchor warped (if the network did not

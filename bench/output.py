@@ -26,34 +26,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from enhancer.output_rate import (  # noqa: E402
+from enhancer.metrics import Vmaf, psnr  # noqa: E402
+from enhancer.pipeline import Pipeline  # noqa: E402
+from enhancer.training.rate_calibration import (  # noqa: E402
     decode_luma,
     encode_planes,
-    psnr_y,
     validation_sequences,
 )
-from enhancer.pipeline import Pipeline  # noqa: E402
 
 CRFS = (22, 27, 37)
-
-
-def vmaf_scorer():
-    """A function (reference lumas, distorted lumas) -> mean VMAF, or the reason there is none."""
-    try:
-        import torch
-        from vmaf_torch import VMAF  # type: ignore[import-not-found]
-
-        model = VMAF().eval()
-
-        def score(ref: list[np.ndarray], dist: list[np.ndarray]) -> float:
-            r = torch.from_numpy(np.stack(ref)).float()[:, None]
-            d = torch.from_numpy(np.stack(dist)).float()[:, None]
-            with torch.no_grad():
-                return float(model(r, d).mean())
-
-        return score, None
-    except Exception as exc:  # noqa: BLE001 - any failure means no VMAF column
-        return None, f"vmaf-torch unavailable ({type(exc).__name__}: {exc})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         "--rate",
         type=Path,
         default=None,
-        help="an output-rate table (JSON from python -m enhancer.output_rate --dry-run --json) "
-        "to use instead of the one in the weights' meta",
+        help="an output-rate table (JSON from python -m enhancer.training.rate_calibration "
+        "--dry-run --json) to use instead of the one in the weights' meta",
     )
     args = ap.parse_args(argv)
     engine = None
@@ -79,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.rate:
             engine.meta = {**(engine.meta or {}), "output_rate": json.loads(args.rate.read_text())}
     pipeline = Pipeline(engine=engine)
-    vmaf, vmaf_note = vmaf_scorer()
+    vmaf = Vmaf()
+    vmaf_note = None if vmaf else vmaf.reason
     rows: dict[int, list[dict]] = {c: [] for c in CRFS}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vqe-bench-output-") as work:
@@ -92,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = pipeline.run(src, out)
                 inp, outp = decode_luma(src), decode_luma(out)
                 net = float(
-                    np.mean([psnr_y(o, r) for o, r in zip(outp, ref, strict=True)])
-                    - np.mean([psnr_y(i, r) for i, r in zip(inp, ref, strict=True)])
+                    np.mean([psnr(o, r) for o, r in zip(outp, ref, strict=True)])
+                    - np.mean([psnr(i, r) for i, r in zip(inp, ref, strict=True)])
                 )
                 row = {
                     "source": name,
@@ -105,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     "passthrough": result.passthrough,
                     "expected_gain_db": result.expected_gain_db,
                 }
-                if vmaf is not None:
+                if vmaf:
                     row["dvmaf"] = vmaf(ref, outp) - vmaf(ref, inp)
                 rows[crf].append(row)
                 print(
@@ -121,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for crf, rs in rows.items():
         nets = [r["net_dpsnr_y"] for r in rs]
         worst = min(rs, key=lambda r: r["net_dpsnr_y"])
-        vm = np.mean([r["dvmaf"] for r in rs]) if vmaf is not None and rs else None
+        vm = np.mean([r["dvmaf"] for r in rs]) if vmaf and rs else None
         summary[crf] = {
             "mean_net_dpsnr_y": float(np.mean(nets)),
             "worst": worst["net_dpsnr_y"],

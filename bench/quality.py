@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitstream.reader import open_video  # noqa: E402
 from enhancer.engine import Engine  # noqa: E402
 from enhancer.features import cpu_has_bf16  # noqa: E402
+from enhancer.metrics import Vmaf, psnr  # noqa: E402
 from enhancer.training.data import EncodeSettings, encode_planes  # noqa: E402
 from enhancer.training.sources import (  # noqa: E402
     clean_sequence,
@@ -64,31 +65,6 @@ CACHE = Path(__file__).resolve().parent / "baselines.json"
 PRECISION_CONFIGS = (("libx264", 22), ("libx264", 37))
 PRECISION_TOLERANCE = 0.01  # dB between the bf16 default and fp32
 PATHS = ("vqe auto", "vqe blind")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-class Vmaf:
-    """VMAF v0.6.1 of a luma sequence against the clean one (vmaf-torch; None if absent)."""
-
-    def __init__(self) -> None:
-        try:
-            import vmaf_torch
-        except ImportError:
-            self.model = None
-        else:
-            self.model = vmaf_torch.VMAF().eval()
-
-    def __call__(self, clean: list[np.ndarray], dist: list[np.ndarray]) -> float | None:
-        if self.model is None:
-            return None
-        ref = torch.from_numpy(np.stack(clean).astype(np.float32))[:, None]
-        out = torch.from_numpy(np.stack(dist).astype(np.float32))[:, None]
-        with torch.no_grad():
-            return float(self.model(ref, out).mean())
 
 
 def run_filter(frames: list, name: str, args: str) -> tuple[list[np.ndarray], float]:
@@ -233,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if c in wanted]
         if not configs:
             ap.error(f"--configs: none of {args.configs} is known")
-    vmaf = Vmaf() if not args.no_vmaf else Vmaf.__new__(Vmaf)
-    if args.no_vmaf:
-        vmaf.model = None
+    vmaf = Vmaf(enabled=not args.no_vmaf)
     sources = split_sources(footage_sources(args.footage), validation=True)
     if args.sources:
         sources = sources[: args.sources]

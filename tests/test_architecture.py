@@ -170,3 +170,26 @@ def test_vqe_enhance_and_the_library_load_no_service_stack(tmp_path):
     assert _loaded_after("import enhancer\nenhancer.enhance\nimport enhancer.pipeline") == []
     # The worker renders webhook bodies without the web app.
     assert "fastapi" not in _loaded_after("import service.api.presenters")
+
+
+def _reach(module: str) -> set[str]:
+    """Every project module ``module`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for target in GRAPH.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_inference_never_reaches_the_training_kit():
+    """enhancer's inference modules (all but enhancer.training) import nothing of training,
+    at any depth: calibration and measuring live with training."""
+    wrong = {
+        module: sorted(t for t in _reach(module) if t.startswith("enhancer.training"))
+        for module in GRAPH
+        if module.startswith("enhancer") and not module.startswith("enhancer.training")
+    }
+    assert {m: t for m, t in wrong.items() if t} == {}

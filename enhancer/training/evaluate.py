@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from enhancer.batch import collate
+from enhancer.metrics import psnr_batch
 from enhancer.network import QPEstimator, VQENet
 from enhancer.training.samples import frame_inputs
 
@@ -31,8 +32,7 @@ def psnr_y(out6: torch.Tensor, ref6: torch.Tensor, bit_depth: int = 8) -> torch.
     maxv = (1 << bit_depth) - 1
     a = (luma(out6.float()).clamp(0, 1) * maxv).round()
     b = (luma(ref6.float()) * maxv).round()
-    mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(maxv**2 / mse)
+    return psnr_batch(a, b, maxv).float()
 
 
 def autocast(device: str = "cpu", enabled: bool = True):

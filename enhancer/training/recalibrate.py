@@ -37,6 +37,7 @@ import torch
 from bitstream.reader import open_video
 from enhancer.checkpoint import load_model, save_model
 from enhancer.engine import Engine
+from enhancer.metrics import psnr
 from enhancer.pixel_qp import PixelQP
 from enhancer.policy import ExitPolicy, calibrate
 from enhancer.training.data import EncodeSettings, encode_planes
@@ -67,11 +68,6 @@ PATHS = {
 }
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
 def collect(
     footage: Path, weights, frames: int, size: tuple[int, int], log, paths=tuple(PATHS)
 ) -> list[dict]:
@@ -100,7 +96,7 @@ def collect(
             data = encode_planes(clean, EncodeSettings(codec=codec, crf=crf))
             with open_video(io.BytesIO(data)) as r:
                 info, dec = r.info, list(r)
-            base = [_psnr(f.planes[0], c[0]) for f, c in zip(dec, clean, strict=False)]
+            base = [psnr(f.planes[0], c[0]) for f, c in zip(dec, clean, strict=False)]
             rows = {
                 path: [
                     {"source": name, "codec": codec, "crf": crf, "index": i, "path": path,
@@ -124,7 +120,7 @@ def collect(
                     corr = out.planes[0].astype(np.float64) - x
                     for a, s in enumerate(SCALES):
                         y = np.clip(np.round(x + s * corr), 0, 255)
-                        row["deltas"][a].append(round(_psnr(y, c[0]) - b, 4))
+                        row["deltas"][a].append(round(psnr(y, c[0]) - b, 4))
                     row["ms"].append(round(1000 * rep.model_seconds, 2))
                     row["qp"] = rep.qp  # on the blind path: the CRF estimated from the pixels
             records += [r for path_rows in rows.values() for r in path_rows]

@@ -30,6 +30,7 @@ from enhancer.align import (
     seeds_from_vectors,
 )
 from enhancer.features import planes_to_tensor, tensor_to_planes
+from enhancer.metrics import psnr
 from enhancer.references import (
     MAX_PENDING,
     InputPlan,
@@ -40,7 +41,6 @@ from enhancer.references import (
 )
 from enhancer.training.data import EncodeSettings, encode_planes
 from enhancer.training.sources import rgb_to_yuv420
-from tests.enhancer.tiny import psnr
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

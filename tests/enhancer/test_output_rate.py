@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from enhancer.options import EnhanceOptions
-from enhancer.output_rate import DEFAULT_TABLE, OutputRate, RateEntry, build_tables, choose_rate
+from enhancer.output_rate import DEFAULT_TABLE, OutputRate, RateEntry, choose_rate
 from enhancer.pipeline import Pipeline
+from enhancer.training.rate_calibration import build_tables
 
 GOPS = {"g": "10", "keyint_min": "10", "sc_threshold": "0", "bf": "3", "crf": "30"}
 

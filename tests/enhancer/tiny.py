@@ -96,11 +96,6 @@ def same_planes(a, b) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def psnr(a: np.ndarray, b: np.ndarray, maxv: float = 255.0) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 10 * np.log10(maxv**2 / max(mse, 1e-10))
-
-
 def constant_pixel_qp(qp: float, offset: float = 8.0) -> PixelQP:
     """A pixel CRF estimate whose network reads ``qp`` everywhere."""
     net = PixelQPNet(8)

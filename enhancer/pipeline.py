@@ -33,6 +33,7 @@ from typing import IO, Any
 
 from bitstream.errors import UserError
 from bitstream.reader import open_video
+from bitstream.source import fetch_once, is_spoolable, local_path, suffix_of
 from bitstream.splice import GopScan, scan_gops
 from bitstream.types import DecodedFrame, SequenceInfo
 from bitstream.writer import (
@@ -468,8 +469,10 @@ class Pipeline:
         """
         meta = getattr(engine, "meta", None)
         fixed = isinstance(options.stages, int) and options.stages > 0
+        live = local_path(source) is None  # a live URL: read once, no planning pass
         copyable = (
-            codec not in LOSSLESS
+            not live
+            and codec not in LOSSLESS
             and options.max_frames is None
             and not fixed
             and info.codec in muxer_codecs(fmt)
@@ -488,7 +491,7 @@ class Pipeline:
             from enhancer.output_rate import OutputRate
 
             level = OutputRate.from_meta(meta).level_from_qp(mean_qp)
-        if level is None:
+        if level is None and not live:
             level = _first_frame_level(source, info)
         choice = choose_rate(meta, level, options.quality, codec, options.crf)
         auto = options.stages == "auto"
@@ -600,15 +603,23 @@ def _progress(phase: str, done: int, total: int | None, started: float) -> Progr
 
 @contextlib.contextmanager
 def _spooled(source: Source) -> Iterator[str]:
-    """A path or URL for ``source``; a file object is copied to a temporary file first.
+    """A path or URL for ``source`` that every pass of the run can open.
 
-    The writer opens the source a second time to copy its other streams,
-    which a one-pass file object (an upload, a pipe) cannot give.
+    The writer opens the source again to copy its other streams, and the GOP plan
+    scans it: a one-pass file object (an upload, a pipe) is copied to a temporary
+    file first, and so is an HTTP(S) file, in one request (bitstream.source). A live
+    URL is passed on as it is, and the run reads it in one pass (see ``_plan``).
     """
-    if isinstance(source, str | Path):
+    if isinstance(source, str | Path) and not is_spoolable(source):
         yield str(source)
         return
-    with tempfile.NamedTemporaryFile(prefix="vqe-input-", suffix=".bin") as spool:
-        shutil.copyfileobj(source, spool, length=1 << 20)
-        spool.flush()
+    suffix = suffix_of(source) if isinstance(source, str) else ".bin"
+    with tempfile.NamedTemporaryFile(prefix="vqe-input-", suffix=suffix) as spool:
+        if isinstance(source, str):
+            if not fetch_once(source, spool):
+                yield source  # live: nothing was copied
+                return
+        else:
+            shutil.copyfileobj(source, spool, length=1 << 20)
+            spool.flush()
         yield spool.name

@@ -7,7 +7,12 @@ ratio and a subtitle track, which ``make_clip`` does not write.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import http.server
+import threading
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -162,3 +167,26 @@ def fast_engine():
     from enhancer.engine import Engine
 
     return OneStage(Engine(device="cpu"))
+
+
+@contextlib.contextmanager
+def serve_folder(folder: str | Path, requests: Counter | None = None) -> Iterator[str]:
+    """A local HTTP server over ``folder`` -> its base URL; ``requests`` counts GETs by path."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the handler's API
+            if requests is not None:
+                requests[self.path] += 1
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Handler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -25,6 +25,7 @@ from bitstream.types import (
     UnsupportedInput,
 )
 from tests.clips import make_audio_only, make_clip
+from tests.media import serve_folder
 
 X264_FAST = {"preset": "veryfast"}
 
@@ -483,27 +484,12 @@ def test_make_clip_helper_writes_requested_codec(tmp_path):
 
 
 def test_http_url(clip):
-    import functools
-    import http.server
-    import threading
-
     path = Path(clip("basic.mp4", options={"crf": "23", "bf": "2", **X264_FAST}, frames=12))
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-    handler = functools.partial(Quiet, directory=str(path.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with serve_folder(path.parent) as base:
         frames, reader = read_all(f"{base}/{path.name}")
         assert len(frames) == 12 and reader.info.encoder == "x264"
         with pytest.raises(UnsupportedInput, match="404"):
             open_video(f"{base}/missing.mp4")
-    finally:
-        server.shutdown()
 
 
 def test_stream_index(clip):

@@ -14,7 +14,7 @@ from enhancer.pipeline import Progress
 from service.cli import main
 from service.cli.enhance import ProgressLine
 from tests.clips import make_audio_only
-from tests.media import packets, video_summary
+from tests.media import packets, serve_folder, video_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--stages", "1", "--device", "cpu"]
@@ -99,3 +99,23 @@ def test_progress_line_renders_eta():
     line = ProgressLine.render(Progress("enhancing", 50, 200, 12.5, 12.0))
     assert "50/200" in line and "12.5 fps" in line and "ETA 0:12" in line
     assert "ETA" not in ProgressLine.render(Progress("enhancing", 5, None, 3.0, None))
+
+
+def test_a_url_is_requested_once(clip, tmp_path, capsys):
+    """The source is read once: the GOP scan, the decode and the audio copy all read one
+    spool of the single GET (before: four requests)."""
+    from collections import Counter
+
+    src = Path(clip("url.mp4", frames=6, audio=True))
+    requests: Counter[str] = Counter()
+    with serve_folder(src.parent, requests) as base:
+        out = tmp_path / "from-url.mp4"
+        assert main(["enhance", f"{base}/{src.name}", str(out), "--crf", "30", "--json"]) == 0
+        assert requests == {f"/{src.name}": 1}
+        assert json.loads(capsys.readouterr().out)["frames"] == 6
+        summary = video_summary(out)
+        assert summary.frames == 6 and summary.times == video_summary(src).times
+        assert packets(out, "audio")[0] and not list(tmp_path.glob(".*.part"))
+        assert main(["enhance", f"{base}/missing.mp4", str(tmp_path / "m.mp4")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "404" in err and len(err.splitlines()) == 1

@@ -312,6 +312,9 @@ class Engine:
         source = pixels.gather(0, pick[None, None].expand(1, 6, h, w))[0]
         return runs, 1.0 - float(changed.float().mean()), source
 
+    def _planned(self, side: FrameSideInfo, info: SequenceInfo, ctx: dict) -> int | None:
+        return self.plan_stages(side, info, ctx["stages"], ctx["side_info"])
+
     def _enhance(self, p: _Pending, refs, info: SequenceInfo, ctx) -> tuple:
         p.t0 = time.perf_counter()  # a B-frame's wait for its anchor is not its cost
         frame, side = p.frame, p.frame.side
@@ -322,6 +325,12 @@ class Engine:
         )
         pict = side.pict_type if plan.pict_type and side.sources.get("pict_type") != "none" else "?"
         frame_qp = side.qp if plan.frame_qp and side.qp is not None else None
+        if frame_qp is not None and self._planned(side, info, ctx) == 0:
+            # The stream's QP already says nothing runs: no alignment, no inputs.
+            ctx["qp_sum"] += frame_qp
+            ctx["qp_n"] += 1
+            p.model_seconds = p.transferred = p.align_seconds = p.transfer_seconds = 0.0
+            return None, 0, frame_qp, use_bits
         t_align = time.perf_counter()
         aligned = [
             self._reference(p.cur, side, a, frame.index, plan.bitstream_vectors) for a in refs
@@ -452,6 +461,7 @@ class Engine:
         seq_qp = None if side_info == "blind" else info.sequence_qp
         ctx = {
             "stages": stages,
+            "side_info": side_info,
             "plan": plan,
             "bit_depth": info.bit_depth or 8,
             "seq_qp": seq_qp,

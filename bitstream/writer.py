@@ -62,7 +62,19 @@ __all__ = [
 ]
 
 STDOUT = "-"
-CONTAINER_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mkv": "matroska", ".mov": "mov"}
+CONTAINER_FORMATS = {
+    ".mp4": "mp4",
+    ".m4v": "mp4",
+    ".mkv": "matroska",
+    ".mov": "mov",
+    ".y4m": "yuv4mpegpipe",
+}
+# What ``--format`` names for stdout (``-``): Matroska by default, or YUV4MPEG2 for an
+# encoder of the user's choice (``vqe enhance in.mp4 - --format y4m | x265 --y4m -``).
+STDOUT_FORMATS = {"mkv": "matroska", "y4m": "yuv4mpegpipe"}
+# Containers of raw pictures and the codec that carries them: no encoder runs, and
+# nothing but the video fits (YUV4MPEG2 has no audio or subtitles).
+RAW_FORMATS = {"yuv4mpegpipe": "wrapped_avframe"}
 CODECS = ("auto", "libx264", "libx265", "ffv1")
 CRF_RANGE = (0, 51)  # what x264 and x265 accept (8-bit)
 FAMILY_ENCODER = {"h264": "libx264", "hevc": "libx265"}
@@ -78,7 +90,7 @@ PRESETS = (
     "veryslow",
     "placebo",
 )
-LOSSLESS = frozenset({"ffv1"})
+LOSSLESS = frozenset({"ffv1", "wrapped_avframe"})
 # Encoders that need even dimensions for chroma-subsampled formats.
 EVEN_SIZE_ENCODERS = frozenset({"libx264", "libx265"})
 
@@ -109,10 +121,17 @@ I_FRAME_QP_OFFSET = 3.0
 # ------------------------------------------------------------------- choices
 
 
-def output_format(output: str | Path) -> str:
-    """FFmpeg muxer name for OUTPUT: from its extension; ``-`` is Matroska on stdout."""
+def output_format(output: str | Path, stdout_format: str = "mkv") -> str:
+    """FFmpeg muxer name for OUTPUT: from its extension; ``-`` is ``stdout_format``
+    (see STDOUT_FORMATS) on stdout."""
     if str(output) == STDOUT:
-        return "matroska"
+        try:
+            return STDOUT_FORMATS[stdout_format]
+        except KeyError:
+            known = ", ".join(STDOUT_FORMATS)
+            raise UnsupportedOutput(
+                f"unknown format {stdout_format!r} for stdout: use one of {known}"
+            ) from None
     suffix = Path(output).suffix.lower()
     try:
         return CONTAINER_FORMATS[suffix]
@@ -194,6 +213,11 @@ def choose_codec(requested: str, info: SequenceInfo, fmt: str) -> tuple[str, lis
     """
     if requested not in CODECS:
         raise UnsupportedOutput(f"unknown codec {requested!r}: use one of {', '.join(CODECS)}")
+    if fmt in RAW_FORMATS:
+        if requested not in ("auto", "ffv1"):  # ffv1: --quality archive, the same frames
+            raise UnsupportedOutput(f"a {fmt} output holds raw frames: --codec {requested} "
+                                    "does not apply")  # fmt: skip
+        return RAW_FORMATS[fmt], []
     if requested != "auto":
         problem = _codec_problem(requested, info, fmt)
         if problem:
@@ -447,6 +471,15 @@ class VideoWriter:
         self._last_pts: int | None = None
         self._end: Fraction | None = None
         self._copier = StreamCopier(source, info.stream_index, source_options) if source else None
+        if self._copier is not None and self.format in RAW_FORMATS:
+            if self._copier.streams:  # said once: the frames go out, the rest cannot
+                kinds = sorted({s.type for s in self._copier.streams})
+                self.warnings.append(
+                    f"{self.format} holds the video only: the input's {', '.join(kinds)} "
+                    "stream(s) are not written"
+                )
+            self._copier.close()
+            self._copier = None
         self._source, self._source_options = source, source_options
         # Smart rendering: segment k of ``splice`` is copied from the source when copy[k].
         self._splice = splice if copy and any(copy) else None
@@ -470,7 +503,10 @@ class VideoWriter:
         if isinstance(target, Path):
             target = str(target)
         try:
-            self._out = av.open(target, mode="w", format=self.format)
+            # YUV4MPEG2's deeper formats (C420p10...) are FFmpeg's unofficial extension,
+            # which x264, x265 and SvtAv1EncApp read.
+            opts = {"strict": "unofficial"} if self.format in RAW_FORMATS else {}
+            self._out = av.open(target, mode="w", format=self.format, options=opts)
         except (OSError, av.error.FFmpegError) as exc:
             if self._copier:
                 self._copier.close()
@@ -481,6 +517,9 @@ class VideoWriter:
     @property
     def time_base(self) -> Fraction:
         info = self.info
+        if self.format in RAW_FORMATS and info.frame_rate:
+            # YUV4MPEG2 states one frame rate, read from the time base: a frame a tick.
+            return 1 / Fraction(info.frame_rate)
         if info.time_base:
             return Fraction(info.time_base)
         return 1 / Fraction(info.frame_rate) if info.frame_rate else Fraction(1, 25)
@@ -508,7 +547,9 @@ class VideoWriter:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
         stream.options = self._encoder_options()
         matrix = _display_matrix(first.av_frame)
-        if matrix is not None:
+        if self.format in RAW_FORMATS:
+            pass  # raw pictures carry no display matrix: the frames are as decoded
+        elif matrix is not None:
             stream.set_display_matrix(matrix)
         elif info.rotation:
             stream.set_display_rotation(info.rotation)
@@ -666,6 +707,8 @@ class VideoWriter:
     def _encoder_options(self) -> dict[str, str]:
         if self.codec == "ffv1":
             return {"level": "3", "slicecrc": "1"}
+        if self.codec in RAW_FORMATS.values():
+            return {}
         opts = {"crf": f"{self.crf:g}", "preset": self.preset}
         if self.codec == "libx265":
             opts["x265-params"] = "log-level=error"

@@ -354,13 +354,19 @@ class Pipeline:
         options: EnhanceOptions | Mapping[str, Any] | None = None,
         progress: Callable[[Progress], None] | None = None,
         cancel: threading.Event | None = None,
+        stdout_format: str = "mkv",
     ) -> EnhanceResult:
-        """Enhance ``source`` into ``output``; see the module docstring for the guarantees."""
+        """Enhance ``source`` into ``output``; see the module docstring for the guarantees.
+
+        ``output`` ``-`` is stdout, in Matroska or, with ``stdout_format="y4m"``,
+        YUV4MPEG2 (as a ``.y4m`` file is): the enhanced frames, no other stream.
+        """
         if not isinstance(options, EnhanceOptions):
             options = parse_options(dict(options or {}))
         final = _check_output(source, output)
+        fmt = output_format(output, stdout_format)
         with _spooled(source) as path:
-            return self._run(path, output, final, options, progress, cancel)
+            return self._run(path, output, final, options, progress, cancel, fmt)
 
     def _run(
         self,
@@ -370,6 +376,7 @@ class Pipeline:
         options: EnhanceOptions,
         progress: Callable[[Progress], None] | None,
         cancel: threading.Event | None,
+        fmt: str,
     ) -> EnhanceResult:
         started = time.monotonic()
         notify = progress or (lambda _p: None)
@@ -382,7 +389,6 @@ class Pipeline:
         stats = _Stats()
         try:
             info = reader.info
-            fmt = output_format(output)
             codec, _ = choose_codec(options.output_codec, info, fmt)  # bad output options fail fast
             engine = self.load(options)
             render = self._plan(source, info, options, engine, codec, fmt)

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bitstream.errors import UserError
-from bitstream.writer import CODECS, CRF_RANGE, PRESETS, STDOUT
+from bitstream.writer import CODECS, CRF_RANGE, PRESETS, STDOUT, STDOUT_FORMATS
 from enhancer.options import SIDE_INFO_MODES, parse_options
 from enhancer.pipeline import Pipeline
 from service.cli.batch import run_batch as _run_batch
@@ -46,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "       %(prog)s [options] INDIR OUTDIR"
         ),
         description=(
-            "Enhance INPUT into OUTPUT (.mp4, .mkv, .mov; - writes Matroska to stdout). "
+            "Enhance INPUT into OUTPUT (.mp4, .mkv, .mov, or .y4m for the raw frames; - "
+            "writes Matroska to stdout, or YUV4MPEG2 with --format y4m). "
             "Only the picture changes: other streams are copied, timestamps, colour "
             "tags and rotation are kept. Several videos (files, or the videos in folders) "
             "go into OUTDIR/<their names> with one model load; outputs that exist are "
@@ -96,6 +97,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "re-encoding would lose the gain, balanced/compact copy the input as it is",
     )
     p.add_argument("--preset", default="medium", help="x264/x265 preset: " + ", ".join(PRESETS))
+    p.add_argument(
+        "--format",
+        default="mkv",
+        choices=sorted(STDOUT_FORMATS),
+        help="what OUTPUT - writes: mkv (Matroska, default) or y4m (YUV4MPEG2: the enhanced "
+        "frames, the --codec ffv1 frames, for an encoder that reads --y4m; no audio)",
+    )
     p.add_argument(
         "--stages",
         default="auto",
@@ -147,13 +155,17 @@ def run(args: argparse.Namespace) -> int:
     args.input, args.output = paths
     if args.json and args.output == STDOUT:
         raise UserError("--json prints to stdout, which OUTPUT - already uses")
+    if args.format != "mkv" and args.output != STDOUT:
+        raise UserError("--format is for OUTPUT -; a file's extension (.y4m) gives its format")
     options = parse_options({name: getattr(args, name) for name in OPTION_ARGS})
     pipeline = Pipeline(device=args.device, tile=args.tile)
     bar = ProgressLine(sys.stderr) if sys.stderr.isatty() else None
     # SIGTERM unwinds like Ctrl-C, so the partial output is removed.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        result = pipeline.run(args.input, args.output, options, progress=bar)
+        result = pipeline.run(
+            args.input, args.output, options, progress=bar, stdout_format=args.format
+        )
     except OSError as exc:  # disk full, permission denied...: the user's to fix
         raise UserError(f"{exc.strerror or exc}: {exc.filename or args.output}") from None
     finally:

@@ -119,3 +119,59 @@ def test_a_url_is_requested_once(clip, tmp_path, capsys):
         assert main(["enhance", f"{base}/missing.mp4", str(tmp_path / "m.mp4")]) == 2
         err = capsys.readouterr().err.strip()
         assert "404" in err and len(err.splitlines()) == 1
+
+
+def _planes(path, fmt=None) -> list[tuple]:
+    import av
+
+    with av.open(str(path), format=fmt) as c:
+        out = []
+        for f in c.decode(video=0):
+            arr = f.to_ndarray()  # planar yuv420p(10le): Y rows, then U and V
+            h, w = f.height, f.width
+            out.append((arr[:h].copy(), arr[h:].reshape(2, h // 2, w // 2).copy()))
+        return out
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv420p10le"], ids=["8-bit", "10-bit"])
+def test_y4m_file_and_pipe_hold_the_ffv1_frames(clip, tmp_path, pix_fmt):
+    """`vqe enhance in.mp4 out.y4m` and `- --format y4m` give the frames of --codec ffv1,
+    bit for bit (read back with PyAV's yuv4mpegpipe demuxer); audio is said to be left out."""
+    import av
+    import numpy as np
+
+    src = clip(f"y4m-{pix_fmt}.mkv", audio=True, frames=6, size=(64, 48), pix_fmt=pix_fmt)
+    ffv1, y4m = tmp_path / "ref.mkv", tmp_path / "out.y4m"
+    assert main(["enhance", str(src), str(ffv1), "--codec", "ffv1", *FAST]) == 0
+    assert main(["enhance", str(src), str(y4m), *FAST]) == 0
+    piped = subprocess.run(
+        [sys.executable, "-m", "service.cli", "enhance", str(src), "-", "--format", "y4m", *FAST],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
+    assert piped.returncode == 0, piped.stderr.decode()
+    stderr = piped.stderr.decode()
+    assert stderr.count("not written") == 1 and "audio" in stderr
+    assert piped.stdout.startswith(b"YUV4MPEG2 ")
+    header = piped.stdout.split(b"\n", 1)[0].decode()
+    assert "W64 H48" in header and "F25:1" in header
+    assert ("C420p10" in header) == (pix_fmt == "yuv420p10le")
+    pipe_file = tmp_path / "pipe.y4m"
+    pipe_file.write_bytes(piped.stdout)
+    with av.open(str(y4m)) as c:
+        assert c.format.name == "yuv4mpegpipe" and len(c.streams) == 1
+    want = _planes(ffv1)
+    for path in (y4m, pipe_file):
+        got = _planes(path, "yuv4mpegpipe")
+        assert len(got) == len(want) == 6
+        for (gy, guv), (wy, wuv) in zip(got, want, strict=True):
+            assert np.array_equal(gy, wy) and np.array_equal(guv, wuv)
+
+
+def test_format_is_for_stdout_only(clip, tmp_path, capsys):
+    ok = clip("c.mp4", frames=3, size=(64, 48))
+    assert main(["enhance", str(ok), str(tmp_path / "o.mkv"), "--format", "y4m"]) == 2
+    assert "--format" in capsys.readouterr().err
+    assert main(["enhance", str(ok), str(tmp_path / "o.y4m"), "--codec", "libx264"]) == 2
+    assert "raw frames" in capsys.readouterr().err

@@ -33,6 +33,7 @@ run: venv
 # bench/results/. The quality table takes about 50 minutes: `make bench-quality`.
 bench: venv
 	$(BIN)/python -m bench.side_info
+	$(BIN)/python -m bench.frame_time --footage ../shared/footage --frames 24
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.load
 

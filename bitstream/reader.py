@@ -577,6 +577,17 @@ class VideoReader:
 
     # -- decoding ------------------------------------------------------------
 
+    def skip_until(self, pts: int) -> None:
+        """Demux without decoding up to the packet displayed at ``pts`` (stream time base).
+
+        For a caller that has learnt what it wanted of the pictures before ``pts``
+        (the GOP plan: one enhanced frame says a whole GOP is re-encoded). ``pts``
+        must start a closed GOP, which decodes on its own; frames the decoder still
+        holds from before may come out first, with their own (earlier) pts. Display
+        indices count the skipped pictures, so the frames from ``pts`` on keep theirs.
+        """
+        self._skip_pts = pts
+
     def _decode_frames(self) -> Iterator[Any]:
         """Raw PyAV frames in display order; decode errors are recorded, not raised."""
         stream = self._stream
@@ -590,6 +601,13 @@ class VideoReader:
             except (av.error.FFmpegError, OSError) as exc:
                 self._error(f"demux error after packet {seq}: {_first_line(exc)}")
                 packet = None
+            skip = getattr(self, "_skip_pts", None)
+            if skip is not None and packet is not None and packet.pts is not None:
+                if packet.pts < skip:
+                    seq += 1
+                    self._index += 1 if packet.size else 0
+                    continue
+                self._skip_pts = None
             if packet is not None and packet.size and self.side_info:
                 # A fresh object per packet: PyAV keys opaque values by id(), so a
                 # shared object (a small int) would be dropped when any frame

@@ -520,9 +520,17 @@ class Pipeline:
     def _untouched_gops(
         source: str, info: SequenceInfo, options: EnhanceOptions, scan: GopScan, plan: Any
     ) -> tuple[list[bool] | None, float | None]:
-        """Per segment: will every frame get 0 stages? And the mean frame QP (for the level)."""
+        """Per segment: will every frame get 0 stages? And the mean frame QP (for the level).
+
+        Where the stream states its CRF (the level needs no mean QP), the first frame that
+        will be enhanced settles its segment, and the rest of that segment is demuxed, not
+        decoded: a video that is enhanced throughout costs one decoded frame per GOP here,
+        not a second decode. Segments that may be copied are decoded to their end.
+        """
         copy = [plan is not None] * len(scan.segments)
         qp_sum, qp_n = 0.0, 0
+        skip = plan is not None and info.sequence_qp is not None
+        starts = [s.start_pts for s in scan.segments]
         with open_video(source, side_info=options.side_info != "blind") as planner:
             for frame in planner:
                 side = frame.side
@@ -530,6 +538,10 @@ class Pipeline:
                     qp_sum, qp_n = qp_sum + float(side.qp), qp_n + 1
                 if plan is not None and copy[k := scan.segment_of(_pts(frame))]:
                     copy[k] = plan(side, info, options.stages, options.side_info) == 0
+                    if not copy[k] and skip:
+                        if k + 1 >= len(starts):
+                            break  # the last segment is settled
+                        planner.skip_until(starts[k + 1])
                 if not any(copy) and info.sequence_qp is not None:
                     break  # nothing left to learn
         return copy, (qp_sum / qp_n if qp_n else None)

@@ -152,3 +152,43 @@ def test_build_tables_picks_the_smallest_file_that_keeps_the_gain():
     records[0]["net"] = {0: -0.5, 4: -0.2, 8: -0.1}
     rate = build_tables(records, margins)
     assert rate.tables["balanced"][0].copy
+
+
+def test_the_gop_plan_decodes_one_frame_per_enhanced_gop(gop_clip, tmp_path, monkeypatch):
+    """A GOP whose first frame will be enhanced is settled: the plan demuxes the rest of
+    it without decoding (the stream states its CRF), so enhancing everything does not
+    cost a second decode; a GOP that may be copied is decoded to its end."""
+    import enhancer.pipeline as pipeline_module
+
+    decoded: list[int] = []
+    real = pipeline_module.open_video
+
+    class Counting:
+        def __init__(self, reader):
+            self.reader = reader
+
+        def __getattr__(self, name):
+            return getattr(self.reader, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.reader.close()
+
+        def __iter__(self):
+            for frame in self.reader:
+                decoded.append(frame.index)
+                yield frame
+
+    def planner(source, **kw):
+        return Counting(real(source, **kw))
+
+    monkeypatch.setattr(pipeline_module, "open_video", planner)
+    monkeypatch.setattr(Pipeline, "_stream", staticmethod(lambda *a, **k: pytest.skip("planned")))
+    # Each enhanced GOP: its first frame, and the B-frames the decoder held (3 B-frames).
+    for enhanced, most in (({0, 1, 2}, 3 * 3), ({1}, 10 + 3 + 10)):
+        decoded.clear()
+        with pytest.raises(pytest.skip.Exception):
+            Pipeline(engine=GopEngine(enhanced)).run(gop_clip, tmp_path / "o.mp4")
+        assert len(decoded) <= most and {i // 10 for i in decoded} == {0, 1, 2}, decoded

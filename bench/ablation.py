@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "raw refs": (Engine(args.weights, device="cpu", recurrent=False), "auto"),
         "blind": (full, "blind"),
     }
-    model, est, _, _ = load_model(args.weights)
+    loaded = load_model(args.weights)
+    model, est = loaded.network, loaded.estimator
     cols: dict = defaultdict(lambda: defaultdict(list))
     for crf in crfs:
         samples = []

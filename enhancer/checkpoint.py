@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,6 +14,16 @@ from enhancer.policy import ExitPolicy
 FORMAT = "vqe-model/2"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v3.pt"
+
+
+@dataclass
+class ModelFile:
+    """What a model file holds: the network, the QP-map estimator, the exit policy, meta."""
+
+    network: VQENet
+    estimator: QPEstimator
+    policy: ExitPolicy | None = None
+    meta: dict = field(default_factory=dict)
 
 
 def save_model(
@@ -52,12 +63,12 @@ def model_config(path: str | Path | None = None) -> ModelConfig:
     return ModelConfig.from_dict(_read(path)["config"])
 
 
-def load_model(path: str | Path | None = None, map_location: str = "cpu"):
-    """-> (VQENet, QPEstimator, ExitPolicy | None, meta). Float32 on ``map_location``."""
+def load_model(path: str | Path | None = None, map_location: str = "cpu") -> ModelFile:
+    """The model file at ``path`` (default: the shipped weights), float32 on ``map_location``."""
     blob = _read(path, map_location)
     model = VQENet(ModelConfig.from_dict(blob["config"]))
     model.load_state_dict({k: v.float() for k, v in blob["model"].items()})
     est = QPEstimator()
     est.load_state_dict({k: v.float() for k, v in blob["estimator"].items()})
     policy = ExitPolicy.from_dict(blob["policy"]) if blob.get("policy") else None
-    return model.eval(), est.eval(), policy, blob.get("meta", {})
+    return ModelFile(model.eval(), est.eval(), policy, blob.get("meta", {}))

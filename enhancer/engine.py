@@ -204,8 +204,9 @@ class Engine:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.device = pick_device(device)
-        model, est, policy, meta = load_model(weights)
-        self.meta = meta
+        loaded = load_model(weights)
+        model, est, policy = loaded.network, loaded.estimator, loaded.policy
+        self.meta = loaded.meta
         self.policy = policy
         self.pixel_qp = PixelQP.from_dict(policy.blind_qp if policy else None)
         self.max_stages = model.cfg.stages

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.init.suffix == ".json":
             start = PixelQP.from_dict(json.loads(args.init.read_text()))
         else:
-            _, _, policy, _ = load_model(args.init)
+            policy = load_model(args.init).policy
             start = PixelQP.from_dict(policy.blind_qp if policy else None)
         if start and start.net.width == args.width:
             net.load_state_dict(start.net.state_dict())
@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     last.write_text(json.dumps(est.to_dict()))
     report(est, held, log)
     if args.write:
-        model, qp_est, policy, meta = load_model(args.write)
+        loaded = load_model(args.write)
+        model, qp_est, policy, meta = loaded.network, loaded.estimator, loaded.policy, loaded.meta
         policy = policy or ExitPolicy(max_stages=model.cfg.stages)
         policy.blind_qp = est.to_dict()
         save_model(args.write, model, qp_est, policy, meta)

@@ -209,10 +209,10 @@ def calibrate(
     rate = build_tables(records)
     if save:
         path = Path(weights) if weights else Path(DEFAULT_WEIGHTS)
-        model, estimator, policy, meta = load_model(path)
-        meta = dict(meta or {})
+        loaded = load_model(path)
+        meta = dict(loaded.meta or {})
         meta["output_rate"] = rate.to_dict()
-        save_model(path, model, estimator, policy, meta)
+        save_model(path, loaded.network, loaded.estimator, loaded.policy, meta)
         log(f"saved the output rate into {path}")
     return rate
 

@@ -80,7 +80,7 @@ def collect(
         name: clean_sequence(path, photos, {}, np.random.default_rng([SEED, i]), frames, size)
         for i, (name, path) in enumerate(sources)
     }
-    _, _, policy, _ = load_model(weights)
+    policy = load_model(weights).policy
     depth = policy.max_stages if policy else 3
     if "blind" in paths and not PixelQP.from_dict(policy.blind_qp if policy else None):
         raise ValueError("the model file has no pixel CRF estimate: run fit_pixel_qp first")
@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         records = collect(args.footage, args.weights, args.frames, (384, 256), log, paths)
         args.records[0].parent.mkdir(parents=True, exist_ok=True)
         args.records[0].write_text(json.dumps(records))
-    model, est, old, meta = load_model(args.weights)
+    loaded = load_model(args.weights)
+    model, est, old, meta = loaded.network, loaded.estimator, loaded.policy, loaded.meta
     if _aware(records):
         policy = budgeted_policy(records, model.cfg.stages, log)
         policy.blind_qp = old.blind_qp if old else {}

@@ -223,7 +223,8 @@ def train(args) -> Path:
     elif args.init:
         blob = torch.load(args.init, map_location="cpu", weights_only=False)
         if isinstance(blob, dict) and blob.get("format"):  # an exported model file (fp16)
-            init_model, init_est, _, meta = load_model(args.init)
+            init = load_model(args.init)
+            init_model, init_est, meta = init.network, init.estimator, init.meta
             blob = {
                 "model": init_model.state_dict(),
                 "estimator": init_est.state_dict(),
@@ -340,9 +341,9 @@ def train(args) -> Path:
 def pixel_estimate(args) -> PixelQP:
     """The pixel CRF estimate of the ``--init`` model file, else the default weights'."""
     try:
-        _, _, policy, _ = load_model(args.init or None)
+        policy = load_model(args.init or None).policy
     except ValueError:  # --init is a training checkpoint, which holds none
-        _, _, policy, _ = load_model(None)
+        policy = load_model(None).policy
     return PixelQP.from_dict(policy.blind_qp if policy else None)
 
 

@@ -422,7 +422,8 @@ def test_save_and_load_model_round_trip(tmp_path):
     save_model(path, model, est, pol, {"version": "t", "step": 7})
     assert path.exists() and not path.with_suffix(".tmp").exists()
     assert torch.load(path, weights_only=True)["format"] == FORMAT == "vqe-model/2"
-    model2, est2, pol2, meta = load_model(path)
+    loaded = load_model(path)
+    model2, est2, pol2, meta = loaded.network, loaded.estimator, loaded.policy, loaded.meta
     assert model2.cfg == model.cfg and not model2.training and not est2.training
     assert pol2 == pol and meta == {"version": "t", "step": 7}
     items = [item(0, parts=None), item(1, qmap=None, refs=[None, reference(3, 30.0)])]
@@ -438,7 +439,7 @@ def test_save_and_load_model_round_trip(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v.half().float())
     save_model(path, model, est, None, {})
-    assert load_model(path)[2] is None
+    assert load_model(path).policy is None
 
 
 def test_load_model_rejects_missing_and_foreign_files(tmp_path):
@@ -463,7 +464,8 @@ def test_shipped_weights_load_and_run():
     """Holds for the placeholder and for trained weights alike."""
     assert DEFAULT_WEIGHTS.name == "vqe-v3.pt" and DEFAULT_WEIGHTS.exists()
     assert torch.load(DEFAULT_WEIGHTS, weights_only=True)["format"] == FORMAT
-    model, est, pol, meta = load_model()
+    shipped = load_model()
+    model, est, pol, meta = shipped.network, shipped.estimator, shipped.policy, shipped.meta
     assert isinstance(model, VQENet) and isinstance(est, QPEstimator)
     assert isinstance(meta, dict) and isinstance(meta.get("version"), str)
     assert model.cfg.in_channels() == model.inp.in_channels

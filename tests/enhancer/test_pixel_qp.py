@@ -92,7 +92,7 @@ def test_training_learns_a_qp_from_the_pixels():
 
 def test_shipped_estimate_orders_light_and_heavy_compression():
     """The shipped estimate, on a clip it never saw: CRF 18 reads lower than CRF 40."""
-    _, _, policy, _ = load_model()
+    policy = load_model().policy
     est = PixelQP.from_dict(policy.blind_qp)
     if not est:
         pytest.fail("the shipped model file has no pixel CRF estimate")

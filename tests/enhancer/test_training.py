@@ -199,7 +199,8 @@ def test_train_builds_trains_validates_and_exports(trained):
     last = torch.load(work / "last.pt", weights_only=False)
     best = torch.load(work / "best.pt", weights_only=False)
     assert last["step"] == 4 and best["step"] in (2, 4)
-    model, est, pol, meta = load_model(work / "tiny.pt")
+    tiny = load_model(work / "tiny.pt")
+    model, pol, meta = tiny.network, tiny.policy, tiny.meta
     assert (model.cfg.channels, model.cfg.stages, model.cfg.blocks_per_stage) == (8, 2, 1)
     assert pol.max_stages == 2 and len(pol.stages) == len(pol.edges) - 1
     assert len(pol.hevc_stages) == len(pol.edges) - 1
@@ -337,7 +338,7 @@ def test_train_resumes_from_last_checkpoint(trained, tmp_path):
     assert "validation at step 6" in log and "validation at step 2" not in log
     assert "step 6 lr" in log and "step 2 lr" not in log
     assert torch.load(work2 / "last.pt", weights_only=False)["step"] == 6
-    assert load_model(work2 / "tiny.pt")[3]["step"] in (2, 4, 6)
+    assert load_model(work2 / "tiny.pt").meta["step"] in (2, 4, 6)
 
 
 def test_train_export_only(trained, tmp_path):
@@ -351,7 +352,8 @@ def test_train_export_only(trained, tmp_path):
     assert "loaded" not in log and "validation at step" not in log and "dataset" not in log
     assert (work2 / "last.pt").read_bytes() == before  # no training happened
     best = torch.load(work2 / "best.pt", weights_only=False)
-    model, _, _, meta = load_model(work2 / "tiny.pt")
+    resumed = load_model(work2 / "tiny.pt")
+    model, meta = resumed.network, resumed.meta
     assert meta["step"] == best["step"]
     for k, v in best["model"].items():
         assert torch.equal(model.state_dict()[k], v.half().float())
@@ -371,8 +373,8 @@ def test_train_init_from_model_file(trained, tmp_path, source):
     log = (work2 / "train.log").read_text()
     assert f"initialised from {init} (trained {init_step} steps)" in log
     assert "resumed" not in log
-    out, out_est, _, _ = load_model(work2 / "tiny.pt")
-    ref, ref_est, _, _ = load_model(work / "tiny.pt")
+    out, ref = load_model(work2 / "tiny.pt"), load_model(work / "tiny.pt")
+    out, out_est, ref, ref_est = out.network, out.estimator, ref.network, ref.estimator
     for k, v in ref.state_dict().items():
         assert torch.equal(out.state_dict()[k], v), k
     for k, v in ref_est.state_dict().items():
@@ -382,13 +384,15 @@ def test_train_init_from_model_file(trained, tmp_path, source):
 def test_enhanced_anchors_are_what_the_engine_borrows(trained, tmp_path):
     """Training's enhanced-anchor inputs give the recurrent engine's output, frame for frame."""
     root, footage, work = trained
-    model, est, policy, meta = load_model(work / "tiny.pt")
+    tiny = load_model(work / "tiny.pt")
+    model, est, policy, meta = tiny.network, tiny.estimator, tiny.policy, tiny.meta
     with torch.no_grad():  # a model whose output moves far from its input, refs included
         for stage in model.stages:
             stage.head.weight.mul_(300.0)
     weights = tmp_path / "loud.pt"
     save_model(weights, model, est, policy, meta)
-    model, est, _, _ = load_model(weights)
+    loud = load_model(weights)
+    model, est = loud.network, loud.estimator
     photos = sorted((footage / "photos").glob("*.png"))
     clean = clean_sequence(photos[1], photos, {}, np.random.default_rng(5), 9, SIZE)
     settings = data.EncodeSettings(crf=37, bframes=2, keyint=250)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bitstream.nal import nal_units as iter_nal_units
+
 __all__ = [
     "HevcParser",
     "PictureInfo",
@@ -78,39 +80,6 @@ class BitReader:
 def remove_emulation_prevention(data: bytes) -> bytes:
     """NAL payload -> RBSP: drop each 0x03 of a 0x000003 sequence."""
     return data.replace(b"\x00\x00\x03", b"\x00\x00") if b"\x00\x00\x03" in data else data
-
-
-def _split_annexb(data: bytes) -> list[bytes]:
-    nals = []
-    start = data.find(b"\x00\x00\x01")
-    while start >= 0:
-        begin = start + 3
-        nxt = data.find(b"\x00\x00\x01", begin)
-        end = len(data) if nxt < 0 else nxt
-        nal = data[begin:end].rstrip(b"\x00")
-        if nal:
-            nals.append(nal)
-        start = nxt
-    return nals
-
-
-def _split_length_prefixed(data: bytes, size: int) -> list[bytes]:
-    nals, pos = [], 0
-    while pos + size <= len(data):
-        length = int.from_bytes(data[pos : pos + size], "big")
-        pos += size
-        if length == 0 or pos + length > len(data):
-            raise ValueError("bad NAL unit length in length-prefixed packet")
-        nals.append(data[pos : pos + length])
-        pos += length
-    return nals
-
-
-def iter_nal_units(data: bytes, length_size: int | None = None) -> list[bytes]:
-    """Split a packet into NAL units: Annex-B when ``length_size`` is None, else hvcC framing."""
-    if length_size is None:
-        return _split_annexb(data)
-    return _split_length_prefixed(data, length_size)
 
 
 def _ceil_log2(n: int) -> int:

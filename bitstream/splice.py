@@ -36,6 +36,7 @@ import av
 import av.error
 
 from bitstream.errors import UnsupportedInput
+from bitstream.nal import annexb_nal_units, length_prefixed, length_prefixed_nal_units
 
 __all__ = [
     "Avcc",
@@ -58,41 +59,6 @@ MIN_TICKS_PER_FRAME = 8
 
 
 # ------------------------------------------------------------------ NAL units
-
-
-def annexb_nal_units(data: bytes) -> list[bytes]:
-    """The NAL units of an Annex-B buffer (start codes 00 00 01 / 00 00 00 01 removed)."""
-    starts = []
-    i = 0
-    while (j := data.find(b"\x00\x00\x01", i)) >= 0:
-        starts.append(j + 3)
-        i = j + 3
-    units = []
-    for k, s in enumerate(starts):
-        e = starts[k + 1] - 3 if k + 1 < len(starts) else len(data)
-        while e > s and data[e - 1] == 0 and k + 1 < len(starts):
-            e -= 1  # the zero byte of a 4-byte start code (or trailing zeros)
-        units.append(data[s:e])
-    return units
-
-
-def length_prefixed_nal_units(data: bytes, size: int = 4) -> list[bytes]:
-    """The NAL units of a length-prefixed (AVCC/HVCC) packet; raises ValueError if malformed."""
-    units, i = [], 0
-    while i < len(data):
-        if i + size > len(data):
-            raise ValueError("truncated NAL length")
-        n = int.from_bytes(data[i : i + size], "big")
-        i += size
-        if n == 0 or i + n > len(data):
-            raise ValueError("bad NAL length")
-        units.append(data[i : i + n])
-        i += n
-    return units
-
-
-def length_prefixed(units: list[bytes], size: int = 4) -> bytes:
-    return b"".join(len(u).to_bytes(size, "big") + u for u in units)
 
 
 def _rbsp(unit: bytes) -> bytes:

@@ -21,7 +21,6 @@ with an overlap so memory stays bounded at 4K.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -36,6 +35,7 @@ from enhancer.align import apply_flow
 from enhancer.batch import FrameInputs, Reference, collate, cost_plane
 from enhancer.checkpoint import load_model
 from enhancer.features import (
+    autocast,
     cpu_has_bf16,
     partition_planes,
     planes_to_tensor,
@@ -272,9 +272,7 @@ class Engine:
         return qp, "h264"
 
     def _amp(self):
-        if self.autocast:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast("cpu", enabled=self.autocast)
 
     # ------------------------------------------------------------ per frame
 

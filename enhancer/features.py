@@ -44,6 +44,12 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def autocast(device: str = "cpu", enabled: bool = True):
+    """bf16 autocast where the device runs it fast (AMX / AVX-512 BF16 CPUs, CUDA): the
+    one context the engine, the estimators and training compute under."""
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
+
+
 def cpu_has_amx() -> bool:
     """AMX tiles (bf16 convolutions about 15x fp32, the speed targets' reference CPU)."""
     return "amx_bf16" in _cpu_flags()

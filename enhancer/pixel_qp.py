@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from enhancer.features import cpu_has_bf16
+from enhancer.features import autocast, cpu_has_bf16
 
 TILE = 128  # luma pixels per tile edge (a multiple of the 16-pixel macroblock)
 TILES = 6  # tiles a frame is sampled at (the CRF belongs to the whole sequence)
@@ -86,7 +86,7 @@ class PixelQP:
         if bit_depth > 8:  # trained on 8-bit samples
             y = y >> (bit_depth - 8)
         t = torch.from_numpy(tiles(y).astype(np.float32) / 255.0)[:, None]
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=_BF16):
+        with torch.inference_mode(), autocast("cpu", enabled=_BF16):
             qp = self.net(t.contiguous(memory_format=torch.channels_last)).float().mean()
         return float(np.clip(float(qp), QP_MIN, QP_MAX))
 

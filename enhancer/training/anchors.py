@@ -20,11 +20,10 @@ import torch
 
 from enhancer.align import apply_flow
 from enhancer.batch import collate
-from enhancer.features import planes_to_tensor, tensor_to_planes
+from enhancer.features import autocast, planes_to_tensor, tensor_to_planes
 from enhancer.network import QPEstimator, VQENet
 from enhancer.references import ANCHOR_TYPES
 from enhancer.training.data import PICT_CODES, pack
-from enhancer.training.evaluate import autocast
 from enhancer.training.samples import frame_inputs
 
 # As the engine: I/P frames, and frames of unknown type, are anchors.

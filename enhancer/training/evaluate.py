@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from enhancer.batch import collate
+from enhancer.features import autocast
 from enhancer.metrics import psnr_batch
 from enhancer.network import QPEstimator, VQENet
 from enhancer.training.samples import frame_inputs
@@ -33,11 +34,6 @@ def psnr_y(out6: torch.Tensor, ref6: torch.Tensor, bit_depth: int = 8) -> torch.
     a = (luma(out6.float()).clamp(0, 1) * maxv).round()
     b = (luma(ref6.float()) * maxv).round()
     return psnr_batch(a, b, maxv).float()
-
-
-def autocast(device: str = "cpu", enabled: bool = True):
-    """bf16 autocast where the device runs it fast (AMX/AVX-512 BF16 CPUs, CUDA)."""
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=enabled)
 
 
 @torch.no_grad()

@@ -35,11 +35,10 @@ from PIL import Image, ImageFilter
 
 from bitstream.reader import open_video
 from enhancer.checkpoint import load_model, save_model
-from enhancer.features import cpu_has_bf16
+from enhancer.features import autocast, cpu_has_bf16
 from enhancer.pixel_qp import PixelQP, PixelQPNet
 from enhancer.policy import ExitPolicy
 from enhancer.training.data import EncodeSettings, encode_planes, random_settings
-from enhancer.training.evaluate import autocast
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources
 
 SIZE = (384, 256)  # width, height of the training crops' sequences

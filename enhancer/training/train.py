@@ -38,14 +38,13 @@ import torch
 
 from enhancer.batch import collate
 from enhancer.checkpoint import load_model, save_model
-from enhancer.features import cpu_has_bf16, phase_planes
+from enhancer.features import autocast, cpu_has_bf16, phase_planes
 from enhancer.network import ModelConfig, QPEstimator, VQENet
 from enhancer.pixel_qp import PixelQP
 from enhancer.policy import calibrate
 from enhancer.training.anchors import attach_all
 from enhancer.training.data import build, load_cache
 from enhancer.training.evaluate import (
-    autocast,
     estimator_spread,
     format_table,
     score,

@@ -359,7 +359,8 @@ def frame_planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarr
 # ---------------------------------------------------------------------- reader
 
 
-def _is_url(source: object) -> bool:
+def is_url(source: object) -> bool:
+    """A URL of a protocol FFmpeg opens (http(s), rtmp, rtsp, hls, srt, udp, tcp)."""
     return isinstance(source, str) and source.lower().startswith(URL_PREFIXES)
 
 
@@ -453,7 +454,7 @@ class VideoReader:
     # -- opening -------------------------------------------------------------
 
     def _open_container(self, source: Source, options: dict[str, str] | None) -> Any:
-        if isinstance(source, str | Path) and not _is_url(source):
+        if isinstance(source, str | Path) and not is_url(source):
             path = Path(source)
             if not path.exists():
                 raise UnsupportedInput(f"no such file: {path}")

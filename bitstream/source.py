@@ -14,13 +14,13 @@ from __future__ import annotations
 import shutil
 import urllib.error
 import urllib.request
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import IO
 from urllib.parse import urlparse
 
 from bitstream.types import UnsupportedInput
 
-__all__ = ["fetch_once", "is_spoolable", "local_path", "suffix_of"]
+__all__ = ["fetch_once", "is_spoolable", "suffix_of"]
 
 TIMEOUT_SECONDS = 30
 CHUNK = 1 << 20
@@ -65,12 +65,3 @@ def fetch_once(url: str, spool: IO[bytes]) -> bool:
             raise UnsupportedInput(f"cannot read {url}: {exc}") from None
     spool.flush()
     return True
-
-
-def local_path(source: str | Path) -> Path | None:
-    """``source`` as a local file path, or None for a URL."""
-    from bitstream.reader import URL_PREFIXES
-
-    if isinstance(source, str) and source.lower().startswith(URL_PREFIXES):
-        return None
-    return Path(source)

@@ -132,3 +132,9 @@ class DecodedFrame:
     @property
     def index(self) -> int:
         return self.side.index
+
+    @property
+    def pts(self) -> int | None:
+        """The decoder's pts (input time base), else the side info's."""
+        src = self.av_frame
+        return src.pts if src is not None and src.pts is not None else self.side.pts

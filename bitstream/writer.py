@@ -546,12 +546,11 @@ class VideoWriter:
         if info.sample_aspect_ratio:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
         stream.options = self._encoder_options()
-        matrix = _display_matrix(first.av_frame)
-        if self.format in RAW_FORMATS:
-            pass  # raw pictures carry no display matrix: the frames are as decoded
-        elif matrix is not None:
+        # Raw pictures (YUV4MPEG2) carry no display matrix: their frames are as decoded.
+        matrix = _display_matrix(first.av_frame) if self.format not in RAW_FORMATS else None
+        if matrix is not None:
             stream.set_display_matrix(matrix)
-        elif info.rotation:
+        elif info.rotation and self.format not in RAW_FORMATS:
             stream.set_display_rotation(info.rotation)
         if self._copier is not None:
             src = self._copier.video_stream

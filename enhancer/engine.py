@@ -249,7 +249,10 @@ class Engine:
         None when that depends on the pixels (no QP in the stream, or the blind path,
         whose QP is estimated). A caller can use it to copy untouched GOPs as they are.
         """
-        stages = self.check(stages, side_info)
+        return self._plan(side, info, self.check(stages, side_info), side_info)
+
+    def _plan(self, side: FrameSideInfo, info: SequenceInfo, stages, side_info: str) -> int | None:
+        """``plan_stages`` for options already checked (per frame: no validation again)."""
         if stages != "auto":
             return int(stages)
         if not self.policy:
@@ -311,9 +314,6 @@ class Engine:
         source = pixels.gather(0, pick[None, None].expand(1, 6, h, w))[0]
         return runs, 1.0 - float(changed.float().mean()), source
 
-    def _planned(self, side: FrameSideInfo, info: SequenceInfo, ctx: dict) -> int | None:
-        return self.plan_stages(side, info, ctx["stages"], ctx["side_info"])
-
     def _enhance(self, p: _Pending, refs, info: SequenceInfo, ctx) -> tuple:
         p.t0 = time.perf_counter()  # a B-frame's wait for its anchor is not its cost
         frame, side = p.frame, p.frame.side
@@ -324,7 +324,7 @@ class Engine:
         )
         pict = side.pict_type if plan.pict_type and side.sources.get("pict_type") != "none" else "?"
         frame_qp = side.qp if plan.frame_qp and side.qp is not None else None
-        if frame_qp is not None and self._planned(side, info, ctx) == 0:
+        if frame_qp is not None and self._plan(side, info, ctx["stages"], ctx["side_info"]) == 0:
             # The stream's QP already says nothing runs: no alignment, no inputs.
             ctx["qp_sum"] += frame_qp
             ctx["qp_n"] += 1

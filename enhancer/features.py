@@ -10,6 +10,8 @@ phase (the model is told where 8x8 and 16x16 block edges lie).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -30,6 +32,7 @@ _PART_LUT[PARTITION_CODES["8x16"]] = 2
 _PART_LUT[PARTITION_CODES["8x8"]] = 3
 
 
+@functools.cache
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -130,8 +130,7 @@ class FrameStream:
         out = self.engine.process(self._decoded(), info, opts.stages, opts.side_info)
         try:
             for frame, report in out:
-                src = frame.av_frame
-                pts = src.pts if src is not None and src.pts is not None else frame.side.pts
+                src, pts = frame.av_frame, frame.pts
                 base = src.time_base if src is not None and src.time_base else None
                 seconds = float(pts * Fraction(base)) if pts is not None and base else None
                 yield EnhancedFrame(

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from bitstream.errors import UserError
-from bitstream.reader import open_video
-from bitstream.source import fetch_once, is_spoolable, local_path, suffix_of
+from bitstream.reader import is_url, open_video
+from bitstream.source import fetch_once, is_spoolable, suffix_of
 from bitstream.splice import GopScan, scan_gops
 from bitstream.types import DecodedFrame, SequenceInfo
 from bitstream.writer import (
@@ -263,11 +263,6 @@ class _Stats:
         return {key: counts.most_common(1)[0][0] for key, counts in self.sources.items()}
 
 
-def _pts(frame: DecodedFrame) -> int | None:
-    src = frame.av_frame
-    return src.pts if src is not None and src.pts is not None else frame.side.pts
-
-
 def _first_frame_level(source: str, info: SequenceInfo) -> float | None:
     """The input's level from its first frame's QP (when neither SEI nor a planning pass told)."""
     with contextlib.suppress(UserError, StopIteration), open_video(source) as peek:
@@ -475,7 +470,7 @@ class Pipeline:
         """
         meta = getattr(engine, "meta", None)
         fixed = isinstance(options.stages, int) and options.stages > 0
-        live = local_path(source) is None  # a live URL: read once, no planning pass
+        live = is_url(source)  # a URL still: live, read once, no planning pass
         copyable = (
             not live
             and codec not in LOSSLESS
@@ -530,18 +525,17 @@ class Pipeline:
         copy = [plan is not None] * len(scan.segments)
         qp_sum, qp_n = 0.0, 0
         skip = plan is not None and info.sequence_qp is not None
-        starts = [s.start_pts for s in scan.segments]
         with open_video(source, side_info=options.side_info != "blind") as planner:
             for frame in planner:
                 side = frame.side
                 if side.qp is not None:
                     qp_sum, qp_n = qp_sum + float(side.qp), qp_n + 1
-                if plan is not None and copy[k := scan.segment_of(_pts(frame))]:
+                if plan is not None and copy[k := scan.segment_of(frame.pts)]:
                     copy[k] = plan(side, info, options.stages, options.side_info) == 0
                     if not copy[k] and skip:
-                        if k + 1 >= len(starts):
+                        if k + 1 >= len(scan.segments):
                             break  # the last segment is settled
-                        planner.skip_until(starts[k + 1])
+                        planner.skip_until(scan.segments[k + 1].start_pts)
                 if not any(copy) and info.sequence_qp is not None:
                     break  # nothing left to learn
         return copy, (qp_sum / qp_n if qp_n else None)
@@ -588,7 +582,7 @@ class Pipeline:
             frames = run.drain(decoded)
             for frame, report in engine.process(frames, info, options.stages, options.side_info):
                 stats.add(frame, report)
-                if copied and scan and report.stages and copied[scan.segment_of(_pts(frame))]:
+                if copied and scan and report.stages and copied[scan.segment_of(frame.pts)]:
                     stats.mismatch += 1
                 run.put(enhanced, frame)
                 notify(_progress("enhancing", stats.frames, total, started))

@@ -15,7 +15,7 @@ import torch
 import enhancer.engine as engine_module
 from bitstream.types import RateControl
 from enhancer.batch import FrameInputs, collate
-from enhancer.engine import Engine, pick_device
+from enhancer.engine import CONTEXT, Engine, pick_device
 from enhancer.features import cpu_has_bf16, planes_to_tensor, qp_plane
 from enhancer.policy import ExitPolicy
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, input_plan, reference_indices
@@ -442,3 +442,52 @@ def test_engine_blind_hevc_without_a_crf_takes_its_own_table(clip, tmp_path):
     reports = [r for _, r in enhance(engine, no_crf, frames, side_info="blind")]
     assert [r.stages for r in reports] == [2] * len(frames)
     assert all(r.qp == pytest.approx(32.0, abs=0.1) for r in reports)
+
+
+def test_changed_rectangles_run_as_one_call_per_crop_height(tmp_path, weights, monkeypatch):
+    """Two squares moving apart: several changed rectangles, one network call per height."""
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (12, 16), dtype=np.uint8).repeat(16, 0).repeat(16, 1)
+    chroma = np.full((96, 128), 128, np.uint8)
+    planes = []
+    for t in range(6):
+        y = base.copy()
+        y[16:48, 8 + 4 * t : 40 + 4 * t] = 255
+        y[16:48, 200 - 4 * t : 232 - 4 * t] = 0
+        planes.append((y, chroma, chroma))
+    path = tmp_path / "two.mp4"
+    path.write_bytes(encode_planes(planes, EncodeSettings(crf=30)))
+    info, frames = decode(path)
+    engine = Engine(weights, device="cpu")
+    calls: list = []  # per transferred frame: the shapes the network ran on
+    rects: list = []  # and its changed rectangles
+    inside = [False]
+    engine.model.register_forward_pre_hook(
+        lambda _, args: calls[-1].append(args[0].shape) if inside[0] else None
+    )
+    run_changed = engine._run_changed
+
+    def counted(batch, stages, strength, runs, share, source):
+        rects.append(runs)
+        calls.append([])
+        inside[0] = True
+        try:
+            return run_changed(batch, stages, strength, runs, share, source)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(engine, "_run_changed", counted)
+    results = enhance(engine, info, frames, stages=3)
+    assert sum(r.transferred > 0 for _, r in results) >= 3
+    h = frames[0].planes[0].shape[0] // 2
+    for found, made in zip(rects, calls, strict=True):
+        heights = {min(y1 + CONTEXT, h) - max(y0 - CONTEXT, 0) for y0, y1, _, _ in found}
+        assert sorted(s[-2] for s in made) == sorted(heights)
+    assert any(len(found) > len(made) for found, made in zip(rects, calls, strict=True))
+
+
+def test_transfer_tile_grows_at_high_qp():
+    from enhancer.engine import LARGE_TILE_QP, TILE, transfer_tile
+
+    assert transfer_tile(None) == transfer_tile(LARGE_TILE_QP - 1) == TILE
+    assert transfer_tile(LARGE_TILE_QP) == 2 * TILE

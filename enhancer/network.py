@@ -95,9 +95,12 @@ class Stage(nn.Module):
         f = F.relu(self.entry(feat), inplace=True)
         if self.film is not None:
             gamma, beta = self.film(frame_emb).to(f.dtype).chunk(2, dim=1)
-            f = f * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]
+            # One pass over the feature map instead of two (a multiply, then an add).
+            f = torch.addcmul(beta[:, :, None, None], f, 1.0 + gamma[:, :, None, None])
         for blk in self.blocks:
-            f = f + blk(f)
+            r = blk(f)
+            # In place at inference (no new map); autograd needs f as it was.
+            f = f + r if torch.is_grad_enabled() else f.add_(r)
         return feat + f, self.head(f)
 
 

@@ -394,18 +394,33 @@ class Engine:
             p.model_seconds = time.perf_counter() - t_model
         return out, n, qp, use_bits
 
-    def _run_region(
-        self, batch, stages: int, strength: float, y0, y1, x0, x1, out, context: int = CONTEXT
+    def _run_regions(
+        self, batch, stages: int, strength: float, rects, out, context: int = CONTEXT
     ) -> None:
-        """Run the network on rows y0:y1, columns x0:x1 (half-res) with context; write ``out``."""
+        """Run the network on half-res rectangles (y0, y1, x0, x1), each with ``context``
+        pixels around it, and write them into ``out``.
+
+        Rectangles whose crops are equally tall are laid side by side and run as one image:
+        one call per crop height instead of one per rectangle, which at 32-luma-pixel tiles
+        cost more in small calls than the tiles saved.
+        """
         x, inp = batch.x, batch.inputs
         _, _, h, w = x.shape
-        ya, xa = max(y0 - context, 0), max(x0 - context, 0)
-        yb, xb = min(y1 + context, h), min(x1 + context, w)
-        crop = inp[:, :, ya:yb, xa:xb].contiguous(memory_format=torch.channels_last)
-        res = self.model(x[:, :, ya:yb, xa:xb], crop, batch.seq_cond, batch.frame_cond, stages)
-        part = res[-1][:, :, y0 - ya : y1 - ya, x0 - xa : x1 - xa].float()
-        out[:, :, y0:y1, x0:x1] = _weaken(x[:, :, y0:y1, x0:x1], part, strength)
+        by_height: dict[int, list[tuple[int, ...]]] = {}
+        for y0, y1, x0, x1 in rects:
+            ya, yb = max(y0 - context, 0), min(y1 + context, h)
+            xa, xb = max(x0 - context, 0), min(x1 + context, w)
+            by_height.setdefault(yb - ya, []).append((y0, y1, x0, x1, ya, xa, xb))
+        for ch, pieces in sorted(by_height.items()):
+            xs = torch.cat([x[:, :, ya : ya + ch, xa:xb] for *_, ya, xa, xb in pieces], 3)
+            crops = torch.cat([inp[:, :, ya : ya + ch, xa:xb] for *_, ya, xa, xb in pieces], 3)
+            crops = crops.contiguous(memory_format=torch.channels_last)
+            res = self.model(xs, crops, batch.seq_cond, batch.frame_cond, stages)[-1]
+            left = 0
+            for y0, y1, x0, x1, ya, xa, xb in pieces:
+                part = res[:, :, y0 - ya : y1 - ya, left + x0 - xa : left + x1 - xa].float()
+                out[:, :, y0:y1, x0:x1] = _weaken(x[:, :, y0:y1, x0:x1], part, strength)
+                left += xb - xa
 
     @torch.inference_mode()
     def _run_model(self, batch, stages: int, strength: float = 1.0) -> torch.Tensor:
@@ -423,36 +438,17 @@ class Engine:
             for y0 in range(0, h, tile):
                 for x0 in range(0, w, tile):
                     y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-                    self._run_region(batch, stages, strength, y0, y1, x0, x1, out, TILE_CONTEXT)
+                    # One tile a call, not side by side: tiling is what bounds memory here.
+                    tile_rect = [(y0, y1, x0, x1)]
+                    self._run_regions(batch, stages, strength, tile_rect, out, TILE_CONTEXT)
             return out
 
     @torch.inference_mode()
     def _run_changed(self, batch, stages: int, strength: float, runs, share, source) -> tuple:
-        """Transfer ``source`` everywhere, then run the network on the changed rectangles.
-
-        Rectangles whose crops (context included) are equally tall are laid side by side
-        and run as one image: a few calls per frame instead of one per rectangle, which
-        at 16-pixel tiles cost more in small calls than the tiles saved.
-        """
+        """Transfer ``source`` everywhere, then run the network on the changed rectangles."""
         out = source[None].float().clone()
-        x, inp = batch.x, batch.inputs
-        _, _, h, w = x.shape
-        by_height: dict[int, list[tuple[int, ...]]] = {}
-        for y0, y1, x0, x1 in runs:
-            ya, yb = max(y0 - CONTEXT, 0), min(y1 + CONTEXT, h)
-            xa, xb = max(x0 - CONTEXT, 0), min(x1 + CONTEXT, w)
-            by_height.setdefault(yb - ya, []).append((y0, y1, x0, x1, ya, xa, xb))
         with self._amp():
-            for ch, pieces in sorted(by_height.items()):
-                xs = torch.cat([x[:, :, ya : ya + ch, xa:xb] for *_, ya, xa, xb in pieces], 3)
-                crops = torch.cat([inp[:, :, ya : ya + ch, xa:xb] for *_, ya, xa, xb in pieces], 3)
-                crops = crops.contiguous(memory_format=torch.channels_last)
-                res = self.model(xs, crops, batch.seq_cond, batch.frame_cond, stages)[-1]
-                left = 0
-                for y0, y1, x0, x1, ya, xa, xb in pieces:
-                    part = res[:, :, y0 - ya : y1 - ya, left + x0 - xa : left + x1 - xa]
-                    out[:, :, y0:y1, x0:x1] = _weaken(x[:, :, y0:y1, x0:x1], part.float(), strength)
-                    left += xb - xa
+            self._run_regions(batch, stages, strength, runs, out)
         return out[0], share
 
     def _finish(self, p: _Pending, out, n, qp, from_bits, ctx):

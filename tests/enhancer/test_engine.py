@@ -15,7 +15,7 @@ import torch
 import enhancer.engine as engine_module
 from bitstream.types import RateControl
 from enhancer.batch import FrameInputs, collate
-from enhancer.engine import CONTEXT, Engine, pick_device
+from enhancer.engine import CONTEXT, LARGE_TILE_QP, TILE, Engine, pick_device, transfer_tile
 from enhancer.features import cpu_has_bf16, planes_to_tensor, qp_plane
 from enhancer.policy import ExitPolicy
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, input_plan, reference_indices
@@ -487,7 +487,5 @@ def test_changed_rectangles_run_as_one_call_per_crop_height(tmp_path, weights, m
 
 
 def test_transfer_tile_grows_at_high_qp():
-    from enhancer.engine import LARGE_TILE_QP, TILE, transfer_tile
-
     assert transfer_tile(None) == transfer_tile(LARGE_TILE_QP - 1) == TILE
     assert transfer_tile(LARGE_TILE_QP) == 2 * TILE

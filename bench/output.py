@@ -62,18 +62,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bitstream.reader import open_video  # noqa: E402
-from bitstream.writer import frame_from_planes  # noqa: E402
 from enhancer.frame_stream import frames as enhanced_frames  # noqa: E402
 from enhancer.metrics import Vmaf, psnr  # noqa: E402
 from enhancer.output_rate import MAX_SIZE, WORST_DB  # noqa: E402
 from enhancer.pipeline import Pipeline  # noqa: E402
 from enhancer.training.data import EncodeSettings  # noqa: E402
+from enhancer.training.data import encode_planes as encode_to_bytes  # noqa: E402
 from enhancer.training.rate_calibration import (  # noqa: E402
     decode_luma,
     encode_planes,
@@ -129,32 +128,19 @@ FFV1 = OutputCodec("ffv1", "yuv420p", 0.0, 0.0, 1, 0, {"level": "3", "slicecrc":
 
 def encode_frames(planes: list[tuple], path: Path, codec: OutputCodec, crf: int | None) -> int:
     """Encode 8-bit yuv420p planes with ``codec`` (10-bit: samples << 2) -> the file's bytes."""
-    h, w = planes[0][0].shape
     shift = codec.bits - 8
-    opts = codec.options if crf is None else codec.encoder_options(crf)
-    with av.open(str(path), "w") as out:
-        st = out.add_stream(codec.encoder, rate=FRAME_RATE)
-        st.width, st.height, st.pix_fmt = w, h, codec.pix_fmt
-        st.options = opts
-        for i, yuv in enumerate(planes):
-            if shift:
-                yuv = tuple(p.astype(np.uint16) << shift for p in yuv)
-            frame = frame_from_planes(yuv, codec.pix_fmt)
-            frame.pts = i
-            out.mux(st.encode(frame))
-        out.mux(st.encode())
-    return path.stat().st_size
-
-
-def decode_luma_8bit_scale(path: Path, bits: int) -> list[np.ndarray]:
-    """Decoded luma on the 8-bit scale: 8-bit as coded, 10-bit divided by 4 (float)."""
-    if bits == 8:
-        return decode_luma(path)
-    with av.open(str(path)) as c:
-        return [
-            f.reformat(format="yuv420p10le").to_ndarray()[: f.height] / 4.0
-            for f in c.decode(c.streams.video[0])
-        ]
+    if shift:
+        planes = [tuple(p.astype(np.uint16) << shift for p in yuv) for yuv in planes]
+    data = encode_to_bytes(
+        planes,
+        EncodeSettings(codec=codec.encoder),
+        FRAME_RATE,
+        pix_fmt=codec.pix_fmt,
+        options=codec.options if crf is None else codec.encoder_options(crf),
+        container="matroska" if codec.encoder == "ffv1" else "mp4",
+    )
+    path.write_bytes(data)
+    return len(data)
 
 
 @dataclass
@@ -189,7 +175,7 @@ def _point(
     for it in items:
         path = work / f"{it.name}-{tag}-{crf}-{frames}{suffix}"
         size = encode_frames(getattr(it, frames), path, codec, crf)
-        nets[it.name] = _mean_psnr(decode_luma_8bit_scale(path, codec.bits), it.ref) - it.in_psnr
+        nets[it.name] = _mean_psnr(decode_luma(path, codec.bits), it.ref) - it.in_psnr
         sizes[it.name] = size / it.in_size
         files[it.name] = path
     worst = min(nets, key=nets.__getitem__)
@@ -209,8 +195,7 @@ def _dvmaf(items: list[Enhanced], point: dict[str, Any], bits: int, vmaf: Vmaf) 
     if not vmaf:
         return None
     scores = [
-        vmaf(it.ref, decode_luma_8bit_scale(point["_files"][it.name], bits)) - it.in_vmaf
-        for it in items
+        vmaf(it.ref, decode_luma(point["_files"][it.name], bits)) - it.in_vmaf for it in items
     ]
     return float(np.mean(scores))
 

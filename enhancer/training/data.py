@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from bitstream.reader import open_video
+from bitstream.writer import frame_from_planes
 from enhancer.align import apply_flow
 from enhancer.features import planes_to_tensor, tensor_to_planes
 from enhancer.references import align_reference, input_plan, reference_indices
@@ -92,17 +93,27 @@ def random_settings(rng: np.random.Generator) -> EncodeSettings:
     return s
 
 
-def encode_planes(planes: list[tuple], settings: EncodeSettings, rate: int = 25) -> bytes:
-    """Encode yuv420p planes into an in-memory MP4."""
+def encode_planes(
+    planes: list[tuple],
+    settings: EncodeSettings,
+    rate: int = 25,
+    *,
+    pix_fmt: str = "yuv420p",
+    options: dict[str, str] | None = None,
+    container: str = "mp4",
+) -> bytes:
+    """Encode planes of ``pix_fmt`` (uint16 above 8 bits) into an in-memory file.
+
+    ``options`` replace ``settings.options()`` (other encoders than x264/x265).
+    """
     buf = io.BytesIO()
     h, w = planes[0][0].shape
-    with av.open(buf, "w", format="mp4") as out:
+    with av.open(buf, "w", format=container) as out:
         st = out.add_stream(settings.codec, rate=rate)
-        st.width, st.height, st.pix_fmt = w, h, "yuv420p"
-        st.options = settings.options()
-        for i, (y, u, v) in enumerate(planes):
-            arr = np.concatenate([y, u.reshape(-1, w), v.reshape(-1, w)], 0)
-            frame = av.VideoFrame.from_ndarray(arr, format="yuv420p")
+        st.width, st.height, st.pix_fmt = w, h, pix_fmt
+        st.options = settings.options() if options is None else options
+        for i, yuv in enumerate(planes):
+            frame = frame_from_planes(yuv, pix_fmt)
             frame.pts = i
             for p in st.encode(frame):
                 out.mux(p)

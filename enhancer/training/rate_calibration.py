@@ -50,13 +50,17 @@ def encode_planes(
     return len(data)
 
 
-def decode_luma(path: str | Path) -> list[np.ndarray]:
+def decode_luma(path: str | Path, bits: int = 8) -> list[np.ndarray]:
+    """The decoded luma planes; 10-bit ones on the 8-bit scale (float, samples / 4), so
+    that 8- and 10-bit outputs are scored alike against 8-bit sources."""
     import av
 
+    fmt = {8: "yuv420p", 10: "yuv420p10le"}[bits]
     with av.open(str(path)) as c:
         out = []
-        for f in c.decode(c.streams.video[0]):  # yuv420p: the first H rows are Y, as coded
-            out.append(f.reformat(format="yuv420p").to_ndarray()[: f.height].copy())
+        for f in c.decode(c.streams.video[0]):  # the first H rows are Y, as coded
+            y = f.reformat(format=fmt).to_ndarray()[: f.height]
+            out.append(y.copy() if bits == 8 else y / 4.0)
         return out
 
 

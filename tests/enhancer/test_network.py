@@ -64,6 +64,43 @@ def test_forward_one_output_per_stage_shaped_like_input():
         assert len(model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond, 9)) == 3
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_inference_convolutions_match_the_plain_ones(monkeypatch, bf16):
+    import enhancer.network as network
+
+    if bf16 and not cpu_has_bf16():
+        pytest.skip("no bf16 on this CPU")
+    torch.manual_seed(0)
+    model = VQENet(ModelConfig(channels=16, stages=2)).eval()
+    for p in model.parameters():  # heads start near zero: make every path count
+        p.data.normal_(0, 0.05)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.rand(2, 6, 20, 28)
+    inputs = torch.rand(2, model.cfg.in_channels(), 20, 28)
+    inputs = inputs.contiguous(memory_format=torch.channels_last)
+    seq, frame = torch.rand(2, 2), torch.rand(2, FRAME_COND)
+
+    def outputs():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return [o.float() for o in model(x, inputs, seq, frame)]
+
+    calls = []
+    fused_op = torch.ops.mkldnn._convolution_pointwise
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_convolution_pointwise", lambda *a: calls.append(1) or fused_op(*a)
+    )
+    fused = outputs()
+    assert calls, "the fused oneDNN convolutions did not run"
+    monkeypatch.setattr(network, "_onednn_dtype", lambda x: None)
+    plain = outputs()
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.allclose(a, b, atol=2e-2 if bf16 else 1e-5)
+    # Training (autograd on) takes the plain path and still back-propagates.
+    model.train()
+    model(x, inputs, seq, frame)[-1].sum().backward()
+    assert model.inp.weight.grad is not None
+
+
 def test_output_is_input_plus_correction_and_clipped_only_on_conversion():
     model = tiny_model()
     with torch.no_grad():

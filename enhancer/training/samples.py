@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from enhancer.align import apply_flow
 from enhancer.batch import FrameInputs, Reference, cost_plane
-from enhancer.features import partition_planes, planes_to_tensor, qp_plane
+from enhancer.features import partition_planes, planes_to_tensor, qp_plane, tensor_to_planes
 from enhancer.pixel_qp import PixelQP
 from enhancer.references import input_plan
-from enhancer.training.data import unpack_yuv
+from enhancer.training.data import pack, unpack_yuv
 
 SLOT_NAMES = {"peaks": ("peak_past", "peak_future"), "adjacent": ("adj_past", "adj_future")}
 
@@ -64,6 +65,15 @@ def attach_pixel_crf(samples: list[dict], pixel_qp: PixelQP, store: Path | None 
     return len(samples)
 
 
+def warped_clean(sample: dict, slot: str, t: int) -> np.ndarray:
+    """The clean frame of reference ``slot`` of frame ``t``, warped to ``t`` (packed)."""
+    h, w = sample["dec"].shape[1] * 2 // 3, sample["dec"].shape[2]
+    j = int(sample[f"{slot}_idx"][t])
+    anchor = planes_to_tensor(unpack_yuv(sample["clean"][j]))[None]
+    flow = torch.from_numpy(sample[f"{slot}_flow"][t].astype(np.float32))[None]
+    return pack(tensor_to_planes(apply_flow(anchor, flow)[0], h, w))
+
+
 def frame_inputs(
     sample: dict,
     t: int,
@@ -72,6 +82,7 @@ def frame_inputs(
     drop_refs: tuple[bool, bool] = (False, False),
     enhanced: bool = False,
     crf_noise: float = 0.0,
+    truth: bool = False,
 ) -> tuple[FrameInputs, torch.Tensor]:
     """FrameInputs (and the clean target) for frame ``t`` of a cached sample.
 
@@ -81,6 +92,10 @@ def frame_inputs(
     (``attach_pixel_crf``; the true CRF in a sample without one) plus ``crf_noise``.
     ``enhanced`` takes the quality-peak slots warped from the enhanced anchors
     (training.anchors), as the recurrent engine does, where the sample has them.
+    ``truth`` hands every reference slot its *clean* frame, warped by the flow the
+    decoded one was aligned with: truth guidance (VIG/CRF-net, arXiv 2303.00520), so
+    that the network learns to take detail from its references before it must learn
+    to cope with their artefacts.
     """
     h = sample["dec"].shape[1] * 2 // 3
     w = sample["dec"].shape[2]
@@ -113,8 +128,11 @@ def frame_inputs(
         cost = sample[f"{name}_cost"][t][g0 : g0 + gh, g1 : g1 + gw]
         cost = torch.from_numpy(cost.astype(np.float32))
         qp = float(fqps[j]) if frame_qp is not None and np.isfinite(fqps[j]) else None
-        key = f"{name}_enh" if enhanced and f"{name}_enh" in sample else name
-        pixels = planes_to_tensor(cut(sample[key][t]))
+        if truth:
+            pixels = planes_to_tensor(cut(warped_clean(sample, name, t)))
+        else:
+            key = f"{name}_enh" if enhanced and f"{name}_enh" in sample else name
+            pixels = planes_to_tensor(cut(sample[key][t]))
         refs.append(Reference(pixels, cost_plane(cost, hh, ww), qp))
     item = FrameInputs(
         cur=cur,

@@ -85,6 +85,7 @@ class PatchSampler:
         drop_ref_p: float,
         enhanced_p: float = 0.0,
         crf_noise: float = 0.0,
+        truth_p: float = 0.0,
     ):
         fits = lambda s: min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2]) >= patch  # noqa: E731
         self.samples = [s for s in samples if fits(s)]
@@ -92,6 +93,7 @@ class PatchSampler:
         self.rng = np.random.default_rng(seed)
         self.blind_p, self.drop_ref_p, self.enhanced_p = blind_p, drop_ref_p, enhanced_p
         self.crf_noise = crf_noise
+        self.truth_p = truth_p  # share of samples whose references are clean (truth guidance)
 
     def batch(self, n: int):
         items, targets = [], []
@@ -105,8 +107,9 @@ class PatchSampler:
             blind = self.rng.random() < self.blind_p
             enhanced = self.rng.random() < self.enhanced_p
             noise = float(self.rng.normal(0.0, self.crf_noise)) if blind else 0.0
+            truth = self.rng.random() < self.truth_p
             item, target = frame_inputs(
-                s, t, (y0, x0, self.patch), blind, drops, enhanced, crf_noise=noise
+                s, t, (y0, x0, self.patch), blind, drops, enhanced, crf_noise=noise, truth=truth
             )
             # Streams without an options SEI: CRF unknown. Not on the blind path told the
             # pixel estimate, which the engine never runs without one.
@@ -262,6 +265,8 @@ def train(args) -> Path:
             lr *= (step + 1) / 300
         for g in opt.param_groups:
             g["lr"] = lr
+        decay = args.truth_decay * args.steps
+        sampler.truth_p = args.truth_guidance * max(0.0, 1.0 - step / decay) if decay else 0.0
         model.train()
         est.train()
         items, target = sampler.batch(args.batch)
@@ -403,6 +408,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--blind-p", type=float, default=0.25)
     p.add_argument("--drop-ref-p", type=float, default=0.1)
+    p.add_argument(
+        "--truth-guidance",
+        type=float,
+        default=0.0,
+        help="share of samples whose references are the clean frames at step 0 (truth "
+        "guidance), falling linearly to none at --truth-decay of the run",
+    )
+    p.add_argument("--truth-decay", type=float, default=0.5, help="fraction of --steps")
     p.add_argument(
         "--crf-noise",
         type=float,

@@ -288,6 +288,26 @@ def test_frame_inputs_follow_the_input_plan(trained):
     assert frame_inputs(sample, t)[0].seq_qp == 27.0
 
 
+def test_truth_guidance_hands_the_clean_references_on_the_same_flows(trained):
+    _, _, work = trained
+    sample = data.load_cache(work / "cache" / "val")[0]
+    t = next(i for i in range(1, FRAMES) if sample["peak_past_idx"][i] >= 0)
+    j = int(sample["peak_past_idx"][t])
+    dec, _ = frame_inputs(sample, t)
+    truth, target = frame_inputs(sample, t, truth=True)
+    # Same side information and costs; only the reference pixels change.
+    assert torch.equal(truth.cur, dec.cur) and torch.equal(truth.refs[0].cost, dec.refs[0].cost)
+    clean_j = torch.from_numpy(sample["clean"][j].astype(np.int16))
+    dec_j = torch.from_numpy(sample["dec"][j].astype(np.int16))
+    assert not torch.equal(clean_j, dec_j)
+    # The stored decoded reference is the decoded anchor warped by the stored flow; the
+    # clean one is the clean anchor warped by the same flow, so it lies nearer the target.
+    err = lambda r: float((r.pixels - target).abs().mean())  # noqa: E731
+    assert err(truth.refs[0]) < err(dec.refs[0])
+    crop, _ = frame_inputs(sample, t, (16, 32, 32), truth=True)
+    assert torch.equal(crop.refs[0].pixels, truth.refs[0].pixels[:, 8:24, 16:32])
+
+
 def test_pixel_crf_estimates_are_kept_for_the_next_start(trained, tmp_path):
     _, _, work = trained
     samples = data.load_cache(work / "cache" / "val")

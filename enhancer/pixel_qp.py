@@ -13,8 +13,10 @@ network over-corrects badly when told a CRF above the true one and only
 gains less when told one below, so the estimate errs low. The blind exit
 table is calibrated on that estimate (enhancer.training.recalibrate).
 
-It is trained by ``python -m enhancer.training.fit_pixel_qp`` and stored,
-weights and all, in the exit policy's ``blind_qp`` dict.
+It is trained by ``python -m enhancer.training.fit_pixel_qp`` and stored in
+the model file as an entry of its own (``to_state``: its config and fp16
+state dict; model format 2, vqe-v3.pt, kept it base64 in the exit policy's
+``blind_qp``: ``from_dict`` reads that, and a JSON file of fit_pixel_qp's).
 """
 
 from __future__ import annotations
@@ -103,12 +105,26 @@ class PixelQP:
         est = self.estimate(bit_depth)
         return [est.add(y) for y in lumas]
 
+    def to_state(self) -> dict | None:
+        """The model file's entry: config and fp16 state dict (None without a network)."""
+        if self.net is None:
+            return None
+        weights = {k: v.half() for k, v in self.net.state_dict().items()}
+        return {"config": {"width": self.net.width, "offset": self.offset}, "weights": weights}
+
+    @classmethod
+    def from_state(cls, d: dict | None) -> PixelQP:
+        """From ``to_state`` (an empty PixelQP for None)."""
+        if not d:
+            return cls()
+        return cls._of(int(d["config"]["width"]), d["weights"], float(d["config"]["offset"]))
+
     def to_dict(self) -> dict:
-        """JSON-safe: the fp16 weights as base64 (stored inside the exit policy)."""
+        """JSON-safe: the fp16 weights as base64 (fit_pixel_qp's files; model format 2)."""
         if self.net is None:
             return {}
         buf = io.BytesIO()
-        torch.save({k: v.half() for k, v in self.net.state_dict().items()}, buf)
+        torch.save(self.to_state()["weights"], buf)
         return {
             "kind": "cnn",
             "width": self.net.width,
@@ -121,10 +137,14 @@ class PixelQP:
         """An empty PixelQP for no dict (or the ridge statistics of vqe-v3's first release)."""
         if not d or d.get("kind") != "cnn":
             return cls()
-        net = PixelQPNet(int(d["width"]))
         state = torch.load(io.BytesIO(base64.b64decode(d["weights"])), weights_only=True)
+        return cls._of(int(d["width"]), state, float(d["offset"]))
+
+    @classmethod
+    def _of(cls, width: int, state: dict, offset: float) -> PixelQP:
+        net = PixelQPNet(width)
         net.load_state_dict({k: v.float() for k, v in state.items()})
-        return cls(net.to(memory_format=torch.channels_last), float(d["offset"]))
+        return cls(net.to(memory_format=torch.channels_last), offset)
 
 
 class CRFEstimate:

@@ -1,4 +1,14 @@
-"""Saving and loading the shipped model file: weights, config, estimator and exit policy."""
+"""Saving and loading the shipped model file: weights, config, estimators and exit policy.
+
+A model file is a dict (torch.save, read with ``weights_only``) whose ``format``
+is ``vqe-model/<version>``. Version 3 holds ``config``, ``model`` and
+``estimator`` (the network's config and the fp16 state dicts of it and its
+QP-map estimator), ``policy`` (ExitPolicy.to_dict, or None), ``pixel_qp``
+(the pixel CRF estimate's config and fp16 state dict, or None) and ``meta``.
+Version 2 (vqe-v3.pt) kept the pixel CRF estimate base64 inside the policy's
+flat layout: ``load_model`` reads both, ``save_model`` writes version 3, and a
+file of a newer version is refused.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +19,40 @@ from pathlib import Path
 import torch
 
 from enhancer.network import ModelConfig, QPEstimator, VQENet
+from enhancer.pixel_qp import PixelQP
 from enhancer.policy import ExitPolicy
 
-FORMAT = "vqe-model/2"
+FORMAT_NAME = "vqe-model"
+FORMAT_VERSION = 3
+FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
+OLDEST_VERSION = 2  # vqe-v3.pt
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v3.pt"
 
 
 @dataclass
 class ModelFile:
-    """What a model file holds: the network, the QP-map estimator, the exit policy, meta."""
+    """What a model file holds: the network, the QP-map estimator, the exit policy, meta,
+    and the pixel CRF estimate of the blind path (empty where the file has none)."""
 
     network: VQENet
     estimator: QPEstimator
     policy: ExitPolicy | None = None
     meta: dict = field(default_factory=dict)
+    pixel_qp: PixelQP = field(default_factory=PixelQP)
+
+    def save(self, path: Path) -> None:
+        """Write it back (as ``save_model``, in the current format)."""
+        save_model(path, self.network, self.estimator, self.policy, self.meta, self.pixel_qp)
 
 
 def save_model(
-    path: Path, model: VQENet, estimator: QPEstimator, policy: ExitPolicy | None, meta: dict
+    path: Path,
+    model: VQENet,
+    estimator: QPEstimator,
+    policy: ExitPolicy | None,
+    meta: dict,
+    pixel_qp: PixelQP | None = None,
 ) -> None:
     """Write a self-describing model file (fp16 weights keep it small)."""
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
@@ -37,12 +62,19 @@ def save_model(
         "model": half(model.state_dict()),
         "estimator": half(estimator.state_dict()),
         "policy": policy.to_dict() if policy else None,
+        "pixel_qp": pixel_qp.to_state() if pixel_qp else None,
         "meta": meta,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)
     tmp.replace(path)
+
+
+def _version(fmt) -> int | None:
+    """The version of a ``vqe-model/<version>`` format string (None for anything else)."""
+    name, _, version = str(fmt).partition("/")
+    return int(version) if name == FORMAT_NAME and version.isdigit() else None
 
 
 def _read(path: str | Path | None, map_location: str = "cpu") -> dict:
@@ -53,8 +85,16 @@ def _read(path: str | Path | None, map_location: str = "cpu") -> dict:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # not a torch file at all
         raise ValueError(f"{path} is not a vqe model file ({type(exc).__name__})") from None
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a vqe model file (format {FORMAT})")
+    version = _version(blob.get("format")) if isinstance(blob, dict) else None
+    if version is None or version < OLDEST_VERSION:
+        raise ValueError(
+            f"{path} is not a vqe model file (format {FORMAT_NAME}/{OLDEST_VERSION} to {FORMAT})"
+        )
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is a model file of format {blob['format']}, newer than this vqe reads"
+            f" ({FORMAT} at most): upgrade vqe to load it"
+        )
     return blob
 
 
@@ -70,5 +110,10 @@ def load_model(path: str | Path | None = None, map_location: str = "cpu") -> Mod
     model.load_state_dict({k: v.float() for k, v in blob["model"].items()})
     est = QPEstimator()
     est.load_state_dict({k: v.float() for k, v in blob["estimator"].items()})
-    policy = ExitPolicy.from_dict(blob["policy"]) if blob.get("policy") else None
-    return ModelFile(model.eval(), est.eval(), policy, blob.get("meta", {}))
+    policy = dict(blob.get("policy") or {})
+    if "pixel_qp" in blob:  # format 3
+        pixel_qp = PixelQP.from_state(blob["pixel_qp"])
+    else:  # format 2: base64 in the policy
+        pixel_qp = PixelQP.from_dict(policy.pop("blind_qp", None))
+    policy = ExitPolicy.from_dict(policy) if policy else None
+    return ModelFile(model.eval(), est.eval(), policy, blob.get("meta", {}), pixel_qp)

@@ -43,7 +43,6 @@ from enhancer.features import (
     tensor_to_planes,
 )
 from enhancer.options import SIDE_INFO_MODES
-from enhancer.pixel_qp import PixelQP
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, align_reference, input_plan
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -222,7 +221,7 @@ class Engine:
         model, est, policy = loaded.network, loaded.estimator, loaded.policy
         self.meta = loaded.meta
         self.policy = policy
-        self.pixel_qp = PixelQP.from_dict(policy.blind_qp if policy else None)
+        self.pixel_qp = loaded.pixel_qp
         self.max_stages = model.cfg.stages
         self.tile = tile  # half-resolution tile edge; None = automatic, 0 = never tile
         self.recurrent = recurrent

@@ -19,88 +19,141 @@ strength that gains most there.
 
 The blind path (pixels only) and streams that carry neither a frame QP nor
 the encoder's CRF have tables of their own, binned by the CRF estimated from
-the decoded pixels (enhancer.pixel_qp, whose network the policy also
-stores): the network then reads no QP it could trust, so its gains per bin
+the decoded pixels (enhancer.pixel_qp, stored beside the policy in the model
+file): the network then reads no QP it could trust, so its gains per bin
 differ from the codec-aware ones.
 
-Tables, by ``kind``: "h264" (by frame QP), "hevc" (by CRF), "blind" and
-"blind_hevc" (by the pixel estimate, on H.264 and HEVC streams). An empty
-table falls back to "h264".
+A policy is data: ``tables`` maps a kind (KINDS: "h264" by frame QP, "hevc"
+by CRF, "blind" and "blind_hevc" by the pixel estimate, on H.264 and HEVC
+streams) to its ExitTable. A kind without a calibrated table falls back to
+"h264". ``to_dict`` writes that layout; ``from_dict`` also reads the flat one
+of model format 2 (vqe-v3.pt: ``stages``, ``hevc_stages``, ``blind_gains``...
+with one ``edges`` for all) and refuses fields and kinds it does not know.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
 DEFAULT_EDGES = [0.0, 20.0, 24.0, 28.0, 32.0, 36.0, 40.0, 44.0, 48.0, 99.0]
+KINDS = ("h264", "hevc", "blind", "blind_hevc")
+
+
+@dataclass
+class ExitTable:
+    """One kind's table: per level bin (``edges[i] <= level < edges[i + 1]``, the end bins
+    clamped) the stages to run, the strength of the correction (empty: 1.0 everywhere) and
+    the mean ΔPSNR-Y measured with 1..S stages (empty for a bin without frames)."""
+
+    edges: list[float] = field(default_factory=lambda: list(DEFAULT_EDGES))
+    stages: list[int] = field(default_factory=list)
+    strengths: list[float] = field(default_factory=list)
+    gains: list[list[float]] = field(default_factory=list)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether it picks stages (an uncalibrated one defers to another table)."""
+        return bool(self.stages)
+
+    def lookup(self, values: list, level: float | None, default):
+        """``values``' (stages or strengths) entry for the bin of ``level``; ``default``
+        without a level or values."""
+        if not values or level is None or not np.isfinite(level):
+            return default
+        i = int(np.searchsorted(self.edges, level, side="right")) - 1
+        return values[min(max(i, 0), len(values) - 1)]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExitTable:
+        return cls(**_known(cls, d, "exit table"))
+
+
+def _refuse_unknown(what: str, names, known) -> None:
+    """A ValueError naming what of ``names`` is not ``known`` (a file from a newer vqe)."""
+    if unknown := sorted(set(names) - set(known)):
+        raise ValueError(
+            f"unknown {what} {', '.join(map(repr, unknown))} (this vqe knows"
+            f" {', '.join(sorted(known))}): written by a newer vqe?"
+        )
+
+
+def _known(cls, d: dict, what: str) -> dict:
+    """``d``, if all its keys are fields of ``cls``."""
+    _refuse_unknown(f"{what} field(s)", d, [f.name for f in fields(cls)])
+    return d
+
+
+def _check_kinds(kinds) -> None:
+    _refuse_unknown("exit table kind(s)", kinds, KINDS)
 
 
 @dataclass
 class ExitPolicy:
-    edges: list[float] = field(default_factory=lambda: list(DEFAULT_EDGES))
-    stages: list[int] = field(default_factory=list)  # one per bin
-    gains: list[list[float]] = field(default_factory=list)  # per bin, per stage count 1..S
+    tables: dict[str, ExitTable] = field(default_factory=dict)
     tolerance: float = 0.05
     max_stages: int = 3
-    # The same for HEVC streams, binned by the stream's CRF and calibrated on x265
-    # validation encodes (the model gains less on them); empty: use ``stages``.
-    hevc_stages: list[int] = field(default_factory=list)
-    hevc_gains: list[list[float]] = field(default_factory=list)
-    # Strength of the correction per bin (empty: 1.0 everywhere).
-    strengths: list[float] = field(default_factory=list)
-    hevc_strengths: list[float] = field(default_factory=list)
-    # The blind path's without a CRF, by the CRF estimated from the pixels (``blind_qp``:
-    # PixelQP's dict, enhancer.pixel_qp), on H.264 streams.
-    blind_stages: list[int] = field(default_factory=list)
-    blind_gains: list[list[float]] = field(default_factory=list)
-    blind_strengths: list[float] = field(default_factory=list)
-    blind_qp: dict = field(default_factory=dict)
-    # The same on HEVC streams without a CRF (the estimate reads x265 differently).
-    blind_hevc_stages: list[int] = field(default_factory=list)
-    blind_hevc_gains: list[list[float]] = field(default_factory=list)
-    blind_hevc_strengths: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check_kinds(self.tables)
 
     def has(self, kind: str) -> bool:
         """Whether the ``kind`` table is calibrated (else "h264" stands in for it)."""
-        return bool(self.stages if kind == "h264" else getattr(self, f"{kind}_stages"))
+        _check_kinds([kind])
+        table = self.tables.get(kind)
+        return table is not None and table.calibrated
 
-    def table(self, kind: str) -> tuple[list[int], list[float]]:
-        """(stages, strengths) per bin of the ``kind`` table, or of "h264" if it is empty."""
-        if kind != "h264" and self.has(kind):
-            return getattr(self, f"{kind}_stages"), getattr(self, f"{kind}_strengths")
-        return self.stages, self.strengths
+    def table(self, kind: str = "h264") -> ExitTable:
+        """The ``kind`` table, or "h264"'s if it is not calibrated (or an empty one)."""
+        if self.has(kind):
+            return self.tables[kind]
+        return self.tables.get("h264") or ExitTable()
 
-    def set_table(self, kind: str, other: ExitPolicy, other_kind: str = "h264") -> None:
-        """Take ``other``'s ``other_kind`` table (by default calibrate's result) as ``kind``."""
-        for name in ("stages", "gains", "strengths"):
-            value = getattr(other, name if other_kind == "h264" else f"{other_kind}_{name}")
-            setattr(self, name if kind == "h264" else f"{kind}_{name}", value)
-
-    def _bin(self, table: list, qp: float) -> int:
-        i = int(np.searchsorted(self.edges, qp, side="right")) - 1
-        return min(max(i, 0), len(table) - 1)
+    def set_table(self, kind: str, table: ExitTable | ExitPolicy) -> None:
+        """Store ``table`` as ``kind`` (a policy: its "h264" table, as calibrate returns)."""
+        _check_kinds([kind])
+        self.tables[kind] = table.table("h264") if isinstance(table, ExitPolicy) else table
 
     def stages_for(self, qp: float | None, kind: str = "h264") -> int:
-        table = self.table(kind)[0]
-        if not table or qp is None or not np.isfinite(qp):
-            return self.max_stages
-        return table[self._bin(table, qp)]
+        table = self.table(kind)
+        return table.lookup(table.stages, qp, self.max_stages)
 
     def strength_for(self, qp: float | None, kind: str = "h264") -> float:
-        table = self.table(kind)[1]
-        if not table or qp is None or not np.isfinite(qp):
-            return 1.0
-        return table[self._bin(table, qp)]
+        table = self.table(kind)
+        return table.lookup(table.strengths, qp, 1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> ExitPolicy:
-        """From ``to_dict``; tables this version no longer has are dropped."""
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        """From ``to_dict``, or from the flat layout of model format 2 (vqe-v3.pt)."""
+        if "tables" not in d:
+            d = _from_flat(d)
+        d = dict(_known(cls, d, "exit policy"))
+        _check_kinds(d.get("tables", {}))
+        d["tables"] = {k: ExitTable.from_dict(t) for k, t in d.get("tables", {}).items()}
+        return cls(**d)
+
+
+def _from_flat(d: dict) -> dict:
+    """Model format 2's policy: ``stages``, ``gains``, ``strengths`` for "h264" and the same
+    prefixed by the kind ("hevc_stages"...) for the others, one ``edges`` for all."""
+    d = dict(d)
+    if "blind_qp" in d:
+        raise ValueError(
+            "the exit policy holds the pixel CRF estimate (blind_qp): the model file's loader"
+            " (enhancer.checkpoint.load_model) takes it out first"
+        )
+    edges = d.pop("edges", list(DEFAULT_EDGES))
+    tables = {}
+    for kind in KINDS:
+        prefix = "" if kind == "h264" else f"{kind}_"
+        parts = {name: d.pop(prefix + name, []) for name in ("stages", "strengths", "gains")}
+        if any(parts.values()):
+            tables[kind] = {"edges": list(edges), **parts}
+    return d | {"tables": tables}
 
 
 def calibrate(
@@ -116,7 +169,8 @@ def calibrate(
     strengths: list[float] | None = None,
     caps: list[int] | None = None,
 ) -> ExitPolicy:
-    """records: (frame QP, [ΔPSNR-Y after stage 1..S]) for validation frames, or with
+    """A policy whose "h264" table is fitted to ``records``: (frame QP, [ΔPSNR-Y after
+    stage 1..S]) for validation frames, or with
     ``strengths``, (frame QP, [[Δ after stage 1..S] per strength]).
 
     ``sources``: the source of each record (enables the worst-source guard, over
@@ -165,16 +219,10 @@ def calibrate(
     # Bins with no validation frames borrow the nearest calibrated bin.
     known = [i for i, c in enumerate(chosen) if c >= 0]
     if not known:
-        return ExitPolicy(edges=edges, stages=[], gains=table, max_stages=max_stages)
+        return ExitPolicy({"h264": ExitTable(edges, [], [], table)}, tolerance, max_stages)
     for i, c in enumerate(chosen):
         if c < 0:
             j = min(known, key=lambda j: abs(j - i))
             chosen[i], picked[i] = chosen[j], picked[j]
-    return ExitPolicy(
-        edges=edges,
-        stages=[int(c) for c in chosen],
-        gains=table,
-        tolerance=tolerance,
-        max_stages=max_stages,
-        strengths=picked if strengths else [],
-    )
+    fitted = ExitTable(edges, [int(c) for c in chosen], picked if strengths else [], table)
+    return ExitPolicy({"h264": fitted}, tolerance, max_stages)

@@ -12,8 +12,8 @@ estimate a model file already holds (or from the last run's, kept in
 
 Reports, on the held-out sources at seven CRFs, the frame QP it reads and
 the CRF the engine would hand the network (their mean over the sequence
-less ``--offset``), and with ``--write`` stores it in the model file's exit
-policy. About 6 minutes per seed of encodes and 10 for 4000 steps on 2 cores.
+less ``--offset``), and with ``--write`` stores it in the model file (its
+``pixel_qp`` entry). About 6 minutes per seed of encodes and 10 for 4000 steps on 2 cores.
 
     python -m enhancer.training.fit_pixel_qp --footage ../shared/footage \\
         --write enhancer/weights/vqe-v3.pt
@@ -26,6 +26,7 @@ import io
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +35,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from bitstream.reader import open_video
-from enhancer.checkpoint import load_model, save_model
+from enhancer.checkpoint import load_model
 from enhancer.features import autocast, cpu_has_bf16
 from enhancer.pixel_qp import PixelQP, PixelQPNet
-from enhancer.policy import ExitPolicy
 from enhancer.training.data import EncodeSettings, encode_planes, random_settings
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources
 
@@ -218,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.init.suffix == ".json":
             start = PixelQP.from_dict(json.loads(args.init.read_text()))
         else:
-            policy = load_model(args.init).policy
-            start = PixelQP.from_dict(policy.blind_qp if policy else None)
+            start = load_model(args.init).pixel_qp
         if start and start.net.width == args.width:
             net.load_state_dict(start.net.state_dict())
             log(f"warm start from {args.init}")
@@ -230,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     last.write_text(json.dumps(est.to_dict()))
     report(est, held, log)
     if args.write:
-        loaded = load_model(args.write)
-        model, qp_est, policy, meta = loaded.network, loaded.estimator, loaded.policy, loaded.meta
-        policy = policy or ExitPolicy(max_stages=model.cfg.stages)
-        policy.blind_qp = est.to_dict()
-        save_model(args.write, model, qp_est, policy, meta)
+        replace(load_model(args.write), pixel_qp=est).save(args.write)
         log(f"stored in {args.write}")
     return 0
 

@@ -15,12 +15,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from enhancer.checkpoint import DEFAULT_WEIGHTS, load_model, save_model
+from enhancer.checkpoint import DEFAULT_WEIGHTS, load_model
 from enhancer.metrics import psnr
 from enhancer.output_rate import (
     COMPACT_MIN_DB,
@@ -216,7 +217,7 @@ def calibrate(
         loaded = load_model(path)
         meta = dict(loaded.meta or {})
         meta["output_rate"] = rate.to_dict()
-        save_model(path, loaded.network, loaded.estimator, loaded.policy, meta)
+        replace(loaded, meta=meta).save(path)
         log(f"saved the output rate into {path}")
     return rate
 

@@ -29,16 +29,16 @@ import io
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bitstream.reader import open_video
-from enhancer.checkpoint import load_model, save_model
+from enhancer.checkpoint import load_model
 from enhancer.engine import Engine
 from enhancer.metrics import psnr
-from enhancer.pixel_qp import PixelQP
 from enhancer.policy import ExitPolicy, calibrate
 from enhancer.training.data import EncodeSettings, encode_planes
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources
@@ -80,9 +80,9 @@ def collect(
         name: clean_sequence(path, photos, {}, np.random.default_rng([SEED, i]), frames, size)
         for i, (name, path) in enumerate(sources)
     }
-    policy = load_model(weights).policy
-    depth = policy.max_stages if policy else 3
-    if "blind" in paths and not PixelQP.from_dict(policy.blind_qp if policy else None):
+    loaded = load_model(weights)
+    depth = loaded.policy.max_stages if loaded.policy else 3
+    if "blind" in paths and not loaded.pixel_qp:
         raise ValueError("the model file has no pixel CRF estimate: run fit_pixel_qp first")
     engine = Engine(weights, device="cpu")
     runs = [(path, k) for path in paths for k in range(1, depth + 1)]
@@ -197,7 +197,7 @@ def budgeted_policy(records: list[dict], max_stages: int, log=None):
     unit of early-exit ratio saved first) until early exit fits EXIT_BUDGET."""
     costs = _mean_costs([r for r in _aware(records) if r["codec"] == "libx264"], max_stages)
     policy = policy_from(records, max_stages, tolerance=TOLERANCE, price=PRICE)
-    caps = list(policy.stages)
+    caps = list(policy.table("h264").stages)
     ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
     if log is not None:
         log(f"price {PRICE}: early-exit ratio {ratio:.2f}, mean gain {gain:.3f}")
@@ -217,8 +217,8 @@ def budgeted_policy(records: list[dict], max_stages: int, log=None):
         if best is None:
             break
         _, b, h264 = best
-        policy.stages, policy.gains, policy.strengths = h264.stages, h264.gains, h264.strengths
-        caps = list(policy.stages)
+        policy.set_table("h264", h264)
+        caps = list(policy.table("h264").stages)
         ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
         if log is not None:
             log(f"bin {b}: one stage less; early-exit ratio {ratio:.2f}, mean gain {gain:.3f}")
@@ -259,28 +259,28 @@ def main(argv: list[str] | None = None) -> int:
         args.records[0].parent.mkdir(parents=True, exist_ok=True)
         args.records[0].write_text(json.dumps(records))
     loaded = load_model(args.weights)
-    model, est, old, meta = loaded.network, loaded.estimator, loaded.policy, loaded.meta
+    stages, old = loaded.network.cfg.stages, loaded.policy
     if _aware(records):
-        policy = budgeted_policy(records, model.cfg.stages, log)
-        policy.blind_qp = old.blind_qp if old else {}
+        policy = budgeted_policy(records, stages, log)
         if old and not any(r.get("path") == "blind" for r in records):
             for kind in ("blind", "blind_hevc"):  # a path not measured keeps its tables
-                policy.set_table(kind, old, kind)
+                if kind in old.tables:
+                    policy.set_table(kind, old.tables[kind])
     else:  # only blind paths measured: the codec-aware and HEVC tables stay
-        policy = old or ExitPolicy(max_stages=model.cfg.stages)
-        blind_policy(records, model.cfg.stages, policy, tolerance=TOLERANCE, price=PRICE)
-    print(f"H.264 by QP, edges {policy.edges}")
+        policy = old or ExitPolicy(max_stages=stages)
+        blind_policy(records, stages, policy, tolerance=TOLERANCE, price=PRICE)
+    print(f"H.264 by QP, edges {policy.table('h264').edges}")
     for kind, by in (
         ("h264", "QP"),
         ("hevc", "CRF"),
         ("blind", "estimated CRF"),
         ("blind_hevc", "estimated CRF"),
     ):
-        table, strengths = policy.table(kind)
-        print(f"{kind} by {by}: stages {table}, strengths {strengths}")
+        table = policy.table(kind)
+        print(f"{kind} by {by}: stages {table.stages}, strengths {table.strengths}")
     if args.write:
-        meta = meta | {"policy_source": "enhancer.training.recalibrate (engine records)"}
-        save_model(args.write, model, est, policy, meta)
+        meta = loaded.meta | {"policy_source": "enhancer.training.recalibrate (engine records)"}
+        replace(loaded, policy=policy, meta=meta).save(args.write)
         print(f"wrote {args.write}")
     return 0
 

@@ -345,10 +345,9 @@ def train(args) -> Path:
 def pixel_estimate(args) -> PixelQP:
     """The pixel CRF estimate of the ``--init`` model file, else the default weights'."""
     try:
-        policy = load_model(args.init or None).policy
+        return load_model(args.init or None).pixel_qp
     except ValueError:  # --init is a training checkpoint, which holds none
-        policy = load_model(None).policy
-    return PixelQP.from_dict(policy.blind_qp if policy else None)
+        return load_model(None).pixel_qp
 
 
 def export(work: Path, val_set, args, log) -> Path:
@@ -364,9 +363,8 @@ def export(work: Path, val_set, args, log) -> Path:
     res = validate(model, est, val_set, max_frames=16, bf16=bf16, enhanced=True)
     policy = calibrate(res["records"], model.cfg.stages)
     # The blind tables come from recalibrate (through the engine); the estimate stays.
-    policy.blind_qp = pixel_qp.to_dict()
     log("final validation (best checkpoint, all frames)\n" + format_table(res, model.cfg.stages))
-    log(f"exit policy: edges {policy.edges} stages {policy.stages}")
+    log(f"exit policy: edges {policy.table().edges} stages {policy.table().stages}")
     hevc_set = load_cache(work / "cache" / "val-hevc")
     if hevc_set:
         attach_all(hevc_set, model, est, bf16=bf16)
@@ -374,7 +372,7 @@ def export(work: Path, val_set, args, log) -> Path:
         log("x265 validation\n" + format_table(hevc, model.cfg.stages))
         hevc_policy = calibrate(hevc["hevc_records"], model.cfg.stages)
         policy.set_table("hevc", hevc_policy)
-        log(f"HEVC exit policy: stages {policy.hevc_stages}")
+        log(f"HEVC exit policy: stages {policy.tables['hevc'].stages}")
     meta = {
         "version": args.version,
         "step": ck["step"],
@@ -382,7 +380,7 @@ def export(work: Path, val_set, args, log) -> Path:
         "validation": {str(k): v for k, v in res["crf"].items()},
     }
     out = work / f"{args.version}.pt"
-    save_model(out, model, est, policy, meta)
+    save_model(out, model, est, policy, meta, pixel_qp)
     log(f"exported {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return out
 

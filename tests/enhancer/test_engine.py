@@ -17,7 +17,7 @@ from bitstream.types import RateControl
 from enhancer.batch import FrameInputs, collate
 from enhancer.engine import CONTEXT, LARGE_TILE_QP, TILE, Engine, pick_device, transfer_tile
 from enhancer.features import cpu_has_bf16, planes_to_tensor, qp_plane
-from enhancer.policy import ExitPolicy
+from enhancer.policy import ExitPolicy, ExitTable
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, input_plan, reference_indices
 from enhancer.training.data import EncodeSettings, encode_planes
 from tests.enhancer.tiny import (
@@ -381,7 +381,7 @@ def test_engine_weakens_the_correction_by_the_policy_strength(h264, tmp_path):
     info, frames = h264
     runs = {}
     for s in (1.0, 0.5):
-        pol = ExitPolicy(stages=[3] * 9, strengths=[s] * 9, max_stages=3)
+        pol = ExitPolicy({"h264": ExitTable(stages=[3] * 9, strengths=[s] * 9)}, max_stages=3)
         engine = Engine(write_weights(tmp_path / f"s{s}.pt", pol), device="cpu", transfer=False)
         assert engine.policy.strength_for(30.0) == s
         runs[s] = enhance(engine, info, frames)
@@ -400,10 +400,8 @@ def test_engine_tells_the_network_a_pixel_crf_estimate_without_a_crf(h264, tmp_p
     assert info.sequence_qp is not None
     no_crf = replace(info, rate_control=RateControl(), encoder=None)
     told = replace(info, rate_control=RateControl(mode="crf", crf=19.5))
-    reads = constant_pixel_qp(27.5).to_dict()
-    pol = replace(tiny_policy(), blind_stages=[0, 3, 3, 3, 3, 3, 3, 3, 3],
-                  blind_strengths=[1.0] * 9, blind_qp=reads)  # fmt: skip
-    weights = write_weights(tmp_path / "blind.pt", pol)
+    pol = tiny_policy(blind=ExitTable(stages=[0, 3, 3, 3, 3, 3, 3, 3, 3], strengths=[1.0] * 9))
+    weights = write_weights(tmp_path / "blind.pt", pol, pixel_qp=constant_pixel_qp(27.5))
     engine = Engine(weights, device="cpu")
     blind = enhance(engine, no_crf, frames, side_info="blind")
     assert [r.stages for _, r in blind] == [0] * len(frames)
@@ -435,10 +433,10 @@ def test_engine_blind_hevc_without_a_crf_takes_its_own_table(clip, tmp_path):
                 options={"crf": "27", "x265-params": "log-level=none"})  # fmt: skip
     info, frames = decode(path)
     no_crf = replace(info, rate_control=RateControl(), encoder=None)
-    pol = replace(tiny_policy(), blind_stages=[3] * 9, blind_strengths=[1.0] * 9,
-                  blind_hevc_stages=[2] * 9, blind_hevc_strengths=[1.0] * 9,
-                  blind_qp=constant_pixel_qp(40.0).to_dict())  # fmt: skip
-    engine = Engine(write_weights(tmp_path / "hevc.pt", pol), device="cpu")
+    pol = tiny_policy(blind=ExitTable(stages=[3] * 9, strengths=[1.0] * 9),
+                      blind_hevc=ExitTable(stages=[2] * 9, strengths=[1.0] * 9))  # fmt: skip
+    weights = write_weights(tmp_path / "hevc.pt", pol, pixel_qp=constant_pixel_qp(40.0))
+    engine = Engine(weights, device="cpu")
     reports = [r for _, r in enhance(engine, no_crf, frames, side_info="blind")]
     assert [r.stages for r in reports] == [2] * len(frames)
     assert all(r.qp == pytest.approx(32.0, abs=0.1) for r in reports)

@@ -32,7 +32,7 @@ from enhancer.features import (
     warp_reference,
 )
 from enhancer.network import FRAME_COND, REFERENCES, ModelConfig, QPEstimator, VQENet
-from enhancer.policy import DEFAULT_EDGES, ExitPolicy, calibrate
+from enhancer.policy import DEFAULT_EDGES, KINDS, ExitPolicy, ExitTable, calibrate
 from enhancer.training import train
 from tests.enhancer.tiny import H, W, item, reference, run, same_planes, tiny_cfg, tiny_model
 
@@ -399,15 +399,16 @@ def test_calibrate_picks_fewest_stages_within_tolerance():
         (45.0, [-0.04, 0.50, 0.0]),  # bin [44, 48): not monotone, the best is 2 stages
     ]
     pol = calibrate(records, max_stages=3)
-    assert pol.edges == DEFAULT_EDGES and pol.max_stages == 3
+    table = pol.tables["h264"]
+    assert list(pol.tables) == ["h264"] and table.edges == DEFAULT_EDGES and pol.max_stages == 3
     # Empty bins borrow the nearest calibrated bin.
-    assert pol.stages == [2, 2, 2, 1, 1, 0, 0, 2, 2]
-    assert pol.gains[1] == [0.1, 0.28, 0.3] and pol.gains[0] == []
-    assert calibrate(records, 3, tolerance=0.001).stages[1] == 3
+    assert table.stages == [2, 2, 2, 1, 1, 0, 0, 2, 2]
+    assert table.gains[1] == [0.1, 0.28, 0.3] and table.gains[0] == []
+    assert calibrate(records, 3, tolerance=0.001).table().stages[1] == 3
     assert pol.stages_for(21.5) == 2 and pol.stages_for(33.0) == 1 and pol.stages_for(39) == 0
     assert pol.stages_for(-5) == 2 and pol.stages_for(200) == 2  # clamped to the end bins
     assert pol.stages_for(None) == 3 and pol.stages_for(float("nan")) == 3
-    assert all(type(s) is int for s in pol.stages)  # stored in a weights_only model file
+    assert all(type(s) is int for s in table.stages)  # stored in a weights_only model file
 
 
 def test_calibrate_guards_the_worst_source_and_prices_depth():
@@ -416,36 +417,78 @@ def test_calibrate_guards_the_worst_source_and_prices_depth():
     # Bin [36, 40): depth adds 0.10 dB per stage for both sources.
     records += [(38.0, [0.30, 0.40, 0.50])] * 8
     sources = ["a"] * 4 + ["b"] * 4 + ["a", "b"] * 4
-    plain = calibrate(records, 3, tolerance=0.0)
-    assert plain.stages[1] == 2 and plain.stages[5] == 3  # the mean alone: b loses 0.05
-    guarded = calibrate(records, 3, tolerance=0.0, sources=sources, guard=0.03)
-    assert guarded.stages[1] == 1 and guarded.stages[5] == 3
+    stages = lambda **kw: calibrate(records, 3, tolerance=0.0, **kw).table().stages  # noqa: E731
+    plain = stages()
+    assert plain[1] == 2 and plain[5] == 3  # the mean alone: b loses 0.05
+    guarded = stages(sources=sources, guard=0.03)
+    assert guarded[1] == 1 and guarded[5] == 3
     # A source with too few frames in a bin does not veto it.
-    few = calibrate(records, 3, tolerance=0.0, sources=sources, min_frames=5)
-    assert few.stages[1] == 2
+    assert stages(sources=sources, min_frames=5)[1] == 2
     # Priced: a stage must earn 0.12 dB per unit of time (here one per stage).
-    priced = calibrate(records, 3, tolerance=0.0, sources=sources, costs=[1, 2, 3], price=0.12)
-    assert priced.stages[5] == 1 and priced.stages[1] == 1
+    priced = stages(sources=sources, costs=[1, 2, 3], price=0.12)
+    assert priced[5] == 1 and priced[1] == 1
     # Every count loses for some source: the frames are passed through.
     lost = [(30.0, [0.2, 0.2, 0.2])] * 4 + [(30.0, [-0.1, -0.1, -0.1])] * 4
-    assert calibrate(lost, 3, sources=["a"] * 4 + ["b"] * 4).stages[3] == 0
+    assert calibrate(lost, 3, sources=["a"] * 4 + ["b"] * 4).table().stages[3] == 0
 
 
 def test_policy_without_data_runs_everything_and_round_trips():
     empty = calibrate([], max_stages=2)
-    assert empty.stages == [] and empty.stages_for(30.0) == 2
+    assert not empty.has("h264") and empty.stages_for(30.0) == 2
+    assert ExitPolicy().stages_for(30.0) == 3 and ExitPolicy().strength_for(30.0) == 1.0
     pol = calibrate([(30.0, [0.2, 0.3]), (45.0, [0.4, 0.4])], max_stages=2, tolerance=0.02)
     d = json.loads(json.dumps(pol.to_dict()))
     back = ExitPolicy.from_dict(d)
     assert back == pol and back.tolerance == 0.02
+    assert isinstance(back.tables["h264"], ExitTable)
     assert [back.stages_for(q) for q in (None, 10, 30, 45)] == [2, 2, 2, 1]
     # HEVC has its own table when calibrated, else falls back to the H.264 one.
-    assert back.stages_for(45, "hevc") == 1
-    back.hevc_stages = [0] * len(back.stages)
+    assert not back.has("hevc") and back.stages_for(45, "hevc") == 1
+    back.set_table("hevc", ExitTable(stages=[0] * 9))
     assert back.stages_for(45, "hevc") == 0 and back.stages_for(45) == 1
-    back.hevc_strengths = [0.5] * len(back.stages)
+    back.set_table("hevc", ExitTable(stages=[0] * 9, strengths=[0.5] * 9))
     assert back.strength_for(45, "hevc") == 0.5 and back.strength_for(45) == 1.0
+    back.set_table("blind", pol)  # a policy as calibrate returns it: its H.264 table
+    assert back.tables["blind"] == pol.tables["h264"] and back.has("blind")
     assert ExitPolicy.from_dict(json.loads(json.dumps(back.to_dict()))) == back
+
+
+def test_policy_reads_the_flat_layout_of_model_format_2():
+    """vqe-v3.pt's policy: the kind as a prefix of flat fields, one ``edges`` for all."""
+    edges = [0.0, 30.0, 99.0]
+    flat = {"edges": edges, "stages": [1, 2], "gains": [[0.1], [0.2]], "strengths": [],
+            "tolerance": 0.0, "max_stages": 2, "hevc_stages": [0, 1], "hevc_gains": [],
+            "hevc_strengths": [0.5, 1.0], "blind_stages": [], "blind_gains": [],
+            "blind_strengths": []}  # fmt: skip
+    pol = ExitPolicy.from_dict(flat)
+    assert pol == ExitPolicy(
+        {"h264": ExitTable(edges, [1, 2], [], [[0.1], [0.2]]),
+         "hevc": ExitTable(edges, [0, 1], [0.5, 1.0], [])},
+        tolerance=0.0, max_stages=2,
+    )  # fmt: skip
+    assert pol.stages_for(20.0, "blind") == 1 and pol.strength_for(20.0, "hevc") == 0.5
+    assert ExitPolicy.from_dict(pol.to_dict()) == pol  # written in the new layout
+
+
+def test_policy_refuses_what_it_does_not_know():
+    """A table or field of a newer vqe is an error, not dropped."""
+    good = calibrate([(30.0, [0.2, 0.3])], max_stages=2).to_dict()
+    bad = {
+        "unknown kind": good | {"tables": good["tables"] | {"av1": good["tables"]["h264"]}},
+        "unknown policy field": good | {"price": 0.1},
+        "unknown table field": good | {"tables": {"h264": good["tables"]["h264"] | {"caps": []}}},
+        "unknown flat field": {"stages": [1], "av1_stages": [2]},
+    }
+    for d in bad.values():
+        with pytest.raises(ValueError, match="unknown .*newer vqe"):
+            ExitPolicy.from_dict(d)
+    with pytest.raises(ValueError, match="unknown exit table kind"):
+        ExitPolicy().set_table("vp9", ExitTable())
+    with pytest.raises(ValueError, match="unknown exit table kind"):
+        ExitPolicy().stages_for(30.0, "h266")
+    with pytest.raises(ValueError, match="blind_qp"):  # the loader takes it out first
+        ExitPolicy.from_dict({"stages": [1], "blind_qp": {}})
+    assert set(KINDS) == {"h264", "hevc", "blind", "blind_hevc"}
 
 
 # ---------------------------------------------------------------- model files
@@ -458,7 +501,7 @@ def test_save_and_load_model_round_trip(tmp_path):
     path = tmp_path / "sub" / "m.pt"
     save_model(path, model, est, pol, {"version": "t", "step": 7})
     assert path.exists() and not path.with_suffix(".tmp").exists()
-    assert torch.load(path, weights_only=True)["format"] == FORMAT == "vqe-model/2"
+    assert torch.load(path, weights_only=True)["format"] == FORMAT == "vqe-model/3"
     loaded = load_model(path)
     model2, est2, pol2, meta = loaded.network, loaded.estimator, loaded.policy, loaded.meta
     assert model2.cfg == model.cfg and not model2.training and not est2.training
@@ -476,7 +519,7 @@ def test_save_and_load_model_round_trip(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v.half().float())
     save_model(path, model, est, None, {})
-    assert load_model(path).policy is None
+    assert load_model(path).policy is None and not load_model(path).pixel_qp
 
 
 def test_load_model_rejects_missing_and_foreign_files(tmp_path):
@@ -495,12 +538,43 @@ def test_load_model_rejects_missing_and_foreign_files(tmp_path):
     for name in [*cases, "text.pt", "empty.pt"]:
         with pytest.raises(ValueError, match="not a vqe model file"):
             load_model(tmp_path / name)
+    # A newer format is refused as such (written by a later vqe), not read half-way.
+    model, est = tiny_model(), QPEstimator()
+    save_model(tmp_path / "now.pt", model, est, None, {})
+    newer = torch.load(tmp_path / "now.pt", weights_only=True) | {"format": "vqe-model/4"}
+    torch.save(newer, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match="format vqe-model/4, newer than this vqe reads"):
+        load_model(tmp_path / "newer.pt")
+
+
+def test_shipped_model_file_saves_and_loads_unchanged(tmp_path):
+    """vqe-v3.pt (format 2: the pixel CRF estimate base64 in a flat policy) loaded, saved
+    in the current format and loaded again: the same weights, policy, decisions and
+    pixel CRF estimate."""
+    shipped = load_model()
+    shipped.save(tmp_path / "again.pt")
+    blob = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert blob["format"] == FORMAT and "blind_qp" not in (blob["policy"] or {})
+    again = load_model(tmp_path / "again.pt")
+    assert again.policy == shipped.policy and again.meta == shipped.meta
+    for a, b in ((shipped.network, again.network), (shipped.estimator, again.estimator)):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    if shipped.policy is not None:
+        for kind in KINDS:
+            for qp in (None, 5.0, 21.0, 27.5, 33.0, 47.0, 80.0):
+                assert again.policy.stages_for(qp, kind) == shipped.policy.stages_for(qp, kind)
+                assert again.policy.strength_for(qp, kind) == shipped.policy.strength_for(qp, kind)
+    assert bool(again.pixel_qp) == bool(shipped.pixel_qp)
+    if shipped.pixel_qp:
+        assert again.pixel_qp.offset == shipped.pixel_qp.offset
+        y = np.random.default_rng(0).integers(0, 256, (144, 176), dtype=np.uint8)
+        assert again.pixel_qp.frame_qp(y) == shipped.pixel_qp.frame_qp(y)
 
 
 def test_shipped_weights_load_and_run():
     """Holds for the placeholder and for trained weights alike."""
     assert DEFAULT_WEIGHTS.name == "vqe-v3.pt" and DEFAULT_WEIGHTS.exists()
-    assert torch.load(DEFAULT_WEIGHTS, weights_only=True)["format"] == FORMAT
+    assert torch.load(DEFAULT_WEIGHTS, weights_only=True)["format"] in ("vqe-model/2", FORMAT)
     shipped = load_model()
     model, est, pol, meta = shipped.network, shipped.estimator, shipped.policy, shipped.meta
     assert isinstance(model, VQENet) and isinstance(est, QPEstimator)
@@ -508,8 +582,9 @@ def test_shipped_weights_load_and_run():
     assert model.cfg.in_channels() == model.inp.in_channels
     if pol is not None:
         assert pol.max_stages == model.cfg.stages
-        assert len(pol.stages) in (0, len(pol.edges) - 1)
-        assert all(0 <= s <= model.cfg.stages for s in pol.stages + pol.hevc_stages)
+        for table in pol.tables.values():
+            assert len(table.stages) in (0, len(table.edges) - 1)
+            assert all(0 <= s <= model.cfg.stages for s in table.stages)
     it = FrameInputs(cur=torch.rand(6, 16, 16), frame_qp=30.0, pict_type="I")
     batch = collate([it], model, est)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from enhancer.checkpoint import load_model
 from enhancer.pixel_qp import ESTIMATE_FRAMES, TILE, PixelQP, PixelQPNet, tiles
 from enhancer.training.data import EncodeSettings, encode_planes
 from enhancer.training.fit_pixel_qp import train
-from tests.enhancer.tiny import constant_pixel_qp, decode
+from tests.enhancer.tiny import constant_pixel_qp, decode, tiny_policy, write_weights
 
 
 def _texture(t: int, h: int = 160, w: int = 224) -> np.ndarray:
@@ -54,6 +54,28 @@ def test_estimate_round_trips_as_json_and_errs_low_by_its_offset():
     assert PixelQP().to_dict() == {}
 
 
+def test_estimate_round_trips_as_a_model_file_entry(tmp_path):
+    """The model file's entry: config and fp16 state dict, read back with weights_only;
+    the same weights as through the base64 JSON of model format 2."""
+    est = constant_pixel_qp(30.0, offset=6.0)
+    state = est.to_state()
+    assert state["config"] == {"width": 8, "offset": 6.0}
+    assert all(v.dtype == torch.float16 for v in state["weights"].values())
+    torch.save(state, tmp_path / "entry.pt")
+    back = PixelQP.from_state(torch.load(tmp_path / "entry.pt", weights_only=True))
+    old = PixelQP.from_dict(est.to_dict())
+    for k, v in old.net.state_dict().items():
+        assert torch.equal(back.net.state_dict()[k], v)
+    y = _texture(0)
+    assert back.offset == 6.0 and back.frame_qp(y) == old.frame_qp(y)
+    assert PixelQP().to_state() is None and not PixelQP.from_state(None)
+    # Stored by save_model beside the policy, not in it.
+    write_weights(tmp_path / "m.pt", tiny_policy(), pixel_qp=est)
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert "blind_qp" not in blob["policy"] and blob["pixel_qp"]["config"]["width"] == 8
+    assert load_model(tmp_path / "m.pt").pixel_qp.frame_qp(y) == old.frame_qp(y)
+
+
 class _MeanReads(PixelQP):
     """Reads a plane's mean brightness / 4 as its QP: frames that read apart, knowably."""
 
@@ -92,8 +114,7 @@ def test_training_learns_a_qp_from_the_pixels():
 
 def test_shipped_estimate_orders_light_and_heavy_compression():
     """The shipped estimate, on a clip it never saw: CRF 18 reads lower than CRF 40."""
-    policy = load_model().policy
-    est = PixelQP.from_dict(policy.blind_qp)
+    est = load_model().pixel_qp
     if not est:
         pytest.fail("the shipped model file has no pixel CRF estimate")
     grey = np.full((80, 112), 128, np.uint8)

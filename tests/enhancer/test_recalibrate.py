@@ -38,7 +38,7 @@ def test_policy_from_engine_records_bins_h264_by_qp_and_hevc_by_crf():
     assert pol.stages_for(22.0) == 3 and pol.strength_for(22.0) == 1.0
     assert pol.stages_for(38.0) == 0
     assert pol.stages_for(17.0) == 1 and pol.strength_for(17.0) == 0.5
-    assert pol.stages_for(37.0, "hevc") == 1 and pol.hevc_stages[1] == 1
+    assert pol.stages_for(37.0, "hevc") == 1 and pol.tables["hevc"].stages[1] == 1
     assert pol.strength_for(37.0, "hevc") == 1.0
     assert _mean_costs(records, 3) == [1.0, 2.0, 3.0]
 
@@ -73,7 +73,7 @@ def test_blind_records_get_their_own_table_by_the_pixel_estimate():
     assert pol.stages_for(45.0, "blind") == 3
     assert pol.stages_for(38.0) == 3  # nearest calibrated aware bin, not the blind one
     alone = policy_from(aware, 3, tolerance=0.0)
-    assert alone.blind_stages == [] and alone.stages_for(38.0, "blind") == 3
+    assert not alone.has("blind") and alone.stages_for(38.0, "blind") == 3
     # x265 streams the estimate reads differently: their own table, H.264's unchanged.
     hevc = [_rec("libx265", 22, 45.0, s, [-0.4, -0.4, -0.4]) | {"path": "blind"} for s in "ab" * 4]
     both = policy_from(aware + blind + hevc, 3, tolerance=0.0)

@@ -202,10 +202,11 @@ def test_train_builds_trains_validates_and_exports(trained):
     tiny = load_model(work / "tiny.pt")
     model, pol, meta = tiny.network, tiny.policy, tiny.meta
     assert (model.cfg.channels, model.cfg.stages, model.cfg.blocks_per_stage) == (8, 2, 1)
-    assert pol.max_stages == 2 and len(pol.stages) == len(pol.edges) - 1
-    assert len(pol.hevc_stages) == len(pol.edges) - 1
+    h264, hevc = pol.tables["h264"], pol.tables["hevc"]
+    assert pol.max_stages == 2 and len(h264.stages) == len(h264.edges) - 1
+    assert len(hevc.stages) == len(hevc.edges) - 1
     assert meta["version"] == "tiny" and meta["step"] == best["step"]
-    assert PixelQP.from_dict(pol.blind_qp)  # the default weights' estimate is carried over
+    assert tiny.pixel_qp  # the default weights' estimate is carried over
     assert "pixel CRF estimate of 4 sequences" in log
     assert sorted(float(k) for k in meta["validation"]) == list(map(float, VAL_CRFS))
     for k, v in best["model"].items():  # the export is the best checkpoint in fp16

@@ -18,7 +18,7 @@ from enhancer.checkpoint import save_model
 from enhancer.features import PARTITION_CHANNELS
 from enhancer.network import ModelConfig, QPEstimator, VQENet
 from enhancer.pixel_qp import PixelQP, PixelQPNet
-from enhancer.policy import DEFAULT_EDGES, ExitPolicy
+from enhancer.policy import ExitPolicy, ExitTable
 
 H, W = 16, 24  # half-resolution model grid of the model tests (luma 32x48)
 
@@ -45,15 +45,22 @@ def tiny_model(seed: int = 0, **kw) -> VQENet:
     return model
 
 
-def tiny_policy() -> ExitPolicy:
-    return ExitPolicy(edges=list(DEFAULT_EDGES), stages=list(POLICY_STAGES), max_stages=3,
-                      hevc_stages=list(HEVC_STAGES))  # fmt: skip
+def tiny_policy(**tables: ExitTable) -> ExitPolicy:
+    """POLICY_STAGES for H.264, HEVC_STAGES for HEVC, and ``tables`` by kind."""
+    aware = {
+        "h264": ExitTable(stages=list(POLICY_STAGES)),
+        "hevc": ExitTable(stages=list(HEVC_STAGES)),
+    }
+    return ExitPolicy(aware | tables, max_stages=3)
 
 
-def write_weights(path: Path, policy: ExitPolicy | None = None, seed: int = 0) -> Path:
+def write_weights(
+    path: Path, policy: ExitPolicy | None = None, seed: int = 0, pixel_qp: PixelQP | None = None
+) -> Path:
     """An exported tiny model file (8 channels, 3 stages) for the engine."""
     torch.manual_seed(seed)
-    save_model(path, tiny_model(seed), QPEstimator().eval(), policy, {"version": "tiny"})
+    model, est = tiny_model(seed), QPEstimator().eval()
+    save_model(path, model, est, policy, {"version": "tiny"}, pixel_qp)
     return path
 
 

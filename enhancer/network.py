@@ -53,6 +53,18 @@ def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
 
 
+def _weights(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``conv``'s weight and bias in ``dtype``, cast once per change of the weights (a cast
+    per call, as autocast does, cost as much as a small crop's convolution)."""
+    key = (dtype, conv.weight.data_ptr(), conv.weight._version)
+    cached = conv.__dict__.get("_onednn_weights")
+    if cached is None or cached[0] != key:
+        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+        cached = (key, conv.weight.detach().to(dtype), bias)
+        conv.__dict__["_onednn_weights"] = cached
+    return cached[1], cached[2]
+
+
 def conv3x3(
     conv: nn.Conv2d, x: torch.Tensor, relu: bool = False, add_to: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -69,7 +81,7 @@ def conv3x3(
         if add_to is not None:
             return add_to.add_(y) if not torch.is_grad_enabled() else add_to + y
         return F.relu(y, inplace=True) if relu else y
-    w, b = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+    w, b = _weights(conv, dtype)
     x = x.to(dtype)
     args = (conv.padding, conv.stride, conv.dilation, conv.groups)
     if add_to is not None:

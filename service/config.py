@@ -190,11 +190,6 @@ class Settings(BaseSettings):
     metrics_port: int | None = setting(
         None, "`vqe worker`: serve `/metrics` on this port", shown="unset", ge=1, le=65535
     )
-    test_frame_delay: float = setting(
-        0.0,
-        "TEST ONLY: seconds to sleep per enhanced frame, so tests can interrupt a job mid-way",
-        ge=0,
-    )
 
     @field_validator("url_allowlist", "api_keys", "admin_keys", "metrics_allowlist", mode="before")
     @classmethod

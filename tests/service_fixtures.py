@@ -16,8 +16,9 @@
 * :class:`Api`: a small client for the job API.
 
 Test modules wrap the context managers in their own (module-scoped) fixtures.
-Test-only knob: ``VQE_TEST_FRAME_DELAY`` (seconds slept per enhanced frame)
-makes jobs slow enough to interrupt mid-way.
+Jobs slow enough to interrupt mid-way: ``TEST_FRAME_DELAY`` (seconds per enhanced frame)
+in a process's environment starts it through :mod:`tests.slow_service`, which gives
+the composition root an observer that sleeps (production code never does).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from typing import Any
 import av
 import httpx
 import pytest
+
+from tests.slow_service import FRAME_DELAY
 
 REPO = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 180.0  # a loaded 2-core machine may take minutes to import torch & co.
@@ -96,10 +99,11 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServiceProcess:
+        slow = FRAME_DELAY in self.env  # the test launcher that slows jobs down
         cmd = [
             sys.executable,
             "-m",
-            "service.cli",
+            "tests.slow_service" if slow else "service.cli",
             self.kind,
             "--data-dir",
             str(self.data_dir),

@@ -26,11 +26,14 @@ from enhancer.options import options_error
 from service import logs
 from service.api import auth
 from service.api.deps import Service, error_response
+from service.api.presenters import render_job
 from service.api.routes import batches, enhance, events, health, jobs, web
 from service.api.schemas import BatchCreateRequest, JobCreateRequest
 from service.config import Settings
 from service.errors import VqeError, error_info, operator_fault
 from service.jobs import metrics
+from service.jobs.executor import Observer
+from service.jobs.runtime import Runtime
 
 log = logging.getLogger("vqe.api")
 
@@ -54,10 +57,11 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app on ``settings`` (default: from the environment)."""
+def create_app(settings: Settings | None = None, observer: Observer | None = None) -> FastAPI:
+    """The FastAPI app on ``settings`` (default: from the environment); ``observer`` is
+    told each progress report of the jobs the in-process executor runs."""
     settings = settings or Settings.from_env()
-    service = Service(settings)
+    service = Service(Runtime.api(settings, render_job, observer))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -122,6 +126,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.metrics_token,
         settings.metrics_allowlist,
     )
-    metrics.install(app, service.store)
+    metrics.install(app, service.ctx.counts, service.ctx.workers)
     app.add_middleware(logs.RequestIdMiddleware)
     return app

@@ -9,24 +9,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
 from enhancer.pipeline import Pipeline
 from service.api import auth
-from service.api.presenters import API_PREFIX, render_job
+from service.api.presenters import API_PREFIX
 from service.api.schemas import ErrorResponse
-from service.config import Settings
 from service.errors import ApiError
-from service.jobs import metrics
-from service.jobs.executor import Context, InProcessExecutor
+from service.jobs.database import utcnow
+from service.jobs.runtime import Backend, Runtime
 from service.jobs.status import JobStatus
 from service.jobs.storage import is_job_id
-from service.jobs.store import JobRow, NewJob, utcnow
-from service.jobs.webhooks import WebhookDispatcher
+from service.jobs.store import NewJob
+from service.jobs.tables import JobRow
 
 __all__ = [
     "API_PREFIX",
@@ -49,42 +47,6 @@ def error_response(status: int, code: str, message: str, **headers: str) -> JSON
     return JSONResponse(body.model_dump(), status_code=status, headers=headers or None)
 
 
-# -- the job backend: in-process threads or Dramatiq ---------------------------------
-
-
-class Backend(Protocol):
-    def start(self) -> None: ...
-    def submit(self, job_id: str) -> None: ...
-    def ready(self) -> bool: ...
-    def stop(self) -> None: ...
-
-
-class _RedisBackend:
-    """The API's side of the Redis queue: it sends job ids, and its reconciler re-sends
-    those Redis lost (or never got, while it was down)."""
-
-    def __init__(self, settings: Settings, ctx: Context) -> None:
-        from service.jobs.queue_redis import Reconciler, RedisQueue
-
-        self.store = ctx.store
-        self.queue = RedisQueue(settings)
-        self.reconciler = Reconciler(ctx.store, self.queue, settings)
-
-    def start(self) -> None:
-        self.reconciler.start()
-
-    def submit(self, job_id: str) -> None:
-        self.queue.submit(job_id)
-        self.store.mark_sent(job_id)
-
-    def ready(self) -> bool:
-        return self.queue.ping()
-
-    def stop(self) -> None:
-        self.reconciler.stop()
-        self.queue.close()
-
-
 class _SyncPipelines:
     """Pipelines for POST /v1/enhance, one per concurrent request (``VQE_SYNC_CONCURRENCY``),
     each created on first use and kept (the model stays loaded)."""
@@ -105,68 +67,34 @@ class _SyncPipelines:
 
 
 class Service:
-    """State shared by the handlers of one app."""
+    """State shared by the handlers of one app: the process's :class:`Runtime` (built by
+    the composition root), its repositories and storage, and the synchronous pipelines."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.ctx = Context.from_settings(settings)
-        self.store = self.ctx.store
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = settings = runtime.settings
+        self.ctx = runtime.ctx
+        self.jobs = self.ctx.jobs
+        self.batches = self.ctx.batches
         self.storage = self.ctx.storage
-        self.backend: Backend = (
-            _RedisBackend(settings, self.ctx)
-            if settings.uses_redis
-            else InProcessExecutor(self.ctx)
-        )
+        assert runtime.backend is not None  # an API runtime always has one
+        self.backend: Backend = runtime.backend
         self.sync = _SyncPipelines(settings.sync_concurrency, settings.device)
-        self.webhooks = WebhookDispatcher(self.store, settings, self.ctx.policy, render_job)
-        self.heartbeat = (
-            metrics.Heartbeat(
-                self.store, self.backend.runner.identity, "executor", self.backend.threads
-            )
-            if isinstance(self.backend, InProcessExecutor)
-            else None
-        )
-        self._stop = threading.Event()
-        self._sweeper = threading.Thread(target=self._sweep_loop, name="vqe-sweeper", daemon=True)
 
     def start(self) -> None:
-        self.backend.start()
-        self._sweeper.start()
-        self.webhooks.start()
-        if self.heartbeat is not None:
-            self.heartbeat.start()
+        self.runtime.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self.backend.stop()
-        self.webhooks.stop()  # after the executor: the events of requeued jobs are out
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-        self.store.close()
-
-    def sweep(self) -> list[str]:
-        """Delete the files of jobs past their retention; returns their ids."""
-        ids = self.store.expire_due()
-        for job_id in ids:
-            self.storage.remove_job(job_id)
-        self.storage.sweep_tmp()
-        return ids
-
-    def _sweep_loop(self) -> None:
-        while not self._stop.wait(self.settings.sweep_interval):
-            try:
-                self.sweep()
-            except Exception:  # noqa: BLE001 - try again next time
-                log.exception("sweep failed")
+        self.runtime.stop()
 
     def job_or_404(self, job_id: str) -> JobRow:
-        row = self.store.get(job_id) if is_job_id(job_id) else None
+        row = self.jobs.get(job_id) if is_job_id(job_id) else None
         if row is None or not auth.may_see(row.owner_key):
             raise ApiError(404, "not_found", f"no job {job_id!r}")
         return row
 
     def submit(self, new: NewJob) -> tuple[JobRow, bool]:
-        row, created = self.store.create(new)
+        row, created = self.jobs.create(new)
         if not created:
             if new.id != row.id:
                 self.storage.remove_job(new.id)

@@ -19,7 +19,8 @@ from service.api.schemas import (
     JobStatus,
 )
 from service.jobs.batches import batch_status, status_counts
-from service.jobs.store import BatchRow, JobRow, utcnow
+from service.jobs.database import utcnow
+from service.jobs.tables import BatchRow, JobRow
 
 API_PREFIX = "/v1"
 

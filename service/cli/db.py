@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     from service.config import cli_settings
     from service.jobs import migrations
-    from service.jobs.store import make_engine
+    from service.jobs.database import make_engine
 
     settings = cli_settings(args.log_level, data_dir=args.data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)

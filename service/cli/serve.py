@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.jobs.executor import Observer
 
 GRACEFUL_SHUTDOWN_SECONDS = 30
 
@@ -47,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, observer: Observer | None = None) -> int:
+    """``observer``: told each progress report of the jobs the in-process executor runs."""
     import uvicorn
 
     from service.api.app import create_app
@@ -56,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     settings = cli_settings(
         args.log_level, data_dir=args.data_dir, workers=args.workers, host=args.host, port=args.port
     )
-    app = create_app(settings)
+    app = create_app(settings, observer)
     mode = (
         f"queue {settings.queue_url}"
         if settings.uses_redis

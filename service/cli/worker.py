@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.jobs.executor import Observer
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,16 +42,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from dramatiq import Worker
-
+def run(args: argparse.Namespace, observer: Observer | None = None) -> int:
+    """``observer``: told each progress report of the jobs this worker runs."""
     from service.api.presenters import render_job  # no web framework: only the job's JSON
     from service.config import cli_settings
     from service.errors import UserError
-    from service.jobs.executor import Context, JobRunner
-    from service.jobs.metrics import Heartbeat, serve_worker_metrics
-    from service.jobs.queue_redis import QUEUE_NAME, Reconciler, RedisQueue
-    from service.jobs.webhooks import WebhookDispatcher
+    from service.jobs.queue_redis import QUEUE_NAME
+    from service.jobs.runtime import Runtime
 
     settings = cli_settings(
         args.log_level,
@@ -58,44 +58,24 @@ def run(args: argparse.Namespace) -> int:
     )
     if not settings.uses_redis:
         raise UserError("set VQE_QUEUE_URL (or --queue-url) to a redis:// URL")
-    stop = threading.Event()
-    ctx = Context.from_settings(settings)
-    runner = JobRunner(ctx, shutdown=stop, finish_within=settings.shutdown_grace)
-    webhooks = WebhookDispatcher(ctx.store, settings, ctx.policy, render_job)
-    heartbeat = Heartbeat(ctx.store, runner.identity, "worker", settings.workers)
-    queue = RedisQueue(settings, runner)
-    reconciler = Reconciler(ctx.store, queue, settings)
-    worker = Worker(queue.broker, queues=[QUEUE_NAME], worker_threads=settings.workers)
-    # Fetch no more jobs than there are threads: a prefetched job would wait here
-    # while another worker sits idle.
-    worker.queue_prefetch = settings.workers
+    runtime = Runtime.worker(settings, render_job, observer)
+    log = logging.getLogger("vqe.worker")
 
     def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger("vqe.worker").info("signal %d: stopping", signum)
-        stop.set()
+        log.info("signal %d: stopping", signum)
+        runtime.shutdown.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log = logging.getLogger("vqe.worker")
-    log.info("worker %s: %d thread(s) on %s", runner.identity, settings.workers, QUEUE_NAME)
-    queue.broker.emit_after("process_boot")  # starts the time-limit watcher, as dramatiq's CLI
-    worker.start()
-    webhooks.start()
-    heartbeat.start()
-    reconciler.start()
-    if settings.metrics_port:
-        serve_worker_metrics(settings.metrics_port, ctx.store)
+    assert runtime.runner is not None
+    identity = runtime.runner.identity
+    log.info("worker %s: %d thread(s) on %s", identity, settings.workers, QUEUE_NAME)
+    runtime.start()
     try:
-        while not stop.wait(1.0):
+        while not runtime.shutdown.wait(1.0):
             pass
     finally:
-        # The runner lets a job that ends in time finish, or stops it and queues it again;
-        # then Dramatiq acks its message (and gives back the prefetched ones).
         stopping = time.monotonic()
-        reconciler.stop()
-        worker.stop(timeout=int(settings.shutdown_grace * 1000))
-        webhooks.stop()
-        heartbeat.stop()
-        queue.close()
-        log.info("worker %s: stopped in %.1f s", runner.identity, time.monotonic() - stopping)
+        runtime.stop()
+        log.info("worker %s: stopped in %.1f s", identity, time.monotonic() - stopping)
     return 0

@@ -1,4 +1,4 @@
-"""Batches in the job store: several jobs submitted together, one row that groups them.
+"""The batches repository: several jobs submitted together, one row that groups them.
 
 A batch is created in one transaction with all of its jobs (:meth:`BatchStore.create`):
 the inputs that were refused at submit are jobs that are already ``failed`` (with
@@ -15,21 +15,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
+from service.jobs.database import Database, page, utcnow
+from service.jobs.outbox import add_event
 from service.jobs.status import BatchStatus, JobStatus
-from service.jobs.store import (
-    BatchRow,
-    JobRow,
-    JobStore,
-    NewJob,
-    _add_event,
-    decode_cursor,
-    encode_cursor,
-    new_job_row,
-    utcnow,
-)
+from service.jobs.store import NewJob, new_job_row
+from service.jobs.tables import BatchRow, JobRow
 
 __all__ = ["BatchStatus", "BatchStore", "NewBatch", "batch_status", "status_counts"]
 
@@ -68,51 +61,43 @@ class NewBatch:
 
 
 class BatchStore:
-    """Reads and writes of batches, on the job store's database."""
+    """Reads and writes of batches, on the :class:`Database` the jobs are in."""
 
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     def create(self, new: NewBatch, jobs: Sequence[NewJob]) -> tuple[BatchRow, bool]:
         """Insert the batch and its jobs at once; with an idempotency key already used,
         return that batch instead. Returns ``(batch, created)``."""
-        if new.idempotency_key:
-            existing = self.get_by_idempotency_key(new.idempotency_key)
-            if existing is not None:
-                return existing, False
-        now = utcnow()
-        batch = BatchRow(
-            id=new.id,
-            created_at=now,
-            options=new.options,
-            job_count=len(jobs),
-            owner_key=new.owner_key,
-            idempotency_key=new.idempotency_key,
-            webhook_url=new.webhook_url,
-            cancel_requested=False,
-        )
-        try:
-            with self.store._session() as s:
-                s.add(batch)
-                for job in jobs:
-                    s.add(new_job_row(job))
-                s.flush()
-                for job in jobs:
-                    if job.error is not None:
-                        _add_event(s, job.id, "job.failed")
-        except IntegrityError:
-            existing = self.get_by_idempotency_key(new.idempotency_key or "")
-            if existing is None:
-                raise
-            return existing, False
-        return batch, True
+
+        def add(s: Session) -> BatchRow:
+            batch = BatchRow(
+                id=new.id,
+                created_at=utcnow(),
+                options=new.options,
+                job_count=len(jobs),
+                owner_key=new.owner_key,
+                idempotency_key=new.idempotency_key,
+                webhook_url=new.webhook_url,
+                cancel_requested=False,
+            )
+            s.add(batch)
+            for job in jobs:
+                s.add(new_job_row(job))
+            s.flush()
+            for job in jobs:
+                if job.error is not None:
+                    add_event(s, job.id, "job.failed")
+            return batch
+
+        return self.db.create_once(new.idempotency_key, self.get_by_idempotency_key, add)
 
     def get(self, batch_id: str) -> BatchRow | None:
-        with self.store._read() as s:
+        with self.db.read() as s:
             return s.scalar(select(BatchRow).where(BatchRow.id == batch_id))
 
     def get_by_idempotency_key(self, key: str) -> BatchRow | None:
-        with self.store._read() as s:
+        with self.db.read() as s:
             return s.scalar(select(BatchRow).where(BatchRow.idempotency_key == key))
 
     def jobs(self, batch_ids: Sequence[str]) -> dict[str, list[JobRow]]:
@@ -120,7 +105,7 @@ class BatchStore:
         out: dict[str, list[JobRow]] = {b: [] for b in batch_ids}
         if not batch_ids:
             return out
-        with self.store._read() as s:
+        with self.db.read() as s:
             rows = s.scalars(
                 select(JobRow).where(JobRow.batch_id.in_(list(batch_ids))).order_by(JobRow.seq)
             )
@@ -136,19 +121,8 @@ class BatchStore:
         ownerless: bool = False,
     ) -> tuple[list[BatchRow], str | None]:
         """Newest first, as :meth:`JobStore.list`: the page and the next cursor (or None)."""
-        query = select(BatchRow).order_by(BatchRow.seq.desc()).limit(limit + 1)
-        if owner is not None and ownerless:
-            query = query.where(or_(BatchRow.owner_key == owner, BatchRow.owner_key.is_(None)))
-        elif owner is not None:
-            query = query.where(BatchRow.owner_key == owner)
-        if cursor:
-            query = query.where(BatchRow.seq < decode_cursor(cursor))
-        with self.store._read() as s:
-            rows = list(s.scalars(query))
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return rows, (encode_cursor(rows[-1].seq) if more and rows else None)
+        return page(self.db, select(BatchRow), BatchRow, limit, cursor, owner, ownerless)
 
     def mark_cancel(self, batch_id: str) -> None:
-        with self.store._session() as s:
+        with self.db.write() as s:
             s.execute(update(BatchRow).where(BatchRow.id == batch_id).values(cancel_requested=True))

@@ -10,7 +10,8 @@ the job is canceled, passes its time limit, or the process shuts down.
 threads (default 1) in the API process. On start it puts every job left
 queued or running by the previous process back in line, so jobs survive a
 restart. ``service.jobs.queue_redis`` runs the same :class:`JobRunner` in Dramatiq
-workers instead.
+workers instead. Both are built by the composition root, :mod:`service.jobs.runtime`,
+which may give the runner an :data:`Observer` of the jobs' progress.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from enum import StrEnum
 from typing import Any
@@ -33,34 +35,20 @@ from service import logs
 from service.config import Settings
 from service.errors import VqeError, error_info, first_line, operator_fault, public_message
 from service.ingest.fetch import HTTPFetcher, ingest_stream
-from service.ingest.policy import URLPolicy
 from service.jobs import metrics
+from service.jobs.context import Context
+from service.jobs.database import utcnow
 from service.jobs.status import JobStatus
-from service.jobs.storage import Storage
-from service.jobs.store import Claim, JobRow, JobStore, utcnow
+from service.jobs.store import Claim
+from service.jobs.tables import JobRow
 
 log = logging.getLogger("vqe.jobs")
 
 WATCH_INTERVAL = 1.0  # seconds between lease renewals / progress writes
 
 
-@dataclass
-class Context:
-    """What every part of the service shares: settings, job store and storage."""
-
-    settings: Settings
-    store: JobStore
-    storage: Storage
-    policy: URLPolicy = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.policy = URLPolicy(self.settings.url_allowlist)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Context:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = JobStore(settings.database_url, upgrade=settings.db_auto_upgrade)
-        return cls(settings, store, Storage(settings.storage_dir))
+Observer = Callable[[Progress], None]
+"""Told every progress report of a running job (in the pipeline's thread)."""
 
 
 def error_of(exc: BaseException) -> tuple[str, str]:
@@ -134,9 +122,8 @@ class _Watch:
 
     def progress(self, p: Progress) -> None:
         self.latest = p
-        delay = self.runner.settings.test_frame_delay
-        if delay > 0 and p.phase == "enhancing":
-            time.sleep(delay)  # VQE_TEST_FRAME_DELAY: lets tests interrupt a job mid-way
+        if self.runner.observer is not None:
+            self.runner.observer(p)
 
     def phase(self, phase: str) -> None:
         self.latest = Progress(phase, 0, None, 0.0, None)
@@ -152,7 +139,7 @@ class _Watch:
 
     def _watch(self) -> None:
         settings = self.runner.settings
-        store = self.runner.store
+        jobs = self.runner.jobs
         while not self._done.wait(min(WATCH_INTERVAL, settings.job_lease / 3)):
             fields: dict[str, Any] = {}
             p = self.latest
@@ -166,12 +153,12 @@ class _Watch:
                 if p.frames_total:
                     fields["frames_total"] = p.frames_total
             try:
-                alive = store.report(self.job_id, self.owner, settings.job_lease, **fields)
+                alive = jobs.report(self.job_id, self.owner, settings.job_lease, **fields)
             except Exception:  # noqa: BLE001 - a database hiccup: try again next tick
                 log.warning("job %s: progress update failed", self.job_id, exc_info=True)
                 continue
             if not alive:
-                row = store.get(self.job_id)
+                row = jobs.get(self.job_id)
                 self._stop("canceled" if row is None or row.cancel_requested else "lost")
             elif time.monotonic() - self.started > settings.job_time_limit:
                 self._stop("time_limit")
@@ -202,14 +189,20 @@ class JobRunner:
     """Runs jobs by id; one per worker process (or per executor), any number of threads."""
 
     def __init__(
-        self, ctx: Context, shutdown: threading.Event | None = None, finish_within: float = 0.0
+        self,
+        ctx: Context,
+        shutdown: threading.Event | None = None,
+        finish_within: float = 0.0,
+        observer: Observer | None = None,
     ) -> None:
         """``finish_within``: once ``shutdown`` is set, a job whose ETA fits in these seconds
-        runs to its end; any other is stopped and handed back to the queue at once."""
+        runs to its end; any other is stopped and handed back to the queue at once.
+        ``observer``: told each progress report of the jobs this runner runs."""
         self.ctx = ctx
         self.finish_within = finish_within
+        self.observer = observer
         self.settings = ctx.settings
-        self.store = ctx.store
+        self.jobs = ctx.jobs
         self.storage = ctx.storage
         self.shutdown = shutdown or threading.Event()
         self.pipelines = PipelineCache(self.settings.device)
@@ -228,7 +221,7 @@ class JobRunner:
             return Outcome.held
         if claim is not Claim.claimed:
             return Outcome.done
-        row = self.store.get(job_id)
+        row = self.jobs.get(job_id)
         assert row is not None
         log.info("job %s: started by %s (attempt %d)", job_id, owner, row.attempts)
         with _Watch(self, job_id, owner) as watch:
@@ -257,7 +250,7 @@ class JobRunner:
                 if final_attempt:
                     self._fail(job_id, owner, (code, message))
                     return Outcome.done
-                self.store.requeue(job_id, owner, error=("retrying", message))
+                self.jobs.requeue(job_id, owner, error=("retrying", message))
                 return Outcome.retry
         path = self.storage.find_result(job_id)
         size = path.stat().st_size if path is not None else None
@@ -267,7 +260,7 @@ class JobRunner:
             log.warning("job %s: cannot store the per-frame log", job_id, exc_info=True)
         expires = utcnow() + timedelta(seconds=self.settings.retention)
         stats = result_stats(result, size)
-        if self.store.finish(job_id, owner, JobStatus.succeeded, stats=stats, expires_at=expires):
+        if self.jobs.finish(job_id, owner, JobStatus.succeeded, stats=stats, expires_at=expires):
             metrics.record_job(stats)
             log.info("job %s: succeeded (%d frames, %.2f fps)", job_id, result.frames, result.fps)
         # The input stays next to the result (before/after previews) until retention or
@@ -279,7 +272,7 @@ class JobRunner:
         up to two lease periods."""
         deadline = time.monotonic() + 2 * self.settings.job_lease + 1
         while True:
-            claim = self.store.claim(job_id, owner, self.settings.job_lease)
+            claim = self.jobs.claim(job_id, owner, self.settings.job_lease)
             if claim is not Claim.held or time.monotonic() > deadline:
                 return claim
             if self.shutdown.wait(min(1.0, self.settings.job_lease / 4)):
@@ -318,17 +311,17 @@ class JobRunner:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        self.store.set_input_ready(row.id, dest.stat().st_size)
+        self.jobs.set_input_ready(row.id, dest.stat().st_size)
 
     def _fail(self, job_id: str, owner: str, error: tuple[str, str]) -> None:
         log.info("job %s: failed: %s", job_id, error[1])
         expires = utcnow() + timedelta(seconds=self.settings.retention)
-        self.store.finish(job_id, owner, JobStatus.failed, error=error, expires_at=expires)
+        self.jobs.finish(job_id, owner, JobStatus.failed, error=error, expires_at=expires)
         self.storage.remove_job(job_id)
 
     def _interrupted(self, job_id: str, owner: str, reason: str | None) -> Outcome:
         if reason == "shutdown":
-            self.store.requeue(job_id, owner)
+            self.jobs.requeue(job_id, owner)
             log.info("job %s: interrupted by shutdown; queued again", job_id)
             return Outcome.requeued
         if reason == "time_limit":
@@ -338,7 +331,7 @@ class JobRunner:
         if reason == "lost":
             log.warning("job %s: lease lost to another worker; stopping", job_id)
             return Outcome.done
-        self.store.finish(job_id, None, JobStatus.canceled)
+        self.jobs.finish(job_id, None, JobStatus.canceled)
         self.storage.remove_job(job_id)
         log.info("job %s: canceled", job_id)
         return Outcome.done
@@ -357,11 +350,11 @@ def backoff_seconds(settings: Settings, retries: int) -> float:
 class InProcessExecutor:
     """Worker threads inside the API process (the embedded default)."""
 
-    def __init__(self, ctx: Context, threads: int | None = None) -> None:
-        self.ctx = ctx
-        self.threads = threads or ctx.settings.workers
-        self.shutdown = threading.Event()
-        self.runner = JobRunner(ctx, self.shutdown)
+    def __init__(self, runner: JobRunner, threads: int | None = None) -> None:
+        self.runner = runner
+        self.ctx = runner.ctx
+        self.threads = threads or self.ctx.settings.workers
+        self.shutdown = runner.shutdown
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._workers: list[threading.Thread] = []
         self._retries: dict[str, int] = {}
@@ -369,8 +362,8 @@ class InProcessExecutor:
 
     def start(self) -> None:
         """Resume what the previous process left, then start the worker threads."""
-        resumed = self.ctx.store.requeue_all_running()
-        for job_id in self.ctx.store.ids_with_status(JobStatus.queued):
+        resumed = self.ctx.jobs.requeue_all_running()
+        for job_id in self.ctx.jobs.ids_with_status(JobStatus.queued):
             self._queue.put(job_id)
         if resumed:
             log.info("resuming %d interrupted job(s)", len(resumed))

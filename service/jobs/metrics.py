@@ -42,8 +42,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from service.jobs.counts import JobCounts
+from service.jobs.database import utcnow
 from service.jobs.status import JobStatus
-from service.jobs.store import JobStore, utcnow
+from service.jobs.workers import WorkerRegistry
 
 log = logging.getLogger("vqe.metrics")
 disable_created_metrics()  # no `_created` series: they double the output for nothing here
@@ -112,15 +114,16 @@ def record_job(stats: Mapping[str, Any]) -> None:
 class StoreCollector(Collector):
     """Cluster-wide figures read from the job store at each scrape."""
 
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
+    def __init__(self, counts: JobCounts, workers: WorkerRegistry) -> None:
+        self.counts = counts
+        self.workers = workers
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("vqe_store_up", "1 when the job store answered this scrape.")
         try:
-            counts = self.store.counts()
+            counts = self.counts.counts()
             since = utcnow() - timedelta(seconds=3 * HEARTBEAT_SECONDS)
-            workers = self.store.live_workers(since)
+            workers = self.workers.live(since)
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB did
             log.warning("metrics: job store unavailable", exc_info=True)
             up.add_metric([], 0)
@@ -155,9 +158,11 @@ class StoreCollector(Collector):
         yield hooks
 
 
-def registry_for(store: JobStore, extra: tuple[Collector, ...] = ()) -> CollectorRegistry:
+def registry_for(
+    counts: JobCounts, workers: WorkerRegistry, extra: tuple[Collector, ...] = ()
+) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    for collector in (StoreCollector(store), JOB_SECONDS, JOB_FPS, STAGES, *extra):
+    for collector in (StoreCollector(counts, workers), JOB_SECONDS, JOB_FPS, STAGES, *extra):
         registry.register(collector)
     return registry
 
@@ -191,7 +196,7 @@ class LatencyMiddleware:
             )
 
 
-def install(app: FastAPI, store: JobStore) -> None:
+def install(app: FastAPI, counts: JobCounts, workers: WorkerRegistry) -> None:
     """``GET /metrics`` and the request-latency middleware."""
     latency = Histogram(
         "vqe_http_request_duration_seconds",
@@ -200,7 +205,7 @@ def install(app: FastAPI, store: JobStore) -> None:
         buckets=LATENCY_BUCKETS,
         registry=None,
     )
-    registry = registry_for(store, (latency,))
+    registry = registry_for(counts, workers, (latency,))
     app.add_middleware(LatencyMiddleware, histogram=latency)
 
     @app.get("/metrics", include_in_schema=False)
@@ -213,13 +218,13 @@ class Heartbeat:
 
     def __init__(
         self,
-        store: JobStore,
+        workers: WorkerRegistry,
         identity: str,
         kind: str,
         threads: int,
         interval: float = HEARTBEAT_SECONDS,
     ) -> None:
-        self.store = store
+        self.workers = workers
         self.identity, self.kind, self.threads = identity, kind, threads
         self.interval = interval
         self._stop = threading.Event()
@@ -233,22 +238,22 @@ class Heartbeat:
         if self._thread.is_alive():
             self._thread.join(5)
         try:
-            self.store.forget_worker(self.identity)
+            self.workers.forget(self.identity)
         except Exception:  # noqa: BLE001 - the row just ages out
             log.debug("cannot remove worker row", exc_info=True)
 
     def _loop(self) -> None:
         while True:
             try:
-                self.store.beat(self.identity, self.kind, self.threads)
+                self.workers.beat(self.identity, self.kind, self.threads)
             except Exception:  # noqa: BLE001 - try again next period
                 log.warning("heartbeat failed", exc_info=True)
             if self._stop.wait(self.interval):
                 return
 
 
-def serve_worker_metrics(port: int, store: JobStore) -> None:
+def serve_worker_metrics(port: int, counts: JobCounts, workers: WorkerRegistry) -> None:
     """``vqe worker``: serve this process's /metrics on ``port`` (a daemon thread)."""
     from prometheus_client import start_http_server
 
-    start_http_server(port, registry=registry_for(store))
+    start_http_server(port, registry=registry_for(counts, workers))

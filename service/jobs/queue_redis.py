@@ -1,7 +1,7 @@
 """Jobs on a real queue: Dramatiq on Redis (``VQE_QUEUE_URL=redis://...``).
 
 The API sends one message per job (the job id) to the ``vqe-jobs`` queue;
-``vqe worker`` processes consume it and run :class:`service.executor.JobRunner`.
+``vqe worker`` processes consume it and run :class:`service.jobs.executor.JobRunner`.
 
 Delivery guarantees, from Dramatiq's Redis broker:
 
@@ -63,11 +63,13 @@ class TransientJobError(Exception):
 class RedisQueue:
     """The broker, the actor, and the producer side used by the API.
 
-    ``runner`` is given in worker processes only; the API just sends messages.
+    ``runner`` is given in worker processes only; the API just sends messages. Every
+    message sent is recorded in ``jobs`` (``queue_sent_at``, read by the reconciler).
     """
 
-    def __init__(self, settings: Settings, runner: JobRunner | None = None) -> None:
+    def __init__(self, settings: Settings, jobs: JobStore, runner: JobRunner | None = None) -> None:
         self.settings = settings
+        self.jobs = jobs
         self.runner = runner
         client = redis.Redis.from_url(
             settings.queue_url or "", socket_connect_timeout=5, health_check_interval=30
@@ -96,8 +98,7 @@ class RedisQueue:
 
     def submit(self, job_id: str, delay_ms: int | None = None) -> None:
         self.actor.send_with_options(args=(job_id,), delay=delay_ms)
-        if self.runner is not None:
-            self.runner.store.mark_sent(job_id)
+        self.jobs.mark_sent(job_id)
 
     def job_ids(self) -> set[str]:
         """The jobs that have a message in Redis: waiting, delayed (retries) or fetched by
@@ -134,7 +135,7 @@ class RedisQueue:
             outcome = self.runner.run(job_id, final_attempt=final)
         except TimeLimitExceeded:
             log.error("job %s: killed by the queue's time limit", job_id)
-            self.runner.store.finish(
+            self.jobs.finish(
                 job_id,
                 None,
                 JobStatus.failed,
@@ -153,8 +154,8 @@ class RedisQueue:
 class Reconciler:
     """Re-sends the jobs the store says are waiting but Redis does not hold (a thread)."""
 
-    def __init__(self, store: JobStore, queue: RedisQueue, settings: Settings) -> None:
-        self.store = store
+    def __init__(self, jobs: JobStore, queue: RedisQueue, settings: Settings) -> None:
+        self.jobs = jobs
         self.queue = queue
         self.interval = settings.queue_reconcile_interval
         self.lease = settings.job_lease
@@ -173,13 +174,13 @@ class Reconciler:
 
     def run_once(self) -> list[str]:
         """One pass; returns the ids sent again."""
-        candidates = self.store.resend_candidates(quiet=self.interval, lease_grace=self.lease)
+        candidates = self.jobs.resend_candidates(quiet=self.interval, lease_grace=self.lease)
         if not candidates:
             return []
         held = self.queue.job_ids()
         sent = []
         for job_id in candidates:
-            if job_id in held or not self.store.take_for_resend(job_id, quiet=self.interval):
+            if job_id in held or not self.jobs.take_for_resend(job_id, quiet=self.interval):
                 continue
             self.queue.actor.send(job_id)
             sent.append(job_id)

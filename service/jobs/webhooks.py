@@ -64,7 +64,10 @@ import httpx
 from service.config import Settings
 from service.errors import ServiceInputError, URLNotAllowed
 from service.ingest.policy import URLPolicy
-from service.jobs.store import JobRow, JobStore, WebhookEvent, utcnow
+from service.jobs.database import utcnow
+from service.jobs.outbox import WebhookOutbox
+from service.jobs.store import JobStore
+from service.jobs.tables import JobRow, WebhookEvent
 
 log = logging.getLogger("vqe.webhooks")
 
@@ -114,9 +117,15 @@ class WebhookDispatcher:
     """Sends due webhook events from the store; one thread per process."""
 
     def __init__(
-        self, store: JobStore, settings: Settings, policy: URLPolicy, render: Render
+        self,
+        jobs: JobStore,
+        outbox: WebhookOutbox,
+        settings: Settings,
+        policy: URLPolicy,
+        render: Render,
     ) -> None:
-        self.store = store
+        self.jobs = jobs
+        self.outbox = outbox
         self.settings = settings
         self.policy = policy
         self.render = render
@@ -150,7 +159,7 @@ class WebhookDispatcher:
 
     def run_once(self) -> int:
         """Attempt every due event once; returns how many were attempted."""
-        events = self.store.claim_webhooks(self.owner, self.lease)
+        events = self.outbox.claim(self.owner, self.lease)
         for event in events:
             if self._stop.is_set():
                 break
@@ -158,12 +167,12 @@ class WebhookDispatcher:
         return len(events)
 
     def _attempt(self, event: WebhookEvent) -> None:
-        body = event.body or self.store.set_webhook_body(event.id, self._body(event))
+        body = event.body or self.outbox.set_body(event.id, self._body(event))
         error: str | None = None
         try:
             status = self._post(event, body.encode())
             if 200 <= status < 300:
-                self.store.webhook_attempted(event.id, self.owner, delivered=True)
+                self.outbox.attempted(event.id, self.owner, delivered=True)
                 log.info(
                     "webhook %s (%s) delivered",
                     event.id,
@@ -179,7 +188,7 @@ class WebhookDispatcher:
         )
         retry_at = utcnow() + timedelta(seconds=delay)
         give_up = retry_at > event.created_at + timedelta(seconds=self.settings.webhook_max_age)
-        self.store.webhook_attempted(
+        self.outbox.attempted(
             event.id,
             self.owner,
             delivered=False,
@@ -197,7 +206,7 @@ class WebhookDispatcher:
         )
 
     def _body(self, event: WebhookEvent) -> str:
-        row = self.store.get(event.job_id)
+        row = self.jobs.get(event.job_id)
         payload = {
             "id": event.id,
             "type": event.type,

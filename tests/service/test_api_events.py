@@ -4,7 +4,7 @@ The stream is read from the job store, so a client that reconnects with
 ``Last-Event-ID`` to the restarted server continues where it was. Stopping the
 server (SIGTERM) ends open streams at once instead of holding the graceful
 shutdown, and hands the running job back to the queue. Jobs are slowed with
-``VQE_TEST_FRAME_DELAY``.
+``TEST_FRAME_DELAY`` (see ``tests/slow_service.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tests.service_fixtures import Api, ServiceProcess, wait_for
 
 FRAMES = 10
 ENV = {
-    "VQE_TEST_FRAME_DELAY": "0.4",
+    "TEST_FRAME_DELAY": "0.4",
     "VQE_JOB_LEASE": "5",
     "VQE_EVENTS_POLL": "0.2",
     "VQE_QUEUE_URL": "",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 
 from service.jobs.batches import BatchStore, NewBatch, batch_status, status_counts
+from service.jobs.database import Database
+from service.jobs.outbox import WebhookOutbox
 from service.jobs.status import BatchStatus, JobStatus
 from service.jobs.storage import new_job_id
 from service.jobs.store import JobStore, NewJob
@@ -29,8 +31,8 @@ def _jobs(batch_id: str, n: int, refused: set[int] = frozenset()) -> list[NewJob
 
 
 def test_batch_and_jobs_in_one_transaction(database_url: str):
-    store = JobStore(database_url)
-    batches = BatchStore(store)
+    db = Database(database_url)
+    store, batches, outbox = JobStore(db), BatchStore(db), WebhookOutbox(db)
     try:
         new = NewBatch(id=new_job_id(), options={"stages": 1}, owner_key="k1", idempotency_key="i1")
         jobs = _jobs(new.id, 3, refused={1})
@@ -42,8 +44,8 @@ def test_batch_and_jobs_in_one_transaction(database_url: str):
         failed = stored[1]
         assert (failed.error_code, failed.error_message) == ("unsupported_input", "not a video")
         assert failed.finished_at is not None and not failed.input_ready
-        assert [e.type for e in store.webhook_events(failed.id)] == ["job.failed"]
-        assert store.webhook_events(stored[0].id) == []
+        assert [e.type for e in outbox.events(failed.id)] == ["job.failed"]
+        assert outbox.events(stored[0].id) == []
         assert batch_status(status_counts(stored)) is BatchStatus.running
 
         again, created = batches.create(
@@ -67,7 +69,7 @@ def test_batch_and_jobs_in_one_transaction(database_url: str):
         batches.mark_cancel(new.id)
         assert batches.get(new.id).cancel_requested
     finally:
-        store.close()
+        db.close()
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ package, see ``tests/service_fixtures.py``), a private redis-server, each proces
 with its own data directory and one shared storage directory (the shared volume of
 a deployment). The queue timings are those of issue 14's done-when
 (``VQE_QUEUE_HEARTBEAT_MS=5000``, ``VQE_JOB_LEASE=10``); jobs are slowed with
-``VQE_TEST_FRAME_DELAY`` so they can be interrupted mid-way.
+``TEST_FRAME_DELAY`` (see ``tests/slow_service.py``) so they can be interrupted mid-way.
 
 "Exactly once" is read from the workers' logs: each job has one ``succeeded`` line
 in all logs together, and one ``started by`` line except where a worker died
@@ -143,8 +143,8 @@ def test_six_jobs_survive_a_worker_killed_mid_job(cluster: Cluster, clip: Path, 
         "disk": "ok",
         "queue": "ok",
     }
-    first = c.worker(VQE_TEST_FRAME_DELAY=SLOW)
-    second = c.worker(VQE_TEST_FRAME_DELAY=SLOW)
+    first = c.worker(TEST_FRAME_DELAY=SLOW)
+    second = c.worker(TEST_FRAME_DELAY=SLOW)
     ids = submit(c, clip, 6)
 
     def victim() -> str | None:  # a job the first worker is running, 3 frames in
@@ -171,8 +171,8 @@ def test_six_jobs_survive_a_worker_killed_mid_job(cluster: Cluster, clip: Path, 
 
 def test_queued_jobs_survive_redis_restarted_empty(cluster: Cluster, clip: Path, tmp_path: Path):
     c = cluster
-    c.worker(VQE_TEST_FRAME_DELAY=SLOW)
-    c.worker(VQE_TEST_FRAME_DELAY=SLOW)
+    c.worker(TEST_FRAME_DELAY=SLOW)
+    c.worker(TEST_FRAME_DELAY=SLOW)
     ids = submit(c, clip, 5)
 
     def two_running() -> bool:
@@ -208,7 +208,7 @@ def test_sigterm_finishes_or_hands_back_within_the_grace(
     grace = 12.0
     # A job far from its end is handed back: the worker exits within the grace period and
     # another worker runs the job from the start.
-    slow = c.worker(VQE_TEST_FRAME_DELAY="1.0", VQE_SHUTDOWN_GRACE=str(grace))
+    slow = c.worker(TEST_FRAME_DELAY="1.0", VQE_SHUTDOWN_GRACE=str(grace))
     [job_id] = submit(c, clip, 1)
     c.api.wait_running(job_id, frames=2, timeout=120)
     t0 = time.monotonic()
@@ -222,7 +222,7 @@ def test_sigterm_finishes_or_hands_back_within_the_grace(
     done = c.api.wait(job_id, timeout=120)
     assert done["status"] == "succeeded" and done["attempts"] == 2, done
     # A job that will end within the grace period runs to its end before the worker exits.
-    quick = c.worker(VQE_TEST_FRAME_DELAY="0.15", VQE_SHUTDOWN_GRACE="30")
+    quick = c.worker(TEST_FRAME_DELAY="0.15", VQE_SHUTDOWN_GRACE="30")
     c.workers[-2].stop(30)  # only `quick` takes the next job
     [job2] = submit(c, clip, 1)
     c.api.wait_running(job2, frames=4, timeout=120)

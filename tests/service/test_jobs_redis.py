@@ -2,7 +2,7 @@
 
 Skipped cleanly when ``redis-server`` is not installed. Queue timings are
 shortened for the test (2 s heartbeat, recovery on every queue command, 3 s
-job lease) and the kill test slows jobs with ``VQE_TEST_FRAME_DELAY``.
+job lease) and the kill test slows jobs with ``TEST_FRAME_DELAY`` (see ``tests/slow_service.py``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def test_killed_worker_job_is_finished_by_another(
 ):
     api, _ = cluster
     clip = make_clip(tmp_path / "slow.mp4", size=(64, 48), frames=FRAMES)
-    slow = {"VQE_TEST_FRAME_DELAY": "0.25"}
+    slow = {"TEST_FRAME_DELAY": "0.25"}
     first = start_worker(cluster, queue_env, **slow)
     workers.append(first)
     job_id = api.submit_file(clip, stages=1).json()["id"]

@@ -1,7 +1,7 @@
 """Jobs survive the embedded server: kill or stop `vqe serve` mid-job and start it again.
 
-Jobs are slowed with the test-only ``VQE_TEST_FRAME_DELAY`` (seconds per frame)
-so they are still running when the server goes down.
+Jobs are slowed with the test-only ``TEST_FRAME_DELAY`` (seconds per frame, see
+``tests/slow_service.py``) so they are still running when the server goes down.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tests.clips import make_clip
 from tests.service_fixtures import Api, ServiceProcess, count_frames, wait_for
 
 FRAMES = 16
-SLOW = {"VQE_TEST_FRAME_DELAY": "0.25", "VQE_JOB_LEASE": "5"}
+SLOW = {"TEST_FRAME_DELAY": "0.25", "VQE_JOB_LEASE": "5"}
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Webhook delivery against a real receiver on loopback: signing, retries with backoff,
 the same event id and body on every attempt, leases between processes, giving up.
 
-The job store is a real SQLite file; two :class:`JobStore` objects on it stand for two
+The job database is a real SQLite file; two :class:`Database` objects on it stand for two
 processes (the one that ends the job and another that delivers after a crash).
 """
 
@@ -17,6 +17,8 @@ from service.api.schemas import JobStatus
 from service.config import Settings
 from service.errors import URLNotAllowed
 from service.ingest.policy import URLPolicy
+from service.jobs.database import Database
+from service.jobs.outbox import WebhookOutbox
 from service.jobs.store import JobStore, NewJob
 from service.jobs.webhooks import WebhookDispatcher, check_url, sign, verify
 from tests.service_fixtures import wait_for
@@ -42,6 +44,12 @@ def render(row) -> dict:  # noqa: ANN001 - a JobRow
     return {"id": row.id, "status": row.status}
 
 
+def open_store(conf: Settings) -> tuple[JobStore, WebhookOutbox]:
+    """The job and outbox repositories of one process on ``conf``'s database."""
+    db = Database(conf.database_url)
+    return JobStore(db), WebhookOutbox(db)
+
+
 def finished_job(store: JobStore, url: str, job_id: str = "a" * 32, **kw: object) -> str:
     store.create(
         NewJob(id=job_id, source_kind="upload", options={}, webhook_url=url, frames_total=10, **kw)
@@ -53,11 +61,11 @@ def finished_job(store: JobStore, url: str, job_id: str = "a" * 32, **kw: object
 
 def test_signed_delivery_retried_with_the_same_id_and_body(tmp_path: Path):
     conf = settings(tmp_path)
-    store = JobStore(conf.database_url)
+    store, outbox = open_store(conf)
     with run_receiver(fail_first=[500, 503]) as receiver:
         policy = URLPolicy(["127.0.0.1"])
         job_id = finished_job(store, receiver.url)
-        dispatcher = WebhookDispatcher(store, conf, policy, render=render)
+        dispatcher = WebhookDispatcher(store, outbox, conf, policy, render=render)
         dispatcher.start()
         try:
             wait_for(lambda: receiver.delivered(), 20, what="a delivered webhook")
@@ -80,7 +88,7 @@ def test_signed_delivery_retried_with_the_same_id_and_body(tmp_path: Path):
     assert body["job_id"] == job_id and body["data"]["job"]["status"] == "succeeded"
     times = [float(c.headers["Vqe-Webhook-Timestamp"]) for c in calls]
     assert times[-1] - times[0] <= 5  # backoff 0.2 s, then 0.4 s
-    (event,) = store.webhook_events(job_id)
+    (event,) = outbox.events(job_id)
     assert event.state == "delivered" and event.attempts == 3 and event.last_error is None
 
 
@@ -90,10 +98,10 @@ def test_a_crashed_sender_is_replaced_after_its_lease(tmp_path: Path):
     conf = settings(tmp_path)
     with run_receiver() as receiver:
         policy = URLPolicy(["127.0.0.1"])
-        ending = JobStore(conf.database_url)  # the process that ends the job
+        ending, ending_outbox = open_store(conf)  # the process that ends the job
         finished_job(ending, receiver.url)
-        (leased,) = ending.claim_webhooks("crashed-process", 0.5)  # then it "dies"
-        other = WebhookDispatcher(JobStore(conf.database_url), conf, policy, render)
+        (leased,) = ending_outbox.claim("crashed-process", 0.5)  # then it "dies"
+        other = WebhookDispatcher(*open_store(conf), conf, policy, render)  # another process
         assert other.run_once() == 0  # the lease holds
         time.sleep(0.6)
         assert other.run_once() == 1
@@ -103,7 +111,7 @@ def test_a_crashed_sender_is_replaced_after_its_lease(tmp_path: Path):
 
 def test_gives_up_after_max_age_and_progress_events(tmp_path: Path):
     conf = settings(tmp_path, webhook_max_age=0.5)
-    store = JobStore(conf.database_url)
+    store, outbox = open_store(conf)
     policy = URLPolicy(["127.0.0.1"])
     with run_receiver(fail_first=[500] * 50) as receiver:
         job_id = "b" * 32
@@ -121,17 +129,17 @@ def test_gives_up_after_max_age_and_progress_events(tmp_path: Path):
         for done in (1, 2, 3, 5, 5, 9):
             store.report(job_id, "w1", 30, frames_done=done)
         store.finish(job_id, "w1", JobStatus.failed, error=("corrupt_input", "bad"))
-        types = [e.type for e in store.webhook_events(job_id)]
+        types = [e.type for e in outbox.events(job_id)]
         # One event per 10 % passed (not per report), then the terminal one.
         assert types == ["job.progress"] * 5 + ["job.failed"], types  # 10,20,30,50,90 %
-        dispatcher = WebhookDispatcher(store, conf, policy, render)
+        dispatcher = WebhookDispatcher(store, outbox, conf, policy, render)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and any(
-            e.state == "pending" for e in store.webhook_events(job_id)
+            e.state == "pending" for e in outbox.events(job_id)
         ):
             dispatcher.run_once()
             time.sleep(0.05)
-    states = {e.state for e in store.webhook_events(job_id)}
+    states = {e.state for e in outbox.events(job_id)}
     assert states == {"failed"}, states
     assert all(c.headers["Vqe-Webhook-Id"].startswith("evt_") for c in receiver.calls)
 

@@ -15,7 +15,8 @@ from sqlalchemy.exc import OperationalError
 import enhancer.engine
 from service.config import Settings
 from service.errors import NotAVideo, UserError, error_info, public_message
-from service.jobs.executor import Context, JobRunner, Outcome
+from service.jobs.executor import JobRunner, Outcome
+from service.jobs.runtime import open_context
 from service.jobs.storage import new_job_id
 from service.jobs.store import NewJob
 from tests.clips import make_clip
@@ -82,21 +83,21 @@ def test_a_job_whose_weights_are_missing_fails_as_an_operator_fault(
         raise FileNotFoundError(f"model weights not found: {tmp_path}/weights/missing.pt")
 
     monkeypatch.setattr(enhancer.engine, "Engine", no_weights)
-    ctx = Context.from_settings(Settings.from_env({}, data_dir=tmp_path / "data"))
+    ctx = open_context(Settings.from_env({}, data_dir=tmp_path / "data"))
     try:
         job_id = new_job_id()
         dest = ctx.storage.input_path(job_id)
         dest.parent.mkdir(parents=True)
         dest.write_bytes(make_clip(tmp_path / "c.mp4", size=(64, 48), frames=2).read_bytes())
-        ctx.store.create(NewJob(id=job_id, source_kind="upload", options={"stages": 1}))
+        ctx.jobs.create(NewJob(id=job_id, source_kind="upload", options={"stages": 1}))
         with caplog.at_level(logging.ERROR, logger="vqe.errors"):
             assert JobRunner(ctx).run(job_id) is Outcome.done
-        row = ctx.store.get(job_id)
+        row = ctx.jobs.get(job_id)
         assert row.status == "failed" and row.error_code == "model_unavailable", row.error_message
         assert str(tmp_path) not in (row.error_message or "")
         assert "operator fault model_unavailable" in caplog.text
     finally:
-        ctx.store.close()
+        ctx.close()
 
 
 def test_database_unreachable_is_a_503_with_its_own_code(tmp_path: Path):

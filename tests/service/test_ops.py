@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from service.api.auth import key_id
+from service.jobs.database import Database
 from service.jobs.status import JobStatus
 from service.jobs.storage import new_job_id
 from service.jobs.store import JobStore, NewJob
@@ -214,7 +215,8 @@ def test_admin_key_sees_and_manages_ownerless_jobs(
     http: httpx.Client, job: dict, server: ServiceProcess
 ):
     # Jobs made while keys were off have no owner (written to the server's store directly).
-    store = JobStore(f"sqlite:///{server.data_dir / 'jobs.db'}")
+    db = Database(f"sqlite:///{server.data_dir / 'jobs.db'}")
+    store = JobStore(db)
     try:
         queued, finished = new_job_id(), new_job_id()
         for job_id in (queued, finished):
@@ -222,7 +224,7 @@ def test_admin_key_sees_and_manages_ownerless_jobs(
         store.claim(finished, "old-server", 30)
         store.finish(finished, "old-server", JobStatus.failed, error=("x", "y"))
     finally:
-        store.close()
+        db.close()
     for key in (A, B):
         assert_error(http.get(f"/v1/jobs/{queued}", headers=key), 404, "not_found")
         listed = {j["id"] for j in http.get("/v1/jobs", headers=key).json()["items"]}

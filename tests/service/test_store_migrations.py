@@ -19,9 +19,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
 from service.jobs import migrations
+from service.jobs.database import Database
 from service.jobs.migrations import SchemaError
 from service.jobs.status import JobStatus
-from service.jobs.store import Base, Claim, JobStore
+from service.jobs.store import Claim, JobStore
+from service.jobs.tables import Base
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[2]
@@ -66,8 +68,7 @@ def _load_previous_schema(url: str, owner_index: bool) -> None:
 
 
 def test_a_new_database_gets_the_models_schema(database_url: str):
-    store = JobStore(database_url)
-    store.close()
+    Database(database_url).close()
     assert _differences(database_url) == []
     engine = create_engine(database_url)
     with engine.connect() as conn:
@@ -79,10 +80,11 @@ def test_a_new_database_gets_the_models_schema(database_url: str):
 def test_the_previous_schema_is_upgraded_in_place(database_url: str, owner_index: bool):
     _load_previous_schema(database_url, owner_index)
     assert _differences(database_url) != []  # no queue_sent_at, maybe no owner index
-    store = JobStore(database_url)
+    db = Database(database_url)
+    store = JobStore(db)
     try:
         assert _differences(database_url) == []
-        indexes = {ix["name"] for ix in inspect(store.engine).get_indexes("jobs")}
+        indexes = {ix["name"] for ix in inspect(db.engine).get_indexes("jobs")}
         assert "ix_jobs_owner_key" in indexes
         old = store.get(OLD_JOB)  # the old row survived, and works with the new code
         assert old is not None and old.status == "queued" and old.queue_sent_at is None
@@ -91,18 +93,18 @@ def test_the_previous_schema_is_upgraded_in_place(database_url: str, owner_index
         assert store.claim(OLD_JOB, "w", 30) is Claim.claimed
         assert store.finish(OLD_JOB, "w", JobStatus.succeeded)
     finally:
-        store.close()
-    JobStore(database_url).close()  # a second start finds nothing to do
+        db.close()
+    Database(database_url).close()  # a second start finds nothing to do
 
 
 def test_a_newer_unknown_schema_is_refused(database_url: str, tmp_path: Path):
-    JobStore(database_url).close()
+    Database(database_url).close()
     engine = create_engine(database_url)
     with engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
     engine.dispose()
     with pytest.raises(SchemaError, match="9999_from_the_future.*does not know"):
-        JobStore(database_url)
+        Database(database_url)
     done = _vqe("db", "upgrade", url=database_url, tmp_path=tmp_path)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -112,11 +114,11 @@ def test_a_newer_unknown_schema_is_refused(database_url: str, tmp_path: Path):
 def test_without_auto_upgrade_an_old_schema_needs_vqe_db_upgrade(database_url: str, tmp_path: Path):
     _load_previous_schema(database_url, owner_index=False)
     with pytest.raises(SchemaError, match="vqe db upgrade"):
-        JobStore(database_url, upgrade=False)
+        Database(database_url, upgrade=False)
     done = _vqe("db", "upgrade", url=database_url, tmp_path=tmp_path)
     head = migrations.head()
     assert done.returncode == 0 and f"to {head}" in done.stdout, done.stderr
-    JobStore(database_url, upgrade=False).close()
+    Database(database_url, upgrade=False).close()
     assert _differences(database_url) == []
     current = _vqe("db", "current", url=database_url, tmp_path=tmp_path)
     assert f"revision {head} (this vqe: {head})" in current.stdout, current.stderr

@@ -18,11 +18,15 @@ from service.config import ENV_VARS, Limits, Settings
 from service.errors import InputTooLarge, SourceUnavailable, URLNotAllowed, UserError
 from service.ingest.policy import URLPolicy
 from service.ingest.probe import ProbeReport, check_limits, probe_file
-from service.jobs.executor import Context, JobRunner, Outcome, backoff_seconds
+from service.jobs.context import Context
+from service.jobs.database import Database, decode_cursor, encode_cursor, utcnow
+from service.jobs.executor import JobRunner, Outcome, backoff_seconds
+from service.jobs.runtime import open_context
 from service.jobs.status import JobStatus
 from service.jobs.storage import Storage, is_job_id, new_job_id
-from service.jobs.store import Claim, JobStore, NewJob, decode_cursor, encode_cursor, utcnow
+from service.jobs.store import Claim, JobStore, NewJob
 from tests.clips import make_clip
+from tests.slow_service import frame_delay
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,9 +124,9 @@ def test_allowlist_entries_are_exact():
 
 @pytest.fixture
 def store(database_url: str) -> JobStore:
-    s = JobStore(database_url)
-    yield s
-    s.close()
+    db = Database(database_url)
+    yield JobStore(db)
+    db.close()
 
 
 def new(job_id: str | None = None, **kw) -> NewJob:
@@ -264,9 +268,9 @@ def test_options_model_is_strict():
 @pytest.fixture
 def ctx(tmp_path: Path) -> Context:
     settings = Settings.from_env({"VQE_JOB_LEASE": "5"}, data_dir=tmp_path / "data")
-    c = Context.from_settings(settings)
+    c = open_context(settings)
     yield c
-    c.store.close()
+    c.close()
 
 
 def _queue_clip(ctx: Context, clip: Path, **options) -> str:
@@ -274,23 +278,19 @@ def _queue_clip(ctx: Context, clip: Path, **options) -> str:
     dest = ctx.storage.input_path(job_id)
     dest.parent.mkdir(parents=True)
     dest.write_bytes(clip.read_bytes())
-    ctx.store.create(NewJob(id=job_id, source_kind="upload", options={"stages": 1, **options}))
+    ctx.jobs.create(NewJob(id=job_id, source_kind="upload", options={"stages": 1, **options}))
     return job_id
 
 
 def test_runner_time_limit_and_permanent_failure(ctx: Context, tmp_path: Path):
     clip = make_clip(tmp_path / "c.mp4", size=(64, 48), frames=12)
-    slow = Context(
-        Settings.from_env(
-            {"VQE_JOB_TIME_LIMIT": "0.5", "VQE_TEST_FRAME_DELAY": "0.3", "VQE_JOB_LEASE": "3"},
-            data_dir=tmp_path / "data",
-        ),
-        ctx.store,
-        ctx.storage,
+    limited = Settings.from_env(
+        {"VQE_JOB_TIME_LIMIT": "0.5", "VQE_JOB_LEASE": "3"}, data_dir=tmp_path / "data"
     )
-    job_id = _queue_clip(slow, clip)
-    assert JobRunner(slow).run(job_id) is Outcome.done
-    row = ctx.store.get(job_id)
+    job_id = _queue_clip(ctx, clip)
+    slow = JobRunner(replace(ctx, settings=limited), observer=frame_delay(0.3))
+    assert slow.run(job_id) is Outcome.done
+    row = ctx.jobs.get(job_id)
     assert (row.status, row.error_code) == ("failed", "time_limit")
     assert not ctx.storage.job_dir(job_id).exists()
 
@@ -298,7 +298,7 @@ def test_runner_time_limit_and_permanent_failure(ctx: Context, tmp_path: Path):
     bad = _queue_clip(ctx, clip)
     ctx.storage.input_path(bad).write_bytes(b"\x00" * 100)
     assert JobRunner(ctx).run(bad, final_attempt=False) is Outcome.done
-    assert ctx.store.get(bad).status == "failed"
+    assert ctx.jobs.get(bad).status == "failed"
 
 
 def test_runner_retries_transient_failures(ctx: Context, tmp_path: Path):
@@ -313,11 +313,11 @@ def test_runner_retries_transient_failures(ctx: Context, tmp_path: Path):
     real_get = runner.pipelines.get
     runner.pipelines.get = Broken  # type: ignore[method-assign]
     assert runner.run(job_id, final_attempt=False) is Outcome.retry
-    row = ctx.store.get(job_id)
+    row = ctx.jobs.get(job_id)
     assert row.status == "queued" and row.error_code == "retrying"
     runner.pipelines.get = real_get  # type: ignore[method-assign]
     assert runner.run(job_id) is Outcome.done
-    row = ctx.store.get(job_id)
+    row = ctx.jobs.get(job_id)
     assert row.status == "succeeded" and row.attempts == 2 and row.error_code is None, (
         row.error_code,
         row.error_message,
@@ -327,18 +327,13 @@ def test_runner_retries_transient_failures(ctx: Context, tmp_path: Path):
 
 def test_runner_stops_on_shutdown(ctx: Context, tmp_path: Path):
     clip = make_clip(tmp_path / "c.mp4", size=(64, 48), frames=40)
-    slow = Context(
-        Settings.from_env({"VQE_TEST_FRAME_DELAY": "0.2"}, data_dir=tmp_path / "data"),
-        ctx.store,
-        ctx.storage,
-    )
-    job_id = _queue_clip(slow, clip)
+    job_id = _queue_clip(ctx, clip)
     shutdown = threading.Event()
     threading.Timer(1.5, shutdown.set).start()
     started = time.monotonic()
-    assert JobRunner(slow, shutdown).run(job_id) is Outcome.requeued
+    assert JobRunner(ctx, shutdown, observer=frame_delay(0.2)).run(job_id) is Outcome.requeued
     assert time.monotonic() - started < 7  # the whole job would take 8 s or more
-    assert ctx.store.get(job_id).status == "queued"
+    assert ctx.jobs.get(job_id).status == "queued"
     assert ctx.storage.input_path(job_id).exists()  # kept for the next run
 
 

@@ -50,16 +50,18 @@ from service.api.uploads import (
 from service.errors import ApiError, VqeError, error_info, operator_fault
 from service.ingest.fetch import fetch_source
 from service.ingest.probe import check_limits, probe_file
-from service.jobs.batches import BatchStore, NewBatch
+from service.jobs.batches import NewBatch
+from service.jobs.database import utcnow
 from service.jobs.storage import is_job_id, new_job_id
-from service.jobs.store import BatchRow, NewJob, utcnow
+from service.jobs.store import NewJob
+from service.jobs.tables import BatchRow
 
 
 def router(service: Service) -> APIRouter:
     """The routes of this resource, bound to ``service``."""
     settings = service.settings
     storage = service.storage
-    batches = BatchStore(service.store)
+    batches = service.batches
     router = APIRouter()
 
     @router.post(
@@ -252,7 +254,7 @@ def router(service: Service) -> APIRouter:
         for job in batches.jobs([batch.id])[batch.id]:
             if JobStatus(job.status).finished:
                 continue
-            row = service.store.request_cancel(job.id) or job
+            row = service.jobs.request_cancel(job.id) or job
             if JobStatus(row.status).finished:
                 storage.remove_job(job.id)
             else:

@@ -33,7 +33,7 @@ def router(service: Service) -> APIRouter:
         def check() -> tuple[dict[str, str], int | None]:
             checks = {}
             try:
-                service.store.ping()
+                service.ctx.db.ping()
                 checks["database"] = "ok"
             except Exception as exc:  # noqa: BLE001
                 checks["database"] = f"error: {type(exc).__name__}"

@@ -35,7 +35,8 @@ from service.config import Settings
 from service.ingest.fetch import fetch_source
 from service.ingest.probe import ProbeReport, check_limits, probe_file
 from service.jobs.storage import new_job_id
-from service.jobs.store import JobRow, NewJob
+from service.jobs.store import NewJob
+from service.jobs.tables import JobRow
 
 
 def router(service: Service) -> APIRouter:
@@ -60,7 +61,7 @@ def router(service: Service) -> APIRouter:
         the job and its links. Repeating a request with the same `Idempotency-Key`
         returns the original job."""
         idempotency_key = auth.scoped(idempotency_key)
-        existing = await replayed(request, idempotency_key, service.store.get_by_idempotency_key)
+        existing = await replayed(request, idempotency_key, service.jobs.get_by_idempotency_key)
         if existing is not None:
             return _job_response(existing, 202, **REPLAYED)
         ctype, _ = parse_options_header(request.headers.get("content-type", ""))
@@ -132,7 +133,7 @@ def router(service: Service) -> APIRouter:
         """Jobs, newest first; follow `next_cursor` for the next page."""
         check_cursor(cursor)
         rows, next_cursor = await run_in_threadpool(
-            service.store.list, status, limit, cursor, auth.owner(), auth.is_admin()
+            service.jobs.list, status, limit, cursor, auth.owner(), auth.is_admin()
         )
         return JobList(items=[job_model(r) for r in rows], next_cursor=next_cursor)
 
@@ -181,9 +182,9 @@ def router(service: Service) -> APIRouter:
         row = await run_in_threadpool(service.job_or_404, job_id)
         if JobStatus(row.status).finished:
             await run_in_threadpool(service.storage.remove_job, job_id)
-            row = await run_in_threadpool(service.store.mark_deleted, job_id) or row
+            row = await run_in_threadpool(service.jobs.mark_deleted, job_id) or row
             return _job_response(row, 200)
-        row = await run_in_threadpool(service.store.request_cancel, job_id) or row
+        row = await run_in_threadpool(service.jobs.request_cancel, job_id) or row
         if JobStatus(row.status).finished:  # it was queued: canceled at once
             await run_in_threadpool(service.storage.remove_job, job_id)
             return _job_response(row, 200)

@@ -13,7 +13,7 @@ from service.api.deps import Service
 from service.api.schemas import JobOptions
 from service.api.uploads import drain
 from service.errors import ApiError
-from service.jobs.store import decode_cursor
+from service.jobs.database import decode_cursor
 from service.jobs.webhooks import check_url
 
 Row = TypeVar("Row")

@@ -1,6 +1,6 @@
 """The job store's schema, versioned with Alembic (``vqe db upgrade``).
 
-:func:`ensure_schema` runs at every start of a :class:`service.jobs.store.JobStore`:
+:func:`ensure_schema` runs at every opening of a :class:`service.jobs.database.Database`:
 under a lock (``BEGIN IMMEDIATE`` on SQLite, an advisory lock on PostgreSQL) it reads
 the database's revision, refuses one this version of vqe does not know (a newer
 schema, written by a newer release), and upgrades an older one (or, with
@@ -9,7 +9,7 @@ migrations (``create_all``, no ``alembic_version`` table) are upgraded by the
 baseline revision, which only adds what they lack.
 
 A schema change is a new file in ``versions/`` (``down_revision`` = the previous
-head), and the matching change of the models in ``service/jobs/store.py``;
+head), and the matching change of the models in ``service/jobs/tables.py``;
 ``tests/service/test_store_migrations.py`` checks that the migrated schema equals
 the models on SQLite and PostgreSQL.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +20,13 @@ from service.api import auth
 from service.api.presenters import API_PREFIX
 from service.api.schemas import ErrorResponse
 from service.errors import ApiError
+from service.jobs.batches import NewBatch
 from service.jobs.database import utcnow
 from service.jobs.runtime import Backend, Runtime
 from service.jobs.status import JobStatus
 from service.jobs.storage import is_job_id
 from service.jobs.store import NewJob
-from service.jobs.tables import JobRow
+from service.jobs.tables import BatchRow, JobRow
 
 __all__ = [
     "API_PREFIX",
@@ -101,6 +103,25 @@ class Service:
             return row, False
         self.enqueue(row.id)
         return row, True
+
+    def submit_batch(self, new: NewBatch, jobs: Sequence[NewJob]) -> tuple[BatchRow, bool]:
+        """Store the batch and its jobs and queue those not refused at submit; a replayed
+        ``Idempotency-Key`` returns the first batch (the new inputs' files go)."""
+        batch, created = self.batches.create(new, jobs)
+        for job in jobs:
+            if not created:
+                self.storage.remove_job(job.id)
+            elif job.error is None:
+                self.enqueue(job.id)
+        return batch, created
+
+    def cancel(self, job_id: str) -> JobRow | None:
+        """Cancel a job that has not finished: a queued one ends at once (and its files go),
+        a running one when its worker notices. Returns the job as it is now."""
+        row = self.jobs.request_cancel(job_id)
+        if row is not None and JobStatus(row.status).finished:
+            self.storage.remove_job(job_id)
+        return row
 
     def enqueue(self, job_id: str) -> None:
         """Hand a stored, queued job to the backend (a down queue leaves it to the reconciler)."""

@@ -109,8 +109,9 @@ class _MultipartReceiver:
 
 
 @dataclass
-class BatchPart:
-    """One ``file`` part of a batch: received to ``path``, or refused (``error``)."""
+class FilePart:
+    """One uploaded file (a job's, or a part of a batch): received to ``path``, or refused
+    (``error``)."""
 
     path: Path
     filename: str | None
@@ -122,7 +123,7 @@ class BatchPart:
 class BatchUpload:
     """A multipart batch request: its files (in order), source URLs and option fields."""
 
-    files: list[BatchPart] = field(default_factory=list)
+    files: list[FilePart] = field(default_factory=list)
     source_urls: list[str] = field(default_factory=list)
     fields: dict[str, str] = field(default_factory=dict)
 
@@ -140,7 +141,7 @@ class _BatchReceiver(_MultipartReceiver):
         self.max_inputs = max_inputs
         self.batch = BatchUpload(fields=self.upload.fields)  # the base class fills it
         self.received = 0
-        self._part: BatchPart | None = None
+        self._part: FilePart | None = None
 
     def _count(self) -> None:
         if len(self.batch.files) + len(self.batch.source_urls) >= self.max_inputs:
@@ -148,7 +149,7 @@ class _BatchReceiver(_MultipartReceiver):
 
     def _file_begin(self, filename: str | None) -> None:
         self._count()
-        self._part = BatchPart(self.new_path(), filename)
+        self._part = FilePart(self.new_path(), filename)
         self.batch.files.append(self._part)
         self.writer = BoundedWriter(self._part.path, self.limit)
 

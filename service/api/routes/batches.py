@@ -13,9 +13,6 @@ the job's ``batch_id``) work as for jobs.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
-from typing import Any
-
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from python_multipart.multipart import parse_options_header
@@ -24,16 +21,10 @@ from starlette.concurrency import run_in_threadpool
 from enhancer.options import parse_options
 from service.api import auth
 from service.api.deps import API_PREFIX, ERROR_RESPONSES, Service
+from service.api.intake import job_fields, take_input
 from service.api.presenters import batch_model
-from service.api.routes.submit import (
-    REPLAYED,
-    check_cursor,
-    replayed,
-    request_body,
-    webhook_of,
-)
+from service.api.routes.submit import REPLAYED, check_cursor, replayed, request_body
 from service.api.schemas import (
-    OPTION_FIELDS,
     Batch,
     BatchCreateRequest,
     BatchList,
@@ -41,17 +32,14 @@ from service.api.schemas import (
     JobStatus,
 )
 from service.api.uploads import (
-    BatchPart,
+    FilePart,
     batch_multipart_schema,
     read_json_object,
     receive_batch,
     too_many,
 )
-from service.errors import ApiError, VqeError, error_info, operator_fault
-from service.ingest.fetch import fetch_source
-from service.ingest.probe import check_limits, probe_file
+from service.errors import ApiError
 from service.jobs.batches import NewBatch
-from service.jobs.database import utcnow
 from service.jobs.storage import is_job_id, new_job_id
 from service.jobs.store import NewJob
 from service.jobs.tables import BatchRow
@@ -87,7 +75,7 @@ def router(service: Service) -> APIRouter:
             return await _answer(existing, 202, **REPLAYED)
         ctype, _ = parse_options_header(request.headers.get("content-type", ""))
         batch_id = new_job_id()
-        files: list[BatchPart] = []
+        files: list[FilePart] = []
         jobs: list[NewJob] = []
         try:
             if ctype == b"application/json":
@@ -106,25 +94,22 @@ def router(service: Service) -> APIRouter:
                 )
                 files, urls = upload.files, upload.source_urls
                 options = parse_options(upload.fields, JobOptions)
-            hook = await run_in_threadpool(webhook_of, service, options)
-            shared = {
-                "options": {k: v for k, v in options.model_dump().items() if k in OPTION_FIELDS},
-                "owner_key": auth.owner(),
-                "batch_id": batch_id,
-                **hook,
-            }
-            for part in files:
-                jobs.append(await run_in_threadpool(_upload_job, part, shared))
-            for url in urls:
-                jobs.append(await run_in_threadpool(_url_job, url, shared))
+            fields = await run_in_threadpool(
+                job_fields, service, options, auth.owner(), batch_id=batch_id
+            )
+            for source in [*files, *urls]:  # uploads first, then URLs; a refused one fails
+                new_job = await run_in_threadpool(
+                    take_input, service, new_job_id(), source, fields, keep_refused=True
+                )
+                jobs.append(new_job)
             new = NewBatch(
                 id=batch_id,
-                options=shared["options"],
-                owner_key=auth.owner(),
+                options=fields["options"],
+                owner_key=fields["owner_key"],
                 idempotency_key=idempotency_key,
-                webhook_url=hook["webhook_url"],
+                webhook_url=fields["webhook_url"],
             )
-            batch, created = await run_in_threadpool(batches.create, new, jobs)
+            batch, created = await run_in_threadpool(service.submit_batch, new, jobs)
         except BaseException:
             for job in jobs:
                 storage.remove_job(job.id)
@@ -132,66 +117,7 @@ def router(service: Service) -> APIRouter:
         finally:
             for part in files:
                 part.path.unlink(missing_ok=True)
-        if not created:  # lost a race with the same Idempotency-Key: the first one stands
-            for job in jobs:
-                storage.remove_job(job.id)
-            return await _answer(batch, 202, **REPLAYED)
-        for job in jobs:
-            if job.error is None:
-                await run_in_threadpool(service.enqueue, job.id)
-        return await _answer(batch, 202)
-
-    def _refused(exc: BaseException) -> tuple[str, str]:
-        """(code, message) of an input the user can fix; anything else is raised again."""
-        if not isinstance(exc, VqeError) or operator_fault(exc) is not None or exc.status >= 500:
-            raise exc
-        _status, code, message = error_info(exc)
-        return code, message
-
-    def _expiry() -> datetime:
-        return utcnow() + timedelta(seconds=settings.retention)
-
-    def _upload_job(part: BatchPart, shared: dict[str, Any]) -> NewJob:
-        job_id = new_job_id()
-        base = {"id": job_id, "source_kind": "upload", "source_filename": part.filename}
-        try:
-            if part.error is not None:
-                raise part.error
-            report = probe_file(part.path)
-            check_limits(report, settings.limits)
-        except Exception as exc:  # noqa: BLE001 - _refused raises what is not the input's fault
-            return NewJob(**base, **shared, error=_refused(exc), expires_at=_expiry())
-        storage.adopt_input(job_id, part.path)
-        return NewJob(
-            **base,
-            **shared,
-            source_bytes=part.size,
-            result_ext=report.result_ext,
-            frames_total=report.frames,
-        )
-
-    def _url_job(url: str, shared: dict[str, Any]) -> NewJob:
-        job_id = new_job_id()
-        base = {"id": job_id, "source_kind": "url", "source_url": url[:4096]}
-        tmp = storage.tmp_path()
-        try:
-            fetched = fetch_source(
-                url, tmp, service.ctx.policy, settings.limits, settings.url_timeout
-            )
-            if fetched.local:
-                storage.adopt_input(job_id, tmp)
-        except Exception as exc:  # noqa: BLE001 - _refused raises what is not the input's fault
-            return NewJob(**base, **shared, error=_refused(exc), expires_at=_expiry())
-        finally:
-            tmp.unlink(missing_ok=True)
-        return NewJob(
-            **base,
-            **shared,
-            source_bytes=fetched.size,
-            input_ready=fetched.local,
-            result_ext=fetched.report.result_ext if fetched.local else ".mkv",
-            frames_total=fetched.report.frames,
-        )
+        return await _answer(batch, 202, **({} if created else REPLAYED))
 
     async def _answer(batch: BatchRow, status: int, **headers: str) -> JSONResponse:
         jobs = (await run_in_threadpool(batches.jobs, [batch.id]))[batch.id]
@@ -252,13 +178,9 @@ def router(service: Service) -> APIRouter:
         batches.mark_cancel(batch.id)
         pending = False
         for job in batches.jobs([batch.id])[batch.id]:
-            if JobStatus(job.status).finished:
-                continue
-            row = service.jobs.request_cancel(job.id) or job
-            if JobStatus(row.status).finished:
-                storage.remove_job(job.id)
-            else:
-                pending = True
+            if not JobStatus(job.status).finished:
+                row = service.cancel(job.id) or job
+                pending = pending or not JobStatus(row.status).finished
         batch = batches.get(batch.id) or batch
         jobs = batches.jobs([batch.id])[batch.id]
         body = batch_model(batch, jobs).model_dump(mode="json")

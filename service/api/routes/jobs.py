@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
-
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from python_multipart.multipart import parse_options_header
@@ -13,29 +10,18 @@ from starlette.concurrency import run_in_threadpool
 from enhancer.options import parse_options
 from service.api import auth
 from service.api.deps import API_PREFIX, ERROR_RESPONSES, MEDIA_TYPES, Service
+from service.api.intake import job_fields, take_input
 from service.api.presenters import job_model
-from service.api.routes.submit import (
-    REPLAYED,
-    check_cursor,
-    replayed,
-    request_body,
-    webhook_of,
-)
+from service.api.routes.submit import REPLAYED, check_cursor, replayed, request_body
 from service.api.schemas import (
-    OPTION_FIELDS,
-    WEBHOOK_FIELDS,
     Job,
     JobCreateRequest,
     JobList,
     JobOptions,
     JobStatus,
 )
-from service.api.uploads import multipart_schema, read_json_object, receive_multipart
-from service.config import Settings
-from service.ingest.fetch import fetch_source
-from service.ingest.probe import ProbeReport, check_limits, probe_file
+from service.api.uploads import FilePart, multipart_schema, read_json_object, receive_multipart
 from service.jobs.storage import new_job_id
-from service.jobs.store import NewJob
 from service.jobs.tables import JobRow
 
 
@@ -68,59 +54,25 @@ def router(service: Service) -> APIRouter:
         job_id = new_job_id()
         tmp = service.storage.tmp_path()
         try:
+            source: FilePart | str
             if ctype == b"application/json":
-                new = await _job_from_json(request, job_id, tmp)
+                req = parse_options(await read_json_object(request), JobCreateRequest)
+                options: JobOptions = req
+                source = req.source_url
             else:
-                new = await _job_from_upload(request, job_id, tmp)
+                limit = settings.limits.max_upload_bytes
+                upload = await receive_multipart(request, tmp, limit, sync=False)
+                options = parse_options(upload.fields, JobOptions)
+                source = FilePart(tmp, upload.filename, upload.size)
+            fields = await run_in_threadpool(
+                job_fields, service, options, auth.owner(), idempotency_key=idempotency_key
+            )
+            new = await run_in_threadpool(take_input, service, job_id, source, fields)
         finally:
             tmp.unlink(missing_ok=True)
-        new = replace(new, idempotency_key=idempotency_key, owner_key=auth.owner())
         row, created = await run_in_threadpool(service.submit, new)
         headers = {} if created else REPLAYED
         return _job_response(row, 202, **headers)
-
-    async def _job_from_upload(request: Request, job_id: str, tmp: Path) -> NewJob:
-        upload = await receive_multipart(request, tmp, settings.limits.max_upload_bytes, sync=False)
-        options = parse_options(upload.fields, JobOptions)
-        hook = await run_in_threadpool(webhook_of, service, options)
-        report = await run_in_threadpool(_probe_checked, tmp, settings)
-        service.storage.adopt_input(job_id, tmp)
-        return NewJob(
-            id=job_id,
-            source_kind="upload",
-            options=options.model_dump(exclude=set(WEBHOOK_FIELDS)),
-            source_filename=upload.filename,
-            source_bytes=upload.size,
-            result_ext=report.result_ext,
-            frames_total=report.frames,
-            **hook,
-        )
-
-    async def _job_from_json(request: Request, job_id: str, tmp: Path) -> NewJob:
-        req = parse_options(await read_json_object(request), JobCreateRequest)
-        hook = await run_in_threadpool(webhook_of, service, req)
-        fetched = await run_in_threadpool(
-            fetch_source,
-            req.source_url,
-            tmp,
-            service.ctx.policy,
-            settings.limits,
-            settings.url_timeout,
-        )
-        if fetched.local:
-            service.storage.adopt_input(job_id, tmp)
-        options = {k: v for k, v in req.model_dump().items() if k in OPTION_FIELDS}
-        return NewJob(
-            id=job_id,
-            source_kind="url",
-            options=options,
-            source_url=req.source_url,
-            source_bytes=fetched.size,
-            input_ready=fetched.local,
-            result_ext=fetched.report.result_ext if fetched.local else ".mkv",
-            frames_total=fetched.report.frames,
-            **hook,
-        )
 
     @router.get(
         f"{API_PREFIX}/jobs", tags=["jobs"], response_model=JobList, responses=ERROR_RESPONSES
@@ -184,11 +136,8 @@ def router(service: Service) -> APIRouter:
             await run_in_threadpool(service.storage.remove_job, job_id)
             row = await run_in_threadpool(service.jobs.mark_deleted, job_id) or row
             return _job_response(row, 200)
-        row = await run_in_threadpool(service.jobs.request_cancel, job_id) or row
-        if JobStatus(row.status).finished:  # it was queued: canceled at once
-            await run_in_threadpool(service.storage.remove_job, job_id)
-            return _job_response(row, 200)
-        return _job_response(row, 202)
+        row = await run_in_threadpool(service.cancel, job_id) or row
+        return _job_response(row, 200 if JobStatus(row.status).finished else 202)
 
     return router
 
@@ -196,9 +145,3 @@ def router(service: Service) -> APIRouter:
 def _job_response(row: JobRow, status: int, **headers: str) -> JSONResponse:
     headers.setdefault("Location", f"{API_PREFIX}/jobs/{row.id}")
     return JSONResponse(job_model(row).model_dump(mode="json"), status_code=status, headers=headers)
-
-
-def _probe_checked(path: Path, settings: Settings) -> ProbeReport:
-    report = probe_file(path)
-    check_limits(report, settings.limits)
-    return report

@@ -1,5 +1,6 @@
 """What the job and batch routes share: the submit request body's OpenAPI description,
-``Idempotency-Key`` replays, the webhook options check and the list cursor check."""
+``Idempotency-Key`` replays and the list cursor check (the intake of their inputs is
+:mod:`service.api.intake`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,9 @@ from typing import Any, TypeVar
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import Service
-from service.api.schemas import JobOptions
 from service.api.uploads import drain
 from service.errors import ApiError
 from service.jobs.database import decode_cursor
-from service.jobs.webhooks import check_url
 
 Row = TypeVar("Row")
 
@@ -46,12 +44,6 @@ async def replayed(
     if existing is not None:
         await drain(request)
     return existing
-
-
-def webhook_of(service: Service, options: JobOptions) -> dict[str, Any]:
-    """The checked webhook fields of a new job (``webhook_url``, ``webhook_progress``)."""
-    url = check_url(options.webhook_url, service.ctx.policy, service.settings)
-    return {"webhook_url": url, "webhook_progress": bool(url and options.webhook_progress)}
 
 
 def check_cursor(cursor: str | None) -> None:

@@ -30,7 +30,8 @@ import functools
 import io
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -49,9 +50,11 @@ __all__ = [
     "CRF_RANGE",
     "CONTAINER_FORMATS",
     "PRESETS",
+    "OutputPlan",
     "UnsupportedOutput",
     "VideoWriter",
     "choose_codec",
+    "crf_on_scale",
     "default_crf",
     "frame_from_planes",
     "input_level",
@@ -234,19 +237,37 @@ def choose_codec(requested: str, info: SequenceInfo, fmt: str) -> tuple[str, lis
     raise UnsupportedOutput("no encoder can write this video: " + "; ".join(notes))
 
 
-def input_level(info: SequenceInfo, first_qp: float | None, first_type: str = "?") -> float | None:
-    """The input's compression level on the x264 CRF scale, or None when nothing tells it.
+def input_level(
+    info: SequenceInfo,
+    first_qp: float | None = None,
+    first_type: str = "?",
+    *,
+    mean_qp: float | None = None,
+    qp_offset: float = 0.0,
+) -> float | None:
+    """How compressed the input is: its level on the x264 CRF scale, None when nothing tells.
 
-    From the encoder's SEI (x264/x265 CRF or constant QP), else from a frame
-    QP (an I frame's QP is raised by ``I_FRAME_QP_OFFSET`` to estimate the
-    sequence's CRF; a mean QP over the whole video is passed with type ``?``).
+    The one answer for the writer, the pipeline and the output rate, in order of trust:
+    the encoder's SEI (x264/x265 CRF or constant QP; x265's CRF moved to the x264
+    scale); else ``mean_qp``, a mean frame QP over the video, less ``qp_offset`` (how far
+    the calibration encodes' frame QPs sat above their CRF); else a first frame's QP
+    ``first_qp`` (an I frame's raised by ``I_FRAME_QP_OFFSET`` to estimate the sequence's
+    CRF; type ``?`` takes it as it is).
     """
-    quality = info.sequence_qp
     if info.encoder == "x265" and info.rate_control.crf is not None:
-        quality = info.rate_control.crf - X265_CRF_OFFSET  # to the x264 scale; QPs match
-    elif quality is None and first_qp is not None:
-        quality = first_qp + (I_FRAME_QP_OFFSET if first_type == "I" else 0.0)
-    return quality
+        return info.rate_control.crf - X265_CRF_OFFSET  # to the x264 scale; QPs match
+    if info.sequence_qp is not None:
+        return info.sequence_qp
+    if mean_qp is not None:
+        return mean_qp - qp_offset
+    if first_qp is not None:
+        return first_qp + (I_FRAME_QP_OFFSET if first_type == "I" else 0.0)
+    return None
+
+
+def crf_on_scale(codec: str, crf: float) -> float:
+    """A CRF on the x264 scale as ``codec`` reads it (x265's sits ``X265_CRF_OFFSET`` above)."""
+    return crf + X265_CRF_OFFSET if codec == "libx265" else crf
 
 
 def default_crf(codec: str, info: SequenceInfo, first_qp: float | None, first_type: str) -> float:
@@ -254,9 +275,7 @@ def default_crf(codec: str, info: SequenceInfo, first_qp: float | None, first_ty
     quality = input_level(info, first_qp, first_type)
     crf = FALLBACK_CRF if quality is None else quality - CRF_MARGIN
     crf = min(max(crf, CRF_FLOOR), CRF_CEIL)
-    if codec == "libx265":
-        crf += X265_CRF_OFFSET
-    return round(crf, 1)
+    return round(crf_on_scale(codec, crf), 1)
 
 
 def splice_problem(
@@ -276,6 +295,69 @@ def splice_problem(
     if pix_fmt != info.pix_fmt or _canonical_yuv(info.source_pix_fmt or info.pix_fmt) != pix_fmt:
         return f"re-encoded GOPs must keep the input's pixel format, not {pix_fmt}"
     return None
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """How the video is written, negotiated once before frames flow; the writer takes it
+    as data and decides nothing again.
+
+    ``negotiate`` picks the encoder for the container and the pixel format it keeps;
+    ``with_crf`` sets the rate; ``with_copy`` marks the source's GOPs (``splice``) that
+    are copied as they are (``copy[k]``).
+    """
+
+    format: str  # the FFmpeg muxer
+    codec: str  # the encoder (``wrapped_avframe`` for raw pictures)
+    pix_fmt: str
+    crf: float | None = None  # None: lossless, or the writer's default_crf
+    preset: str = "medium"
+    notes: tuple[str, ...] = ()  # for the user: codec fallbacks, what could not be copied
+    splice: GopScan | None = None
+    copy: tuple[bool, ...] = ()
+
+    @classmethod
+    def negotiate(
+        cls, info: SequenceInfo, fmt: str, codec: str = "auto", preset: str = "medium"
+    ) -> OutputPlan:
+        """The encoder (``choose_codec``) and pixel format for ``info`` in container ``fmt``."""
+        chosen, notes = choose_codec(codec, info, fmt)
+        if preset not in PRESETS:
+            raise UnsupportedOutput(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+        return cls(fmt, chosen, output_pix_fmt(info, chosen), preset=preset, notes=tuple(notes))
+
+    @property
+    def lossless(self) -> bool:
+        return self.codec in LOSSLESS
+
+    def with_crf(self, crf: float | None) -> OutputPlan:
+        if crf is not None and self.lossless:
+            raise UnsupportedOutput(f"--crf does not apply to {self.codec} (lossless)")
+        if crf is not None and not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
+            raise UnsupportedOutput(f"crf must be within {CRF_RANGE[0]}..{CRF_RANGE[1]}, not {crf}")
+        return replace(self, crf=crf)
+
+    def with_notes(self, notes: Sequence[str]) -> OutputPlan:
+        return replace(self, notes=(*self.notes, *notes))
+
+    def splice_problem(self, scan: GopScan, copy: Sequence[bool], info: SequenceInfo) -> str | None:
+        """Why the GOPs marked in ``copy`` cannot be copied into this output, or None."""
+        return splice_problem(scan, list(copy), self.codec, self.pix_fmt, info)
+
+    def with_copy(self, scan: GopScan | None, copy: Sequence[bool] | None) -> OutputPlan:
+        """Segment k of ``scan`` copied from the source where ``copy[k]`` (checked by the caller
+        with ``splice_problem``)."""
+        return replace(self, splice=scan, copy=tuple(copy or ()))
+
+    @property
+    def copies(self) -> bool:
+        """Some GOPs are copied: the output video stream is a copy with GOPs spliced in."""
+        return self.splice is not None and any(self.copy)
+
+    @property
+    def copy_all(self) -> bool:
+        """Every GOP is copied: a remux, nothing is encoded."""
+        return self.copies and all(self.copy)
 
 
 # -------------------------------------------------------------------- frames
@@ -433,6 +515,8 @@ class StreamCopier:
 class VideoWriter:
     """Encodes DecodedFrames to OUTPUT and copies the source's other streams.
 
+    ``plan`` (an :class:`OutputPlan`) says how the video is written; without one it is
+    negotiated here from ``codec``, ``crf``, ``preset``, ``format``, ``splice`` and ``copy``.
     The encoder is configured on the first :meth:`write` (its QP helps pick
     the default CRF). Call :meth:`close` to flush, or use it as a context
     manager: leaving with an exception calls :meth:`abort` instead.
@@ -451,19 +535,21 @@ class VideoWriter:
         format: str | None = None,
         splice: GopScan | None = None,
         copy: list[bool] | None = None,
+        plan: OutputPlan | None = None,
     ) -> None:
+        if plan is None:  # a library caller's keywords: negotiated here
+            fmt = format or output_format(output if isinstance(output, str | Path) else "-")
+            plan = OutputPlan.negotiate(info, fmt, codec, preset).with_crf(crf)
+            if copy and any(copy):
+                problem = plan.splice_problem(splice, copy, info) if splice else None
+                if problem:
+                    raise UnsupportedOutput(problem)
+            plan = plan.with_copy(splice, copy)
+        self.plan = plan
         self.info = info
-        self.format = format or output_format(output if isinstance(output, str | Path) else "-")
-        self.codec, self.warnings = choose_codec(codec, info, self.format)
-        self.pix_fmt = output_pix_fmt(info, self.codec)
-        if preset not in PRESETS:
-            raise UnsupportedOutput(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-        if crf is not None and self.codec in LOSSLESS:
-            raise UnsupportedOutput(f"--crf does not apply to {self.codec} (lossless)")
-        if crf is not None and not CRF_RANGE[0] <= crf <= CRF_RANGE[1]:
-            raise UnsupportedOutput(f"crf must be within {CRF_RANGE[0]}..{CRF_RANGE[1]}, not {crf}")
-        self.crf = crf
-        self.preset = preset
+        self.format, self.codec, self.pix_fmt = plan.format, plan.codec, plan.pix_fmt
+        self.crf, self.preset = plan.crf, plan.preset
+        self.warnings = list(plan.notes)
         self.frames = 0
         self.missing_pts = 0  # frames without pts (all of them for raw Annex-B input)
         self.reordered_pts = 0  # frames whose pts did not increase
@@ -482,9 +568,9 @@ class VideoWriter:
             self._copier = None
         self._source, self._source_options = source, source_options
         # Smart rendering: segment k of ``splice`` is copied from the source when copy[k].
-        self._splice = splice if copy and any(copy) else None
-        self._copy = list(copy or [])
-        self.gops = len(splice.segments) if splice else 0
+        self._splice = plan.splice if plan.copies else None
+        self._copy = list(plan.copy)
+        self.gops = len(plan.splice.segments) if plan.splice else 0
         self.gops_copied = 0
         self._segment = -1
         self._encoder: Any = None
@@ -493,12 +579,8 @@ class VideoWriter:
         self._packet_index = 0
         self._last_dts: int | None = None
         self._out_tb: Fraction | None = None
-        if self._splice is not None:
-            problem = splice_problem(self._splice, self._copy, self.codec, self.pix_fmt, info)
-            if problem or self._copier is None:
-                if self._copier:
-                    self._copier.close()
-                raise UnsupportedOutput(problem or "copying GOPs needs the source")
+        if self._splice is not None and self._copier is None:
+            raise UnsupportedOutput("copying GOPs needs the source")
         target = sys.stdout.buffer if str(output) == STDOUT else output
         if isinstance(target, Path):
             target = str(target)

@@ -15,11 +15,13 @@ from bitstream.reader import open_video
 from bitstream.types import RateControl, SequenceInfo
 from bitstream.writer import (
     CRF_FLOOR,
+    OutputPlan,
     UnsupportedOutput,
     VideoWriter,
     choose_codec,
     default_crf,
     frame_from_planes,
+    input_level,
     output_format,
 )
 from tests.media import container_metadata, packets, retag, video_summary
@@ -219,6 +221,38 @@ def test_default_crf_rule():
     assert default_crf("libx264", _info(codec="mpeg4"), None, "?") == 18
     # x265 scale: CRF 33 in x265 ~ 28 in x264 -> 16 in x264 -> 21 in x265.
     assert default_crf("libx265", _info("hevc", crf=33, encoder="x265"), None, "?") == 21
+
+
+def test_input_level_is_one_answer_in_order_of_trust():
+    """The SEI, else a mean QP less the calibration's offset, else a first frame's QP."""
+    x265 = _info("hevc", crf=33, encoder="x265")
+    assert input_level(x265, 40.0, "I", mean_qp=50.0, qp_offset=2.0) == 28  # x264 scale
+    assert input_level(_info(qp=30, encoder="x264"), 40.0, mean_qp=50.0) == 30
+    assert input_level(_info(), 40.0, "I", mean_qp=30.5, qp_offset=2.5) == 28
+    assert input_level(_info(), 40.0, "I") == 43 and input_level(_info(), 40.0, "P") == 40
+    assert input_level(_info()) is None
+
+
+def test_a_plan_is_taken_as_data(clip, tmp_path, monkeypatch):
+    """Given an OutputPlan the writer decides nothing again: no codec choice, no format."""
+    src = clip("c.mp4", frames=3)
+    with open_video(src) as reader:
+        info = reader.info
+    plan = OutputPlan.negotiate(info, "matroska", "auto", "fast").with_crf(30)
+    assert (plan.codec, plan.pix_fmt, plan.crf, plan.preset) == ("libx264", "yuv420p", 30, "fast")
+    with pytest.raises(UnsupportedOutput, match="lossless"):
+        OutputPlan.negotiate(info, "matroska", "ffv1").with_crf(20)
+
+    def refused(*_a, **_k):
+        raise AssertionError("decided again")
+
+    import bitstream.writer
+
+    monkeypatch.setattr(bitstream.writer, "choose_codec", refused)
+    monkeypatch.setattr(bitstream.writer, "output_format", refused)
+    w = passthrough(src, tmp_path / "o.mkv", plan=plan.with_notes(["a note"]))
+    assert (w.codec, w.crf, w.preset) == ("libx264", 30, "fast") and w.warnings == ["a note"]
+    assert video_summary(tmp_path / "o.mkv").frames == 3
 
 
 def test_auto_codec_follows_family(clip):

@@ -159,9 +159,10 @@ def test_the_gop_plan_decodes_one_frame_per_enhanced_gop(gop_clip, tmp_path, mon
     it without decoding (the stream states its CRF), so enhancing everything does not
     cost a second decode; a GOP that may be copied is decoded to its end."""
     import enhancer.pipeline as pipeline_module
+    import enhancer.plan as plan_module
 
     decoded: list[int] = []
-    real = pipeline_module.open_video
+    real = plan_module.open_video
 
     class Counting:
         def __init__(self, reader):
@@ -184,8 +185,8 @@ def test_the_gop_plan_decodes_one_frame_per_enhanced_gop(gop_clip, tmp_path, mon
     def planner(source, **kw):
         return Counting(real(source, **kw))
 
-    monkeypatch.setattr(pipeline_module, "open_video", planner)
-    monkeypatch.setattr(Pipeline, "_stream", staticmethod(lambda *a, **k: pytest.skip("planned")))
+    monkeypatch.setattr(plan_module, "open_video", planner)  # the planning pass
+    monkeypatch.setattr(pipeline_module, "stream_frames", lambda *a, **k: pytest.skip("planned"))
     # Each enhanced GOP: its first frame, and the B-frames the decoder held (3 B-frames).
     for enhanced, most in (({0, 1, 2}, 3 * 3), ({1}, 10 + 3 + 10)):
         decoded.clear()

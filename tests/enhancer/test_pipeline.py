@@ -11,6 +11,7 @@ from fractions import Fraction
 import pytest
 
 import enhancer.pipeline as pipeline_module
+import enhancer.run as run_module
 from bitstream.errors import UserError
 from bitstream.types import UnsupportedInput
 from bitstream.writer import UnsupportedOutput
@@ -130,7 +131,7 @@ def test_decoder_runs_at_most_a_queue_ahead(clip, tmp_path, monkeypatch):
             self.reader.close()
 
     monkeypatch.setattr(pipeline_module, "open_video", lambda *a, **k: Counting(real_open(*a, **k)))
-    monkeypatch.setattr(pipeline_module, "QUEUE_FRAMES", 2)
+    monkeypatch.setattr(run_module, "QUEUE_FRAMES", 2)
     seen_when_stalled = []
 
     class Stalling(DoubleEngine):
@@ -188,6 +189,25 @@ def test_one_pipeline_loads_the_weights_once_whatever_the_options(clip, tmp_path
     with pytest.raises(UserError, match="stages"):
         p.run(src, tmp_path / "bad.mkv", {"stages": 9})  # refused by the options model
     assert len(loads) == 1
+
+
+def test_the_output_is_negotiated_once(clip, tmp_path, monkeypatch):
+    """The container and the codec are chosen once, before frames flow; the writer takes
+    the plan as data (it used to choose them again)."""
+    import bitstream.writer
+
+    calls = []
+    for name in ("choose_codec", "output_format"):
+        real = getattr(bitstream.writer, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(bitstream.writer, name, counted)
+        monkeypatch.setattr(pipeline_module, name, counted, raising=False)
+    Pipeline(DoubleEngine()).run(clip("c.mp4", frames=3), tmp_path / "o.mp4", {"crf": 30})
+    assert sorted(calls) == ["choose_codec", "output_format"]
 
 
 def test_probe(clip, tmp_path):

@@ -34,7 +34,7 @@ import contextlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bitstream.writer import X265_CRF_OFFSET
+from bitstream.writer import crf_on_scale
 from enhancer.options import QUALITIES
 
 __all__ = ["DEFAULT_TABLE", "QUALITIES", "OutputRate", "RateChoice", "RateEntry", "choose_rate"]
@@ -79,7 +79,9 @@ class RateChoice:
 class OutputRate:
     tables: dict[str, list[RateEntry]]
     preset: str = "medium"
-    qp_offset: float = 2.0  # mean frame QP minus CRF of the calibration encodes
+    # Mean frame QP minus CRF of the calibration encodes: bitstream.writer.input_level
+    # reads an input's level from its mean QP with it.
+    qp_offset: float = 2.0
     source: str = "calibrated"
     measured: dict[str, Any] = field(default_factory=dict)  # the raw grid, for the record
 
@@ -110,9 +112,6 @@ class OutputRate:
                 return cls.from_dict(meta["output_rate"])
         return cls.from_dict(DEFAULT_TABLE, source="default")
 
-    def level_from_qp(self, mean_qp: float | None) -> float | None:
-        return None if mean_qp is None else mean_qp - self.qp_offset
-
     def entry(self, level: float | None, quality: str) -> RateEntry:
         table = sorted(self.tables[quality], key=lambda e: e.level)
         level = UNKNOWN_LEVEL if level is None else level
@@ -130,8 +129,7 @@ class OutputRate:
         e = self.entry(level, quality)
         base = UNKNOWN_LEVEL if level is None else level
         crf = min(max(base - e.margin, CRF_LIMITS[0]), CRF_LIMITS[1])
-        if codec == "libx265":
-            crf = min(crf + X265_CRF_OFFSET, CRF_LIMITS[1])
+        crf = min(crf_on_scale(codec, crf), CRF_LIMITS[1])
         known = self.source != "default"  # the default table measured nothing of these weights
         return RateChoice(
             quality,

@@ -368,6 +368,8 @@ class Engine:
                     r.qp = None
         with torch.inference_mode(), self._amp():
             batch = collate([item], self.model, self.estimator, self.device, self.dtype)
+            if self.autocast:  # as the first convolution casts them: once, not once per crop
+                batch.inputs = batch.inputs.to(torch.bfloat16, memory_format=torch.channels_last)
         qp = float(batch.frame_qp[0])
         ctx["qp_sum"] += qp  # what the network conditions on (a sequence QP, if unknown)
         ctx["qp_n"] += 1

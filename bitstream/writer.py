@@ -55,6 +55,7 @@ __all__ = [
     "VideoWriter",
     "choose_codec",
     "crf_on_scale",
+    "deeper_pix_fmt",
     "default_crf",
     "frame_from_planes",
     "input_level",
@@ -176,6 +177,20 @@ def output_pix_fmt(info: SequenceInfo, codec: str) -> str:
     if source in supported:
         return source
     return info.pix_fmt
+
+
+def deeper_pix_fmt(pix_fmt: str, bits: int, codec: str) -> str:
+    """``pix_fmt`` with at least ``bits`` bits per sample, same layout (``yuv420p`` ->
+    ``yuv420p10le``); UnsupportedOutput where ``codec`` cannot encode it."""
+    fmt = av.VideoFormat(pix_fmt)
+    if max(c.bits for c in fmt.components) >= bits:
+        return pix_fmt
+    base = _canonical_yuv(pix_fmt) or pix_fmt
+    deeper = f"{base}{bits}le"
+    supported = {f.name for f in (av.Codec(codec, "w").video_formats or [])}
+    if deeper not in supported:
+        raise UnsupportedOutput(f"{codec} cannot encode {pix_fmt} at {bits} bits")
+    return deeper
 
 
 def _size_problem(codec: str, pix_fmt: str, width: int, height: int) -> str | None:
@@ -318,13 +333,22 @@ class OutputPlan:
 
     @classmethod
     def negotiate(
-        cls, info: SequenceInfo, fmt: str, codec: str = "auto", preset: str = "medium"
+        cls,
+        info: SequenceInfo,
+        fmt: str,
+        codec: str = "auto",
+        preset: str = "medium",
+        bits: int | None = None,
     ) -> OutputPlan:
-        """The encoder (``choose_codec``) and pixel format for ``info`` in container ``fmt``."""
+        """The encoder (``choose_codec``) and pixel format for ``info`` in container ``fmt``;
+        ``bits``: at least that depth (10: an 8-bit source is written 10-bit, samples << 2)."""
         chosen, notes = choose_codec(codec, info, fmt)
         if preset not in PRESETS:
             raise UnsupportedOutput(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
-        return cls(fmt, chosen, output_pix_fmt(info, chosen), preset=preset, notes=tuple(notes))
+        pix_fmt = output_pix_fmt(info, chosen)
+        if bits is not None and fmt not in RAW_FORMATS:
+            pix_fmt = deeper_pix_fmt(pix_fmt, bits, chosen)
+        return cls(fmt, chosen, pix_fmt, preset=preset, notes=tuple(notes))
 
     @property
     def lossless(self) -> bool:
@@ -509,6 +533,76 @@ class StreamCopier:
         self.container.close()
 
 
+# ----------------------------------------------------------------- YUV4MPEG2
+
+# The C tag (and FFmpeg's XYSCSS twin) of each pixel format the reader delivers; 4:2:0 8-bit
+# as FFmpeg's muxer writes it for an unknown chroma siting. Deeper formats are FFmpeg's
+# unofficial extension, which x264, x265 and SvtAv1EncApp read.
+Y4M_COLORSPACES = {
+    "yuv420p": "C420jpeg XYSCSS=420JPEG",
+    "yuv420p10le": "C420p10 XYSCSS=420P10",
+}
+Y4M_RANGES = {1: "LIMITED", 2: "FULL"}  # AVCOL_RANGE_MPEG / _JPEG
+
+
+def y4m_header(
+    width: int,
+    height: int,
+    rate: Fraction,
+    pix_fmt: str,
+    sample_aspect_ratio: Fraction | None = None,
+    color_range: int | None = None,
+) -> bytes:
+    """The stream header line: ``YUV4MPEG2 W.. H.. F.. Ip A.. C.. [XCOLORRANGE=..]``.
+
+    Written here, not by FFmpeg's yuv4mpegpipe muxer, which takes the aspect ratio from
+    the AVStream (PyAV sets only the codec's) and so always wrote ``A0:0`` (unknown).
+    """
+    try:
+        colorspace = Y4M_COLORSPACES[pix_fmt]
+    except KeyError:
+        raise UnsupportedOutput(f"YUV4MPEG2 output cannot hold {pix_fmt}") from None
+    sar = Fraction(sample_aspect_ratio) if sample_aspect_ratio else None
+    aspect = f"{sar.numerator}:{sar.denominator}" if sar else "0:0"
+    rate = Fraction(rate).limit_denominator((1 << 31) - 1)
+    tags = [f"W{width}", f"H{height}", f"F{rate.numerator}:{rate.denominator}", "Ip",
+            f"A{aspect}", colorspace]  # fmt: skip
+    if color_range in Y4M_RANGES:
+        tags.append(f"XCOLORRANGE={Y4M_RANGES[color_range]}")
+    return ("YUV4MPEG2 " + " ".join(tags) + "\n").encode("ascii")
+
+
+class Y4mMuxer:
+    """Writes YUV4MPEG2: the header line, then ``FRAME`` and the planes of each frame
+    (rows without padding; 16-bit samples little-endian)."""
+
+    def __init__(self, target: str | IO[bytes]) -> None:
+        self._own = isinstance(target, str)
+        self._file: IO[bytes] | None = open(target, "wb") if isinstance(target, str) else target  # noqa: SIM115
+        self.started = False
+
+    def start(self, header: bytes) -> None:
+        assert self._file is not None
+        self._file.write(header)
+        self.started = True
+
+    def write(self, planes: Sequence[np.ndarray]) -> None:
+        assert self._file is not None
+        self._file.write(b"FRAME\n")
+        for plane in planes:
+            dtype = np.dtype("<u2") if plane.dtype.itemsize == 2 else np.dtype(np.uint8)
+            self._file.write(np.ascontiguousarray(plane, dtype=dtype).data)
+
+    def close(self) -> None:
+        f, self._file = self._file, None
+        if f is None:
+            return
+        if self._own:
+            f.close()
+        else:
+            f.flush()
+
+
 # -------------------------------------------------------------------- writer
 
 
@@ -584,11 +678,13 @@ class VideoWriter:
         target = sys.stdout.buffer if str(output) == STDOUT else output
         if isinstance(target, Path):
             target = str(target)
+        self._y4m: Y4mMuxer | None = None
         try:
-            # YUV4MPEG2's deeper formats (C420p10...) are FFmpeg's unofficial extension,
-            # which x264, x265 and SvtAv1EncApp read.
-            opts = {"strict": "unofficial"} if self.format in RAW_FORMATS else {}
-            self._out = av.open(target, mode="w", format=self.format, options=opts)
+            if self.format in RAW_FORMATS:
+                self._y4m = Y4mMuxer(target)
+                self._out = self._y4m
+            else:
+                self._out = av.open(target, mode="w", format=self.format)
         except (OSError, av.error.FFmpegError) as exc:
             if self._copier:
                 self._copier.close()
@@ -611,6 +707,13 @@ class VideoWriter:
             self._start_spliced(first)
             return
         info, out = self.info, self._out
+        if self._y4m is not None:
+            self._y4m.start(
+                y4m_header(info.width, info.height, 1 / self.time_base, self.pix_fmt,
+                           info.sample_aspect_ratio, info.color_range)
+            )  # fmt: skip
+            self._stream = self._y4m
+            return
         if self.crf is None and self.codec not in LOSSLESS:
             self.crf = default_crf(self.codec, info, first.side.qp, first.side.pict_type)
         stream = out.add_stream(self.codec, rate=info.frame_rate or None)
@@ -628,11 +731,10 @@ class VideoWriter:
         if info.sample_aspect_ratio:
             ctx.sample_aspect_ratio = info.sample_aspect_ratio
         stream.options = self._encoder_options()
-        # Raw pictures (YUV4MPEG2) carry no display matrix: their frames are as decoded.
-        matrix = _display_matrix(first.av_frame) if self.format not in RAW_FORMATS else None
+        matrix = _display_matrix(first.av_frame)
         if matrix is not None:
             stream.set_display_matrix(matrix)
-        elif info.rotation and self.format not in RAW_FORMATS:
+        elif info.rotation:
             stream.set_display_rotation(info.rotation)
         if self._copier is not None:
             src = self._copier.video_stream
@@ -788,8 +890,6 @@ class VideoWriter:
     def _encoder_options(self) -> dict[str, str]:
         if self.codec == "ffv1":
             return {"level": "3", "slicecrc": "1"}
-        if self.codec in RAW_FORMATS.values():
-            return {}
         opts = {"crf": f"{self.crf:g}", "preset": self.preset}
         if self.codec == "libx265":
             opts["x265-params"] = "log-level=error"
@@ -831,6 +931,10 @@ class VideoWriter:
         if self._splice is not None:
             self._write_spliced(frame)
             return
+        if self._y4m is not None:  # raw pictures carry no display matrix: as decoded
+            self._y4m.write(frame.planes)
+            self.frames += 1
+            return
         av_frame = frame_from_planes(frame.planes, self.info.pix_fmt)
         if self.pix_fmt != self.info.pix_fmt:
             av_frame = av_frame.reformat(format=self.pix_fmt)
@@ -865,7 +969,7 @@ class VideoWriter:
             if self._splice is not None:
                 self._enter_segment(len(self._copy) - 1)
                 self._finish_segment()
-            else:
+            elif self._y4m is None:
                 self._mux(self._stream.encode(None))
             note = self._timestamp_warning()
             if note:

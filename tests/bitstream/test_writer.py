@@ -23,6 +23,7 @@ from bitstream.writer import (
     frame_from_planes,
     input_level,
     output_format,
+    y4m_header,
 )
 from tests.media import container_metadata, packets, retag, video_summary
 
@@ -253,6 +254,64 @@ def test_a_plan_is_taken_as_data(clip, tmp_path, monkeypatch):
     w = passthrough(src, tmp_path / "o.mkv", plan=plan.with_notes(["a note"]))
     assert (w.codec, w.crf, w.preset) == ("libx264", 30, "fast") and w.warnings == ["a note"]
     assert video_summary(tmp_path / "o.mkv").frames == 3
+
+
+def test_a_deeper_plan_writes_8_bit_frames_at_10_bits(clip, tmp_path):
+    """``bits=10`` (``--quality high``): the plan carries yuv420p10le for an 8-bit source,
+    the samples go in shifted by 2 (exact, as bench and calibration score them)."""
+    src = clip("c.mp4", frames=3, size=(64, 48))
+    with open_video(src) as reader:
+        info, planes = reader.info, [f.planes for f in reader]
+    assert OutputPlan.negotiate(info, "mp4", "libx265").pix_fmt == "yuv420p"
+    assert OutputPlan.negotiate(info, "mp4", "libx265", bits=10).pix_fmt == "yuv420p10le"
+    plan = OutputPlan.negotiate(info, "matroska", "ffv1", bits=10)  # lossless: exact read-back
+    assert plan.pix_fmt == "yuv420p10le"
+    passthrough(src, tmp_path / "o.mkv", plan=plan)
+    with av.open(str(tmp_path / "o.mkv")) as c:
+        frames = list(c.decode(video=0))
+    assert [f.format.name for f in frames] == ["yuv420p10le"] * 3
+    for f, (y, _, v) in zip(frames, planes, strict=True):
+        got = f.to_ndarray()
+        assert np.array_equal(got[:48], y.astype(np.uint16) << 2)
+        assert np.array_equal(got[48:].reshape(2, 24, 32)[1], v.astype(np.uint16) << 2)
+
+
+@pytest.mark.parametrize(
+    ("pix_fmt", "sar", "color_range", "tags"),
+    [
+        ("yuv420p", Fraction(4, 3), None, "A4:3 C420jpeg XYSCSS=420JPEG"),
+        ("yuv420p10le", Fraction(1, 1), 2, "A1:1 C420p10 XYSCSS=420P10 XCOLORRANGE=FULL"),
+        ("yuv420p", None, 1, "A0:0 C420jpeg XYSCSS=420JPEG XCOLORRANGE=LIMITED"),
+    ],
+)
+def test_y4m_header_carries_the_sample_aspect_ratio_and_range(
+    clip, tmp_path, pix_fmt, sar, color_range, tags
+):
+    """The input's SAR (FFmpeg's muxer wrote A0:0 whatever it was) and colour range reach
+    the YUV4MPEG2 header, which PyAV's demuxer reads back; the frames are the input's."""
+    base = clip(f"y4m-{pix_fmt}.mp4", frames=3, size=(64, 48), pix_fmt=pix_fmt)
+    src = retag(base, tmp_path / "tagged.mp4", sample_aspect_ratio=sar) if sar else base
+    with open_video(src) as reader:
+        info, decoded = reader.info, list(reader)
+    assert info.sample_aspect_ratio == sar
+    info.color_range = color_range
+    out = tmp_path / "o.y4m"
+    with VideoWriter(out, info, source=str(src)) as w:
+        for frame in decoded:
+            w.write(frame)
+    planes = [f.planes for f in decoded]
+    header = out.read_bytes().split(b"\n", 1)[0].decode()
+    assert header == f"YUV4MPEG2 W64 H48 F25:1 Ip {tags}"
+    assert header.encode() + b"\n" == y4m_header(64, 48, Fraction(25), pix_fmt, sar, color_range)
+    with av.open(str(out), format="yuv4mpegpipe") as c:
+        stream = c.streams.video[0]
+        assert stream.sample_aspect_ratio == sar and stream.format.name == pix_fmt
+        if color_range:
+            assert stream.codec_context.color_range == color_range
+        frames = list(c.decode(stream))
+    assert len(frames) == 3
+    for f, (y, _, _) in zip(frames, planes, strict=True):
+        assert np.array_equal(f.to_ndarray()[:48], y)
 
 
 def test_auto_codec_follows_family(clip):

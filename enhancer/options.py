@@ -11,7 +11,7 @@ option of the video: it is an argument of :class:`enhancer.pipeline.Pipeline`.
 from __future__ import annotations
 
 import functools
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -20,6 +20,7 @@ from bitstream.writer import CODECS, CRF_RANGE, LOSSLESS, PRESETS
 
 __all__ = [
     "QUALITIES",
+    "QUALITY_ENCODERS",
     "SIDE_INFO_MODES",
     "EnhanceOptions",
     "max_stages",
@@ -28,7 +29,23 @@ __all__ = [
 ]
 
 # The output's size/quality choices (enhancer.output_rate reads them from here).
-QUALITIES = ("archive", "balanced", "compact")
+QUALITIES = ("archive", "balanced", "compact", "high")
+
+
+class FixedEncoder(NamedTuple):
+    """The encoder a quality level fixes (``--codec`` may only be ``auto`` or this one)."""
+
+    codec: str
+    bits: int | None  # the output's least bit depth; None: the input's own
+    label: str  # for messages
+
+
+# ``archive`` is lossless FFV1; ``high`` is x265 Main10, 10-bit 4:2:0 even from 8-bit
+# input: the re-encode that keeps the most of the gain (bench/output.py).
+QUALITY_ENCODERS = {
+    "archive": FixedEncoder("ffv1", None, "lossless FFV1"),
+    "high": FixedEncoder("libx265", 10, "x265 Main10 (libx265, 10-bit)"),
+}
 # The engine's modes (enhancer.engine.SIDE_INFO_MODES, which imports torch).
 SIDE_INFO_MODES = ("auto", "bitstream", "blind")
 
@@ -53,7 +70,9 @@ class EnhanceOptions(BaseModel):
         "balanced",
         description="Output size/quality trade-off: `balanced` (default) and `compact` re-encode "
         "at the CRF calibrated with the weights (or pass the video through where re-encoding "
-        "would lose the gain); `archive` is lossless FFV1, all of the gain, large files.",
+        "would lose the gain); `high` re-encodes with x265 Main10 (10-bit) at its own "
+        "calibrated CRF, more of the gain in up to 3x the input's size; `archive` is lossless "
+        "FFV1, all of the gain, large files.",
     )
     crf: Annotated[float, Field(ge=CRF_RANGE[0], le=CRF_RANGE[1])] | None = Field(
         None,
@@ -91,13 +110,21 @@ class EnhanceOptions(BaseModel):
 
     @property
     def output_codec(self) -> str:
-        """The encoder to ask the writer for: ``archive`` means lossless FFV1."""
-        return "ffv1" if self.quality == "archive" else self.codec
+        """The encoder to ask the writer for: ``archive`` means FFV1, ``high`` x265."""
+        fixed = QUALITY_ENCODERS.get(self.quality)
+        return fixed.codec if fixed else self.codec
+
+    @property
+    def output_bits(self) -> int | None:
+        """The output's least bit depth (``high``: 10), None for the input's own."""
+        fixed = QUALITY_ENCODERS.get(self.quality)
+        return fixed.bits if fixed else None
 
     @model_validator(mode="after")
     def _fits_writer_and_weights(self) -> EnhanceOptions:
-        if self.quality == "archive" and self.codec not in ("auto", "ffv1"):
-            raise ValueError(f"quality archive is lossless FFV1, not {self.codec}")
+        fixed = QUALITY_ENCODERS.get(self.quality)
+        if fixed and self.codec not in ("auto", fixed.codec):
+            raise ValueError(f"quality {self.quality} is {fixed.label}, not {self.codec}")
         if self.crf is not None and self.output_codec in LOSSLESS:
             raise ValueError(f"crf does not apply to {self.output_codec} (lossless)")
         if isinstance(self.stages, int) and self.stages > (top := max_stages()):

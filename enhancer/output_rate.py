@@ -18,6 +18,12 @@ range of margins, then picks per quality:
   mean net gain reachable there;
 * ``compact``: the smallest margin with a mean net gain of at least
   ``COMPACT_MIN_DB`` (and the same worst-source bound);
+* ``high``: ``balanced``'s rule over re-encodes with x265 Main10 (yuv420p10le, even
+  from 8-bit input; margins ``HIGH_MARGINS`` on the x264 scale, the x265 CRF is
+  ``crf_on_scale``'s), the encoder that keeps the most of the gain (bench/output.py),
+  keeping ``HIGH_KEEP`` instead of ``KEEP`` of the best net gain (at ``KEEP`` x265
+  Main10 lands at about the input's size, a smaller file than ``balanced``'s, not more
+  of the gain);
 * ``archive``: no table: lossless FFV1, all of the gain.
 
 Where no margin qualifies, re-encoding loses more than the model gains at
@@ -25,7 +31,9 @@ that level: the entry says ``copy`` and the pipeline passes the video
 through (a remux, net 0 dB, same size) unless the user forces a CRF.
 
 Without a calibrated table (an older weights file) :data:`DEFAULT_TABLE` is
-used: vqe-v1's measured table, expected gain reported unknown (see its comment).
+used: vqe-v1's measured table, expected gain reported unknown (see its comment);
+a calibrated table without ``high`` (calibrated before it existed) takes
+:data:`DEFAULT_TABLE`'s ``high`` the same way.
 """
 
 from __future__ import annotations
@@ -37,11 +45,23 @@ from typing import Any
 from bitstream.writer import crf_on_scale
 from enhancer.options import QUALITIES
 
-__all__ = ["DEFAULT_TABLE", "QUALITIES", "OutputRate", "RateChoice", "RateEntry", "choose_rate"]
+__all__ = [
+    "DEFAULT_TABLE",
+    "QUALITIES",
+    "OutputRate",
+    "RateChoice",
+    "RateEntry",
+    "choose_rate",
+    "output_crf",
+]
 
 INPUT_CRFS = (18, 22, 27, 32, 37, 42)
 MARGINS = (0, 2, 4, 6, 8, 10, 12, 14, 16, 18)
+# x265 Main10 keeps its gain at larger margins (bench/output.py: input CRF 37 best at x265
+# CRF 19, margin 23 on the x264 scale; CRF 27 at 13, margin 19).
+HIGH_MARGINS = (8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28)
 KEEP = 0.5
+HIGH_KEEP = 0.9
 WORST_DB = -0.05
 MAX_SIZE = 3.0
 COMPACT_MIN_DB = 0.02
@@ -84,6 +104,7 @@ class OutputRate:
     qp_offset: float = 2.0
     source: str = "calibrated"
     measured: dict[str, Any] = field(default_factory=dict)  # the raw grid, for the record
+    defaulted: frozenset[str] = frozenset()  # qualities taken from DEFAULT_TABLE
 
     def to_dict(self) -> dict:
         return {
@@ -96,12 +117,16 @@ class OutputRate:
     @classmethod
     def from_dict(cls, d: dict, source: str = "calibrated") -> OutputRate:
         tables = {q: [RateEntry(**e) for e in t] for q, t in d["tables"].items()}
+        missing = frozenset(DEFAULT_TABLE["tables"]) - frozenset(tables)
+        for q in missing:  # a table calibrated before the level existed
+            tables[q] = [RateEntry(**e) for e in DEFAULT_TABLE["tables"][q]]
         return cls(
             tables,
             d.get("preset", "medium"),
             float(d.get("qp_offset", 2.0)),
             source,
             d.get("measured", {}),
+            missing if source != "default" else frozenset(),
         )
 
     @classmethod
@@ -128,19 +153,27 @@ class OutputRate:
             return RateChoice(quality, None, self.preset, False, gain, None, level, "lossless")
         e = self.entry(level, quality)
         base = UNKNOWN_LEVEL if level is None else level
-        crf = min(max(base - e.margin, CRF_LIMITS[0]), CRF_LIMITS[1])
-        crf = min(crf_on_scale(codec, crf), CRF_LIMITS[1])
-        known = self.source != "default"  # the default table measured nothing of these weights
+        # The default table measured nothing of these weights.
+        source = "default" if quality in self.defaulted else self.source
+        known = source != "default"
         return RateChoice(
             quality,
-            round(crf, 1),
+            round(output_crf(base, e.margin, codec), 1),
             self.preset,
             e.copy,
             e.net_gain if known else None,
             e.size_ratio if known else None,
             level,
-            self.source,
+            source,
         )
+
+
+def output_crf(level: float, margin: float, codec: str) -> float:
+    """The output CRF as ``codec`` reads it for an input at ``level`` (x264 scale) and
+    ``margin``: level - margin within the CRF limits, on the codec's scale (the one rule
+    of the table's choice and of its calibration)."""
+    crf = min(max(level - margin, CRF_LIMITS[0]), CRF_LIMITS[1])
+    return min(crf_on_scale(codec, crf), CRF_LIMITS[1])
 
 
 def choose_rate(
@@ -176,21 +209,29 @@ _V1_ROWS = [  # quality, input CRF, margin, copy, net dB, worst dB, size, lossle
     ("compact", 37, 18, True, 0.0, 0.0, 1.0, 0.2333),
     ("compact", 42, 14, False, 0.1196, -0.0484, 1.639, 0.2943),
 ]
+# ``high`` had no table when v1 was measured: a weights file without one (or calibrated
+# before the level existed) gets vqe-v3's (python -m enhancer.training.rate_calibration
+# --quality high: x265 Main10, preset medium, the same 7 held-out sources, 320x256, 16
+# frames; 10 minutes on 2 busy cores; bench/results/output_rate-vqe-v3-high.json), expected
+# gain reported unknown.
+_V3_HIGH_ROWS = [  # quality, input CRF, margin, copy, net dB, worst dB, size, lossless dB
+    ("high", 18, 18, True, 0.0, 0.0, 1.0, 0.0006),
+    ("high", 22, 22, True, 0.0, 0.0, 1.0, 0.1713),
+    ("high", 27, 18, False, 0.3507, 0.0431, 2.444, 0.3437),
+    ("high", 32, 20, False, 0.4177, 0.1722, 2.373, 0.4414),
+    ("high", 37, 22, False, 0.5, 0.158, 2.366, 0.5119),
+    ("high", 42, 22, False, 0.4721, 0.1518, 1.845, 0.5118),
+]
+_FIELDS = ("level", "margin", "copy", "net_gain", "worst", "size_ratio", "lossless_gain")
 DEFAULT_TABLE: dict = {
     "preset": "medium",
     "qp_offset": 2.55,
     "tables": {
-        q: [
-            dict(
-                zip(
-                    ("level", "margin", "copy", "net_gain", "worst", "size_ratio", "lossless_gain"),
-                    row[1:],
-                    strict=True,
-                )
-            )
-            for row in _V1_ROWS
-            if row[0] == q
-        ]
-        for q in ("balanced", "compact")
+        q: [dict(zip(_FIELDS, row[1:], strict=True)) for row in rows if row[0] == q]
+        for q, rows in (
+            ("balanced", _V1_ROWS),
+            ("compact", _V1_ROWS),
+            ("high", _V3_HIGH_ROWS),
+        )
     },
 }

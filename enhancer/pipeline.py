@@ -27,9 +27,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bitstream.errors import UserError
+from bitstream.errors import UnsupportedOutput, UserError
 from bitstream.reader import open_video
-from bitstream.writer import STDOUT, OutputPlan, VideoWriter, output_format
+from bitstream.writer import RAW_FORMATS, STDOUT, OutputPlan, VideoWriter, output_format
 from enhancer.options import SIDE_INFO_MODES, EnhanceOptions, parse_options
 from enhancer.paths import Source, check_output, size_ratio, spooled, temporary_name
 from enhancer.plan import plan_run, probe
@@ -106,6 +106,11 @@ class Pipeline:
         if not isinstance(options, EnhanceOptions):
             options = parse_options(dict(options or {}))
         fmt = output_format(output, stdout_format)  # UnsupportedOutput for an unknown extension
+        if fmt in RAW_FORMATS and options.quality == "high":
+            raise UnsupportedOutput(
+                "--quality high is an x265 Main10 encode; a y4m output holds the raw enhanced "
+                "frames (all of the gain): leave --quality out"
+            )
         final = check_output(source, output)
         with spooled(source) as path:
             return self._run(path, output, final, options, progress, cancel, fmt)
@@ -131,7 +136,9 @@ class Pipeline:
         try:
             info = reader.info
             # Bad output options fail fast, before the model loads.
-            negotiated = OutputPlan.negotiate(info, fmt, options.output_codec, options.preset)
+            negotiated = OutputPlan.negotiate(
+                info, fmt, options.output_codec, options.preset, options.output_bits
+            )
             engine = self.load(options)
             plan = plan_run(source, info, options, engine, negotiated)
             writer = VideoWriter(

@@ -548,9 +548,8 @@ def test_load_model_rejects_missing_and_foreign_files(tmp_path):
 
 
 def test_shipped_model_file_saves_and_loads_unchanged(tmp_path):
-    """vqe-v3.pt (format 2: the pixel CRF estimate base64 in a flat policy) loaded, saved
-    in the current format and loaded again: the same weights, policy, decisions and
-    pixel CRF estimate."""
+    """vqe-v3.pt loaded, saved in the current format and loaded again: the same weights,
+    policy, decisions and pixel CRF estimate (format 2's reader: test_checkpoint.py)."""
     shipped = load_model()
     shipped.save(tmp_path / "again.pt")
     blob = torch.load(tmp_path / "again.pt", weights_only=True)

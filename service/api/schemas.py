@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from enhancer.options import EnhanceOptions
+from enhancer.options import QUALITIES, EnhanceOptions
 from service.jobs.status import BatchStatus, JobPhase, JobStatus
 
 
@@ -87,7 +87,7 @@ class JobStats(BaseModel):
     output_bytes: int | None = None
     warnings: list[str] = Field(default_factory=list)
     # The output rate (issue 11).
-    quality: str | None = Field(None, description="archive, balanced or compact.")
+    quality: str | None = Field(None, description="The quality asked for: " + ", ".join(QUALITIES))
     output_crf: float | None = Field(None, description="The CRF the output was encoded at.")
     rate_source: str | None = Field(
         None, description="Where the CRF came from: calibrated, default, explicit, lossless, copy."

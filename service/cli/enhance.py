@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bitstream.errors import UserError
 from bitstream.writer import CODECS, CRF_RANGE, PRESETS, STDOUT, STDOUT_FORMATS
-from enhancer.options import SIDE_INFO_MODES, parse_options
+from enhancer.options import QUALITIES, SIDE_INFO_MODES, parse_options
 from enhancer.pipeline import Pipeline
 from service.cli.batch import run_batch as _run_batch
 from service.cli.progress import ProgressLine
@@ -91,10 +91,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--quality",
         default="balanced",
-        metavar="archive|balanced|compact",
+        metavar="|".join(QUALITIES),
         help="balanced (default): the calibrated CRF that keeps most of the gain; compact: the "
-        "smallest file that still gains; archive: lossless FFV1, all of the gain. Where "
-        "re-encoding would lose the gain, balanced/compact copy the input as it is",
+        "smallest file that still gains; high: x265 Main10 (10-bit) at its calibrated CRF, "
+        "more of the gain in up to 3x the input's size; archive: lossless FFV1, all of the "
+        "gain. Where re-encoding would lose the gain, balanced/compact/high copy the input as "
+        "it is",
     )
     p.add_argument("--preset", default="medium", help="x264/x265 preset: " + ", ".join(PRESETS))
     p.add_argument(

@@ -290,6 +290,8 @@ def test_bad_uploads_get_clean_4xx_and_touch_nothing(
         {"codec": "divx"},
         {"preset": "warp"},
         {"codec": "ffv1", "crf": 20},
+        {"quality": "high", "codec": "libx264"},
+        {"quality": "best"},
     ):
         r = api.submit_file(clips["small"], **bad)
         assert_error(r, 422, "invalid_options")

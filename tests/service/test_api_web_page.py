@@ -318,3 +318,15 @@ def test_frames_and_preview_routes(server: ServiceProcess, tmp_path: Path) -> No
             assert resp.status_code == 410 and resp.json()["error"]["code"] == "deleted"
     finally:
         api.close()
+
+
+def test_the_quality_selector_offers_every_quality():
+    """The page's quality choices are the options model's (``high`` included)."""
+    import re
+
+    from enhancer.options import QUALITIES
+
+    page = (Path(__file__).resolve().parents[2] / "service/api/static/index.html").read_text()
+    select = re.search(r'<select id="opt-quality">(.*?)</select>', page, re.S)
+    assert select is not None
+    assert set(re.findall(r'<option value="([^"]+)"', select.group(1))) == set(QUALITIES)

@@ -69,6 +69,11 @@ def _bad_inputs(clip, tmp_path):
             "lossless",
         ),
         "odd-x264": ([str(odd), str(tmp_path / "o.mp4"), "--codec", "libx264"], "odd size"),
+        "high-x264": (
+            [str(ok), str(tmp_path / "o.mp4"), "--quality", "high", "--codec", "libx264"],
+            "quality high is x265 Main10",
+        ),
+        "high-y4m": ([str(ok), str(tmp_path / "o.y4m"), "--quality", "high"], "raw enhanced"),
         "folder": ([str(ok), str(tmp_path / "none" / "o.mp4")], "folder does not exist"),
     }
 
@@ -83,6 +88,8 @@ def _bad_inputs(clip, tmp_path):
         "json-stdout",
         "crf-lossless",
         "odd-x264",
+        "high-x264",
+        "high-y4m",
         "folder",
     ],
 )

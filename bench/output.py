@@ -2,11 +2,14 @@
 issue 32's: how much of the gain survives re-encoding with other encoders.
 
 Held-out sources (never trained on), encoded here with libx264 (preset medium)
-at CRF 22/27/37, enhanced with the product's default settings (``Pipeline.run``
-with no options: the calibrated output rate, untouched GOPs copied), then the
-output and the input are both compared with the clean source:
+at CRF 22/27/37, enhanced with the product's settings at each of ``--qualities``
+(``Pipeline.run`` with only ``quality`` set: the calibrated output rate, untouched
+GOPs copied; default ``balanced``, the default, and ``high``, x265 Main10), then the
+output and the input are both compared with the clean source (a 10-bit output's
+luma on the 8-bit scale, see below):
 
-    input CRF | net ΔPSNR-Y output vs input | worst source | output size / input size | ΔVMAF
+    quality | input CRF | net ΔPSNR-Y output vs input | worst source | output size / input size
+        | ΔVMAF
 
 Then, per input CRF, the enhanced frames themselves (``enhancer.frames`` with
 default options, the frames ``--codec ffv1`` writes; the same engine, loaded
@@ -41,11 +44,12 @@ the unenhanced decoded input encoded at the same setting:
 VMAF comes from ``vmaf_torch`` (PyPI) when it is installed and works offline;
 otherwise the column says so. An encoder that fails (e.g. an unsupported size)
 is a note in its row, not a crash. Writes JSON to bench/results/output.json
-(``summary`` and ``rows``: the default output; ``codecs``: the re-encodes).
+(``summary`` and ``rows``: the product's output, per quality and input CRF; ``codecs``:
+the re-encodes; ``--codecs`` with no name skips them).
 
     python bench/output.py --footage ../shared/footage [--weights W] [--rate TABLE.json]
-        [--codecs x264 x264-10bit x265-main10 svtav1-10bit] [--crfs 22 27 37]
-        [--frames 24] [--sources N]
+        [--qualities balanced high] [--codecs x264 x264-10bit x265-main10 svtav1-10bit]
+        [--crfs 22 27 37] [--frames 24] [--sources N]
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bitstream.reader import open_video  # noqa: E402
 from enhancer.frame_stream import frames as enhanced_frames  # noqa: E402
 from enhancer.metrics import Vmaf, psnr  # noqa: E402
+from enhancer.options import QUALITIES  # noqa: E402
 from enhancer.output_rate import MAX_SIZE, WORST_DB  # noqa: E402
 from enhancer.pipeline import Pipeline  # noqa: E402
 from enhancer.training.data import EncodeSettings  # noqa: E402
@@ -80,6 +85,7 @@ from enhancer.training.rate_calibration import (  # noqa: E402
 )
 
 CRFS = (22, 27, 37)
+QUALITY_DEFAULTS = ("balanced", "high")
 FRAME_RATE = 25  # as encode_planes writes the inputs
 
 
@@ -154,6 +160,15 @@ class Enhanced:
     in_size: int
     in_psnr: float
     in_vmaf: float | None
+
+
+def _bits(path: Path) -> int:
+    """The bit depth of a file's video stream (8 or 10), for ``decode_luma``."""
+    import av
+
+    with av.open(str(path)) as c:
+        name = c.streams.video[0].codec_context.format.name
+    return 10 if name.endswith("10le") else 8
 
 
 def _mean_psnr(luma: list[np.ndarray], ref: list[np.ndarray]) -> float:
@@ -343,11 +358,18 @@ def main(argv: list[str] | None = None) -> int:
         "--dry-run --json) to use instead of the one in the weights' meta",
     )
     ap.add_argument(
-        "--codecs",
+        "--qualities",
         nargs="+",
+        choices=list(QUALITIES),
+        default=list(QUALITY_DEFAULTS),
+        help="the --quality levels of the product's output table (default: balanced high)",
+    )
+    ap.add_argument(
+        "--codecs",
+        nargs="*",
         choices=list(OUTPUT_CODECS),
         default=list(OUTPUT_CODECS),
-        help="encoders to re-encode the enhanced frames with (default: all)",
+        help="encoders to re-encode the enhanced frames with (default: all; none: skip)",
     )
     ap.add_argument("--crfs", type=int, nargs="+", default=list(CRFS), help="input CRFs")
     ap.add_argument("--sources", type=int, default=None, help="only the first N held-out sources")
@@ -366,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     vmaf = Vmaf()
     vmaf_note = None if vmaf else vmaf.reason
     crfs = tuple(args.crfs)
-    rows: dict[int, list[dict]] = {c: [] for c in crfs}
+    rows: dict[str, dict[int, list[dict]]] = {q: {c: [] for c in crfs} for q in args.qualities}
     enhanced: dict[int, list[Enhanced]] = {c: [] for c in crfs}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vqe-bench-output-") as work:
@@ -375,31 +397,38 @@ def main(argv: list[str] | None = None) -> int:
         for name, clean in itertools.islice(sequences, args.sources):
             ref = [c[0] for c in clean]
             for crf in crfs:
-                src, out = work_dir / f"{name}-{crf}.mp4", work_dir / f"{name}-{crf}-out.mp4"
+                src = work_dir / f"{name}-{crf}.mp4"
                 in_size = encode_planes(clean, src, crf)
-                result = pipeline.run(src, out)
-                inp, outp = decode_luma(src), decode_luma(out)
+                inp = decode_luma(src)
                 in_psnr = _mean_psnr(inp, ref)
-                net = float(np.mean([psnr(o, r) for o, r in zip(outp, ref, strict=True)]) - in_psnr)
-                row = {
-                    "source": name,
-                    "net_dpsnr_y": net,
-                    "size_ratio": out.stat().st_size / in_size,
-                    "output_crf": result.crf,
-                    "gops_copied": result.gops_copied,
-                    "gops": result.gops,
-                    "passthrough": result.passthrough,
-                    "expected_gain_db": result.expected_gain_db,
-                }
                 in_vmaf = vmaf(ref, inp) if vmaf else None
-                if vmaf:
-                    row["dvmaf"] = vmaf(ref, outp) - in_vmaf
-                rows[crf].append(row)
-                print(
-                    f"{name:12} crf {crf}: net {net:+.3f} dB, size {row['size_ratio']:.2f}x, "
-                    f"output crf {result.crf}, copied {result.gops_copied}/{result.gops}",
-                    flush=True,
-                )
+                for quality in args.qualities:
+                    ext = ".mkv" if quality == "archive" else ".mp4"
+                    out = work_dir / f"{name}-{crf}-{quality}{ext}"
+                    result = pipeline.run(src, out, {"quality": quality})
+                    outp = decode_luma(out, _bits(out))
+                    row = {
+                        "source": name,
+                        "net_dpsnr_y": _mean_psnr(outp, ref) - in_psnr,
+                        "size_ratio": out.stat().st_size / in_size,
+                        "output_crf": result.crf,
+                        "codec": result.codec,
+                        "gops_copied": result.gops_copied,
+                        "gops": result.gops,
+                        "passthrough": result.passthrough,
+                        "expected_gain_db": result.expected_gain_db,
+                    }
+                    if vmaf:
+                        row["dvmaf"] = vmaf(ref, outp) - in_vmaf
+                    rows[quality][crf].append(row)
+                    print(
+                        f"{name:12} crf {crf} {quality:8}: net {row['net_dpsnr_y']:+.3f} dB, "
+                        f"size {row['size_ratio']:.2f}x, {result.codec} crf {result.crf}, "
+                        f"copied {result.gops_copied}/{result.gops}",
+                        flush=True,
+                    )
+                if not args.codecs:
+                    continue
                 # The enhanced frames themselves (what --codec ffv1 writes), same engine.
                 with enhanced_frames(src, {}, engine=pipeline.engine) as video:
                     planes = [f.planes for f in video]
@@ -408,43 +437,47 @@ def main(argv: list[str] | None = None) -> int:
                 enhanced[crf].append(
                     Enhanced(name, ref, planes, decoded, in_size, in_psnr, in_vmaf)
                 )
-    summary = {}
+    summary: dict[str, dict[int, dict[str, Any]]] = {}
     print(
-        "\n| input CRF | net ΔPSNR-Y, output vs input | worst source | output size / input size "
-        "| ΔVMAF |\n| --- | --- | --- | --- | --- |"
+        "\n| quality | input CRF | net ΔPSNR-Y, output vs input | worst source "
+        "| output size / input size | ΔVMAF |\n| --- | --- | --- | --- | --- | --- |"
     )
-    for crf, rs in rows.items():
-        nets = [r["net_dpsnr_y"] for r in rs]
-        worst = min(rs, key=lambda r: r["net_dpsnr_y"])
-        vm = np.mean([r["dvmaf"] for r in rs]) if vmaf and rs else None
-        summary[crf] = {
-            "mean_net_dpsnr_y": float(np.mean(nets)),
-            "worst": worst["net_dpsnr_y"],
-            "worst_source": worst["source"],
-            "size_ratio": float(np.mean([r["size_ratio"] for r in rs])),
-            "dvmaf": None if vm is None else float(vm),
-        }
-        s = summary[crf]
-        vm_cell = f"{vm:+.2f}" if vm is not None else "n/a"
-        print(
-            f"| {crf} | {s['mean_net_dpsnr_y']:+.3f} dB | {s['worst']:+.3f} ({s['worst_source']}) "
-            f"| {s['size_ratio']:.2f}x | {vm_cell} |"
-        )
+    for quality, by_crf in rows.items():
+        summary[quality] = {}
+        for crf, rs in by_crf.items():
+            if not rs:
+                continue
+            worst = min(rs, key=lambda r: r["net_dpsnr_y"])
+            vm = np.mean([r["dvmaf"] for r in rs]) if vmaf else None
+            s = summary[quality][crf] = {
+                "mean_net_dpsnr_y": float(np.mean([r["net_dpsnr_y"] for r in rs])),
+                "worst": worst["net_dpsnr_y"],
+                "worst_source": worst["source"],
+                "size_ratio": float(np.mean([r["size_ratio"] for r in rs])),
+                "dvmaf": None if vm is None else float(vm),
+            }
+            vm_cell = f"{vm:+.2f}" if vm is not None else "n/a"
+            print(
+                f"| {quality} | {crf} | {s['mean_net_dpsnr_y']:+.3f} dB | {s['worst']:+.3f} "
+                f"({s['worst_source']}) | {s['size_ratio']:.2f}x | {vm_cell} |"
+            )
     if vmaf_note:
         print(f"VMAF: {vmaf_note}")
-    print("\nRe-encoding the enhanced frames (best setting under the promise):", flush=True)
     codecs: dict[int, dict[str, dict[str, Any]]] = {}
+    if args.codecs:
+        print("\nRe-encoding the enhanced frames (best setting under the promise):", flush=True)
     with tempfile.TemporaryDirectory(prefix="vqe-bench-codecs-") as work:
         work_dir = Path(work)
         for crf, items in enhanced.items():
-            if not items:
+            if not items or not args.codecs:
                 continue
             codecs[crf] = {"ffv1": ffv1_ceiling(items, crf, work_dir, vmaf)}
             for name in args.codecs:
                 codecs[crf][name] = codec_sweep(
                     items, name, OUTPUT_CODECS[name], crf, work_dir, vmaf
                 )
-    print("\n" + "\n".join(codecs_table(codecs)))
+    if codecs:
+        print("\n" + "\n".join(codecs_table(codecs)))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(

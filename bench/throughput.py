@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_flop_formula
 
 from bitstream.reader import open_video
 from enhancer.pipeline import EnhanceOptions, Pipeline
@@ -111,6 +111,25 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
         sync(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def _is_shape4(value: Any) -> bool:
+    return isinstance(value, (list, tuple, torch.Size)) and len(value) == 4
+
+
+@register_flop_formula([torch.ops.mkldnn._convolution_pointwise])
+def _fused_conv_flop(x_shape, second, third, *args, out_shape=None, **kwargs) -> int:
+    """The network's CPU inference runs its convolutions as fused oneDNN ops
+    (enhancer.network.conv3x3), which FlopCounterMode does not count by itself.
+    ``.default`` is (X, W, B, ...), ``.binary`` (X, other, W, B, ...)."""
+    w_shape = third if _is_shape4(third) else second
+    return conv_flop_count(x_shape, w_shape, out_shape)
+
+
+@register_flop_formula([torch.ops.mkldnn._convolution_pointwise_])
+def _fused_conv_inplace_flop(_other, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """``_convolution_pointwise_.binary`` (other, X, W, B, ...): the residual add in place."""
+    return conv_flop_count(x_shape, w_shape, out_shape)
 
 
 def decode_all(path: Path) -> tuple[list[Any], Any]:

@@ -55,12 +55,24 @@ def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 def _weights(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``conv``'s weight and bias in ``dtype``, cast once per change of the weights (a cast
-    per call, as autocast does, cost as much as a small crop's convolution)."""
-    key = (dtype, conv.weight.data_ptr(), conv.weight._version)
+    per call, as autocast does, cost as much as a small crop's convolution).
+
+    The cache holds the parameters it was cast from and their versions: a replaced
+    parameter (``to()``, a new ``nn.Parameter``) or an in-place update renews it.
+    """
+    weight, bias = conv.weight, conv.bias
+    key = (dtype, weight, weight._version, bias, None if bias is None else bias._version)
     cached = conv.__dict__.get("_onednn_weights")
-    if cached is None or cached[0] != key:
-        bias = None if conv.bias is None else conv.bias.detach().to(dtype)
-        cached = (key, conv.weight.detach().to(dtype), bias)
+    if (
+        cached is None
+        or len(cached[0]) != len(key)
+        or any(
+            a is not b if isinstance(a, torch.Tensor) else a != b
+            for a, b in zip(cached[0], key, strict=True)
+        )
+    ):
+        cast_bias = None if bias is None else bias.detach().to(dtype)
+        cached = (key, weight.detach().to(dtype), cast_bias)
         conv.__dict__["_onednn_weights"] = cached
     return cached[1], cached[2]
 

@@ -101,6 +101,24 @@ def test_fused_inference_convolutions_match_the_plain_ones(monkeypatch, bf16):
     assert model.inp.weight.grad is not None
 
 
+def test_fused_weights_follow_updates_and_replaced_parameters():
+    from enhancer.network import conv3x3
+
+    conv = nn.Conv2d(4, 4, 3, 1, 1)
+    x = torch.rand(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        first = conv3x3(conv, x)
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # in place: the cast copy is renewed
+    with torch.inference_mode():
+        assert torch.allclose(conv3x3(conv, x), conv(x), atol=1e-5)
+    conv.weight = nn.Parameter(torch.zeros_like(conv.weight))  # replaced
+    with torch.inference_mode():
+        out = conv3x3(conv, x)
+    assert torch.allclose(out, conv.bias[None, :, None, None].expand_as(out), atol=1e-6)
+    assert not torch.allclose(out, first)
+
+
 def test_output_is_input_plus_correction_and_clipped_only_on_conversion():
     model = tiny_model()
     with torch.no_grad():

@@ -107,7 +107,8 @@ class PatchSampler:
             blind = self.rng.random() < self.blind_p
             enhanced = self.rng.random() < self.enhanced_p
             noise = float(self.rng.normal(0.0, self.crf_noise)) if blind else 0.0
-            truth = self.rng.random() < self.truth_p
+            # Drawn only when on: runs without truth guidance sample as they did before.
+            truth = self.truth_p > 0 and self.rng.random() < self.truth_p
             item, target = frame_inputs(
                 s, t, (y0, x0, self.patch), blind, drops, enhanced, crf_noise=noise, truth=truth
             )

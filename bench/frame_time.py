@@ -217,7 +217,7 @@ def conv_share(engine: Engine, size: tuple[int, int]) -> dict[str, float]:
         return min(times)
 
     def net() -> Any:
-        return engine.model(x, inputs, seq, frame, cfg.stages)
+        return engine.model(x, inputs, seq, frame, cfg.stages, last_only=True)
 
     with FlopCounterMode(display=False) as counter, torch.inference_mode(), engine._amp():
         net()

@@ -416,7 +416,7 @@ class Engine:
             xs = torch.cat([x[:, :, ya : ya + ch, xa:xb] for *_, ya, xa, xb in pieces], 3)
             crops = torch.cat([inp[:, :, ya : ya + ch, xa:xb] for *_, ya, xa, xb in pieces], 3)
             crops = crops.contiguous(memory_format=torch.channels_last)
-            res = self.model(xs, crops, batch.seq_cond, batch.frame_cond, stages)[-1]
+            res = self.model(xs, crops, batch.seq_cond, batch.frame_cond, stages, True)[0]
             left = 0
             for y0, y1, x0, x1, ya, xa, xb in pieces:
                 part = res[:, :, y0 - ya : y1 - ya, left + x0 - xa : left + x1 - xa].float()
@@ -432,7 +432,7 @@ class Engine:
             tile = 0 if h * w <= 540 * 960 else 384
         with self._amp():
             if not tile or (h <= tile and w <= tile):
-                out = self.model(x, inp, batch.seq_cond, batch.frame_cond, stages)[-1].float()
+                out = self.model(x, inp, batch.seq_cond, batch.frame_cond, stages, True)[0].float()
                 return _weaken(x, out, strength)
             tile = max(32, tile // 8 * 8)
             out = torch.empty_like(x, dtype=torch.float32)

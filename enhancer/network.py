@@ -156,7 +156,7 @@ class Stage(nn.Module):
         nn.init.normal_(self.head.weight, std=1e-3)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, feat: torch.Tensor, frame_emb: torch.Tensor):
+    def forward(self, feat: torch.Tensor, frame_emb: torch.Tensor, head: bool = True):
         f = conv3x3(self.entry, feat, relu=True)
         if self.film is not None:
             gamma, beta = self.film(frame_emb).to(f.dtype).chunk(2, dim=1)
@@ -165,7 +165,7 @@ class Stage(nn.Module):
         for blk in self.blocks:
             # In place at inference (no new map); autograd needs f as it was.
             f = conv3x3(blk[2], conv3x3(blk[0], f, relu=True), add_to=f)
-        return feat + f, conv3x3(self.head, f)
+        return feat + f, conv3x3(self.head, f) if head else None
 
 
 class VQENet(nn.Module):
@@ -201,17 +201,20 @@ class VQENet(nn.Module):
         seq_cond: torch.Tensor,
         frame_cond: torch.Tensor,
         stages: int | None = None,
+        last_only: bool = False,
     ) -> list[torch.Tensor]:
-        """Return the outputs of stages 1..``stages`` (each x + correction, unclipped)."""
+        """Return the outputs of stages 1..``stages`` (each x + correction, unclipped);
+        with ``last_only`` just the last one's (the heads of the others are not run)."""
         n = self.cfg.stages if stages is None else max(1, min(stages, self.cfg.stages))
         if not self.cfg.frame_cond:
             frame_cond = torch.zeros_like(frame_cond)
         emb = self.frame_mlp(torch.cat([frame_cond, seq_cond], 1))
         feat = conv3x3(self.inp, inputs, relu=True)
         outs = []
-        for stage in self.stages[:n]:
-            feat, corr = stage(feat, emb)
-            outs.append(x + corr.to(x.dtype))
+        for i, stage in enumerate(self.stages[:n]):
+            feat, corr = stage(feat, emb, head=not last_only or i == n - 1)
+            if corr is not None:
+                outs.append(x + corr.to(x.dtype))
         return outs
 
 

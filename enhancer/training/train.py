@@ -351,8 +351,21 @@ def pixel_estimate(args) -> PixelQP:
         return load_model(None).pixel_qp
 
 
+def _init_meta(args) -> dict:
+    """The meta of the ``--init`` model file ({} for none or a training checkpoint)."""
+    try:
+        return load_model(args.init).meta if args.init else {}
+    except ValueError:
+        return {}
+
+
 def export(work: Path, val_set, args, log) -> Path:
-    """Calibrate the exit policies on validation data and write the model file."""
+    """Calibrate the exit policies on validation data and write the model file.
+
+    A fine-tune keeps its ``--init`` file's output-rate tables (enhancer.output_rate):
+    they were measured for weights that gain nearly the same, and without them the
+    pipeline would fall back to vqe-v1's table. Re-run rate_calibration to refresh them.
+    """
     ck = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
     model, est = VQENet(ModelConfig.from_dict(ck["config"])), QPEstimator()
     model.load_state_dict(ck["model"])
@@ -380,6 +393,9 @@ def export(work: Path, val_set, args, log) -> Path:
         "recipe": vars(args) | {"work": str(work)},
         "validation": {str(k): v for k, v in res["crf"].items()},
     }
+    if "output_rate" in (init := _init_meta(args)):
+        meta["output_rate"] = init["output_rate"]
+        meta["output_rate_source"] = f"{args.init} (kept at export)"
     out = work / f"{args.version}.pt"
     save_model(out, model, est, policy, meta, pixel_qp)
     log(f"exported {out} ({out.stat().st_size / 1e6:.2f} MB)")

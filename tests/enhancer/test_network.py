@@ -62,6 +62,11 @@ def test_forward_one_output_per_stage_shaped_like_input():
         # Out-of-range requests are clamped to 1..S.
         assert len(model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond, 0)) == 1
         assert len(model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond, 9)) == 3
+        # Inference wants only the last exit: the other heads are skipped, the output is the same.
+        for n in (1, 2, 3):
+            last = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond, n, True)
+            assert len(last) == 1
+            assert torch.equal(last[0], outs[n - 1] if n == 3 else two[n - 1])
 
 
 @pytest.mark.parametrize("bf16", [False, True])

@@ -380,6 +380,23 @@ def test_train_export_only(trained, tmp_path):
         assert torch.equal(model.state_dict()[k], v.half().float())
 
 
+def test_export_keeps_the_init_files_output_rate(trained, tmp_path):
+    """A fine-tune's export keeps the rate tables of the model file it started from."""
+    _, footage, work = trained
+    init = load_model(work / "tiny.pt")
+    table = {"balanced": {"22": {"margin": 4}}, "calibrated": "test"}
+    init.meta["output_rate"] = table
+    init.save(tmp_path / "init.pt")
+    work2 = fork_work(work, tmp_path / "w")
+    args = train_args(footage, work2, 6, "--export-only", "--skip-build")
+    assert train.main([*args, "--init", str(tmp_path / "init.pt")]) == 0
+    meta = load_model(work2 / "tiny.pt").meta
+    assert meta["output_rate"] == table
+    assert meta["output_rate_source"].startswith(str(tmp_path / "init.pt"))
+    assert train.main(train_args(footage, work2, 6, "--export-only", "--skip-build")) == 0
+    assert "output_rate" not in load_model(work2 / "tiny.pt").meta  # nothing to keep
+
+
 @pytest.mark.parametrize("source", ["exported", "checkpoint"])
 def test_train_init_from_model_file(trained, tmp_path, source):
     _, footage, work = trained

@@ -43,10 +43,12 @@ def _anchors(sample: dict) -> list[int]:
 
 @torch.no_grad()
 def _enhance(items, model, estimator, stages, bf16) -> torch.Tensor:
-    with autocast(enabled=bf16):
-        batch = collate(items, model, estimator)
+    device = next(model.parameters()).device
+    with autocast(device.type, enabled=bf16):
+        batch = collate(items, model, estimator, device)
         inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
-        return model(batch.x, inputs, batch.seq_cond, batch.frame_cond, stages)[-1].float()
+        out = model(batch.x, inputs, batch.seq_cond, batch.frame_cond, stages, True)[0]
+        return out.float().cpu()
 
 
 def attach_all(

@@ -60,6 +60,7 @@ def validate(
     """
     model.eval()
     estimator.eval()
+    device = next(model.parameters()).device  # where the model is, the batches go
     per_crf: dict[float, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     records, hevc_records = [], []
     for sample in samples:
@@ -73,9 +74,9 @@ def validate(
             items = [p[0] for p in pairs]
             if edit is not None:
                 items = [edit(it, sample, t) for t, it in enumerate(items)]
-            target = torch.stack([p[1] for p in pairs])
-            with autocast(enabled=bf16):
-                batch = collate(items, model, estimator)
+            target = torch.stack([p[1] for p in pairs]).to(device)
+            with autocast(device.type, enabled=bf16):
+                batch = collate(items, model, estimator, device)
                 outs = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)
             base = psnr_y(batch.x, target)
             deltas = [(psnr_y(o, target) - base) for o in outs]

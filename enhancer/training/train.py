@@ -7,7 +7,7 @@ The log (``WORK/train.log``) prints, at every validation, ΔPSNR-Y per CRF on
 held-out sources for each exit and for the blind path.
 
 Steps run under bf16 autocast with channels_last where the CPU has AMX /
-AVX-512 BF16 (about 5x faster than fp32 here) and on CUDA; ``--fp32`` turns
+AVX-512 BF16 (about 5x faster than fp32 here) and on CUDA (``--device cuda``); ``--fp32`` turns
 it off.
 
 Loss: Charbonnier on the YUV stack (Y 1, U/V 0.5; epsilon 0.01, quadratic
@@ -38,6 +38,7 @@ import torch
 
 from enhancer.batch import collate
 from enhancer.checkpoint import load_model, save_model
+from enhancer.engine import pick_device
 from enhancer.features import autocast, cpu_has_bf16, phase_planes
 from enhancer.network import ModelConfig, QPEstimator, VQENet
 from enhancer.pixel_qp import PixelQP
@@ -198,20 +199,25 @@ def train(args) -> Path:
     log = Log(work / "train.log")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    bf16 = not args.fp32 and cpu_has_bf16()
+    device = pick_device(args.device)
+    bf16 = not args.fp32 and (device.type == "cuda" or cpu_has_bf16())
     if not args.skip_build:
         build_dataset(Path(args.footage), work, args.train_count, args.seed, args.workers, log)
     val_set = load_cache(work / "cache" / "val")
     if args.export_only:
         return export(work, val_set, args, log)
     train_set = load_cache(work / "cache" / "train")
-    log(f"loaded {len(train_set)} train / {len(val_set)} validation samples; bf16 {bf16}")
+    log(
+        f"loaded {len(train_set)} train / {len(val_set)} validation samples; "
+        f"device {device}, bf16 {bf16}"
+    )
 
     cfg = ModelConfig(channels=args.channels, stages=args.stages, blocks_per_stage=args.blocks)
     for name in args.disable or []:
         setattr(cfg, name, False)
     model, est = VQENet(cfg), QPEstimator()
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
+    est = est.to(device)
     opt = torch.optim.Adam(list(model.parameters()) + list(est.parameters()), lr=args.lr)
     model_params = list(model.parameters())
     step, best = 0, -math.inf
@@ -220,7 +226,7 @@ def train(args) -> Path:
         ck = torch.load(last, map_location="cpu", weights_only=False)
         model.load_state_dict(ck["model"])
         est.load_state_dict(ck["estimator"])
-        opt.load_state_dict(ck["opt"])
+        opt.load_state_dict(ck["opt"])  # its state moves to the parameters' device
         step, best = ck["step"], ck["best"]
         log(f"resumed from step {step} (best score {best:+.3f})")
     elif args.init:
@@ -258,7 +264,7 @@ def train(args) -> Path:
 
     if args.enhanced_p > 0 and (step > 0 or args.init):
         refresh()
-    phase = phase_planes(args.patch // 2, args.patch // 2)[None]
+    phase = phase_planes(args.patch // 2, args.patch // 2)[None].to(device)
     t0, running = time.time(), []
     while step < args.steps:
         lr = args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
@@ -271,8 +277,9 @@ def train(args) -> Path:
         model.train()
         est.train()
         items, target = sampler.batch(args.batch)
-        with autocast(enabled=bf16):
-            batch = collate(items, model, est)
+        target = target.to(device)
+        with autocast(device.type, enabled=bf16):
+            batch = collate(items, model, est, device)
             inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
             outs = model(batch.x, inputs, batch.seq_cond, batch.frame_cond)
         x = batch.x.float()
@@ -284,11 +291,11 @@ def train(args) -> Path:
             stage_losses = [(c / base).mean() for c in per_stage]
             gain = (10 * torch.log10(_mse(x, target) / _mse(outs[-1], target))).mean()
         known = [i for i, it in enumerate(items) if it.qmap is not None]
-        est_loss = torch.zeros(())
+        est_loss = torch.zeros((), device=device)
         if known:
-            with autocast(enabled=bf16):
+            with autocast(device.type, enabled=bf16):
                 pred = est(x[known], phase)
-            truth = torch.stack([items[i].qmap[:, ::8, ::8] for i in known])
+            truth = torch.stack([items[i].qmap[:, ::8, ::8] for i in known]).to(device)
             est_loss = (pred.float() - truth).abs().mean()
         opt.zero_grad(set_to_none=True)
         (loss + est_loss).backward()
@@ -370,7 +377,9 @@ def export(work: Path, val_set, args, log) -> Path:
     model, est = VQENet(ModelConfig.from_dict(ck["config"])), QPEstimator()
     model.load_state_dict(ck["model"])
     est.load_state_dict(ck["estimator"])
-    bf16 = not args.fp32 and cpu_has_bf16()
+    device = pick_device(args.device)
+    bf16 = not args.fp32 and (device.type == "cuda" or cpu_has_bf16())
+    model, est = model.to(device), est.to(device)
     attach_all(val_set, model, est, bf16=bf16)
     pixel_qp = pixel_estimate(args)
     attach_pixel_crf(val_set, pixel_qp, work / "cache")
@@ -397,7 +406,7 @@ def export(work: Path, val_set, args, log) -> Path:
         meta["output_rate"] = init["output_rate"]
         meta["output_rate_source"] = f"{args.init} (kept at export)"
     out = work / f"{args.version}.pt"
-    save_model(out, model, est, policy, meta, pixel_qp)
+    save_model(out, model.cpu(), est.cpu(), policy, meta, pixel_qp)
     log(f"exported {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return out
 
@@ -458,6 +467,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, default=1000)
     p.add_argument("--val-frames", type=int, default=8)
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda or auto: where the steps, validation and anchor refreshes run "
+        "(the data stays on the CPU; bf16 autocast on CUDA)",
+    )
     p.add_argument("--skip-build", action="store_true")
     p.add_argument(
         "--export-only",

@@ -184,7 +184,7 @@ def test_train_builds_trains_validates_and_exports(trained):
     log = (work / "train.log").read_text()
     assert "dataset val: wrote 2" in log and "dataset train: wrote 2" in log
     assert "dataset val-hevc: wrote 2" in log
-    assert "loaded 2 train / 2 validation samples" in log
+    assert "loaded 2 train / 2 validation samples; device cpu" in log
     assert "step 2 lr" in log and "step 4 lr" in log
     for step in (2, 4):
         assert f"validation at step {step}" in log

@@ -310,7 +310,7 @@ class Engine:
         if not usable:
             return None
         cost = torch.stack([c.cost for c in usable])  # (R, gh, gw) per 8x8 luma block
-        best = cost.argmin(0)
+        best = cost.min(0).indices  # argmin is 10x slower on CPU
         same = cost.gather(0, best[None])[0] < transfer_cost(qp)
         if not same.any():
             return None

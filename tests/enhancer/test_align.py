@@ -23,13 +23,15 @@ from enhancer.align import (
     BLOCK,
     COARSE_RADIUS,
     MAX_REF_DISTANCE,
+    _median3,
     align,
     apply_flow,
     coarse_search,
+    dense,
     luma_of,
     seeds_from_vectors,
 )
-from enhancer.features import planes_to_tensor, tensor_to_planes
+from enhancer.features import planes_to_tensor, tensor_to_planes, warp_reference
 from enhancer.metrics import psnr
 from enhancer.references import (
     MAX_PENDING,
@@ -156,6 +158,20 @@ def test_align_identical_frames_is_no_motion_at_no_cost():
     assert flow.abs().sum() == 0 and float(cost.max()) < 1e-4
     aligned = apply_flow(cur[None], flow[None])[0]
     assert float((aligned - cur).abs().max()) < 1e-4  # a zero flow is the identity
+
+
+def test_per_block_warp_and_median_are_the_dense_ones_exactly():
+    """apply_flow builds its sampling grids per block and _median3 sorts by a network:
+    both give exactly what the dense flow and torch.median give."""
+    g = torch.Generator().manual_seed(3)
+    ref = torch.rand(2, 6, 40, 72, generator=g)
+    flow = torch.randn(2, 2, 10, 18, generator=g) * 6 + torch.rand(2, 2, 10, 18, generator=g)
+    want = warp_reference(ref, dense(flow), "bicubic")
+    assert torch.equal(apply_flow(ref, flow), want)
+    field = flow[0].round()  # ties, as real flows have them
+    around = torch.nn.functional.pad(field[None], (1, 1, 1, 1), mode="replicate")
+    patches = torch.nn.functional.unfold(around, 3).view(2, 9, 10, 18)
+    assert torch.equal(_median3(field), patches.median(1).values)
 
 
 @pytest.mark.parametrize("fx,fy", [(6, -3), (-12, 7), (20, 16)])

@@ -33,6 +33,7 @@ REFINE_STEPS = (2.0, 1.0, 0.5)  # the coarse search is within +-2 px; then climb
 # (mean absolute luma, 0..1) of its own best: see ``_smooth``.
 SMOOTH_SLACK = 1.0 / 255
 SMOOTH_PASSES = 2
+SEED_SCALE = 4  # the bitstream's seeds are told apart at quarter resolution (_identify)
 
 
 def luma_of(x6: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,8 @@ def align(
     if search:
         radius = COARSE_RADIUS * 4 // search_scale  # the same range in luma pixels
         cands.append(coarse_search(cur_y, ref_y, radius, search_scale))
-    cands += [s.to(cur_y.device, torch.float32) for s in seeds or []]
+    if seeds:
+        cands.append(_identify(cur_h, ref_h, [s.to(cur_y.device, torch.float32) for s in seeds]))
     stack = torch.stack(cands)
     costs = block_costs(cur_h, ref_h, stack, 2)
     costs[0] -= 1e-3  # prefer no motion on ties (flat areas)
@@ -174,6 +176,22 @@ def align(
         best, best_cost = _pick(cur_h, ref_h, cands, best, best_cost, 2)
     best = _smooth(cur_h, ref_h, best, best_cost)
     return best, block_costs(cur_y, ref_y, best[None])[0]
+
+
+def _identify(cur_h: torch.Tensor, ref_h: torch.Tensor, seeds: list[torch.Tensor]) -> torch.Tensor:
+    """Per block, the seed that matches best, compared at 1/``SEED_SCALE`` resolution.
+
+    The seeds of one vector differ by the reference distance they assume (x1, x2, x4 at
+    times): telling them apart needs no fine detail, so a quarter-resolution cost
+    (a 2x2 block) does it for a quarter of a half-resolution one.
+    """
+    if len(seeds) == 1:
+        return seeds[0]
+    stack = torch.stack(seeds)
+    down = SEED_SCALE // 2
+    cur, ref = (F.avg_pool2d(t, down) if down > 1 else t for t in (cur_h, ref_h))
+    i = block_costs(cur, ref, stack, SEED_SCALE).min(0).indices
+    return stack.gather(0, i[None, None].expand(1, 2, -1, -1))[0]
 
 
 def _median3(flow: torch.Tensor) -> torch.Tensor:

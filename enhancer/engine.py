@@ -44,6 +44,7 @@ from enhancer.features import (
 )
 from enhancer.options import SIDE_INFO_MODES
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, align_reference, input_plan
+from enhancer.regions import run_regions
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # Transfer (after FAST, Zhang and Sze 2017): where a block's decode matches its aligned
@@ -66,6 +67,8 @@ LARGE_TILE_QP = 40.0
 # output 4 pixels in from a crop's edge is within 0.09 of a level (8-bit, rms) of the
 # whole frame's, and at 16 the context cost 4x a tile's own area.
 CONTEXT = 4
+# What of it each stage keeps (enhancer.regions): later stages need less.
+STAGE_CONTEXT = (4, 3, 2)
 # Tiles of a large frame (bounded memory, ``tile``) take the whole receptive field: they
 # are large, so it costs little, and the seams vanish.
 TILE_CONTEXT = 16
@@ -396,32 +399,13 @@ class Engine:
         return out, n, qp, use_bits
 
     def _run_regions(
-        self, batch, stages: int, strength: float, rects, out, context: int = CONTEXT
+        self, batch, stages: int, strength: float, rects, out, context: int = CONTEXT, shrink=None
     ) -> None:
         """Run the network on half-res rectangles (y0, y1, x0, x1), each with ``context``
-        pixels around it, and write them into ``out``.
-
-        Rectangles whose crops are equally tall are laid side by side and run as one image:
-        one call per crop height instead of one per rectangle, which at 32-luma-pixel tiles
-        cost more in small calls than the tiles saved.
-        """
-        x, inp = batch.x, batch.inputs
-        _, _, h, w = x.shape
-        by_height: dict[int, list[tuple[int, ...]]] = {}
-        for y0, y1, x0, x1 in rects:
-            ya, yb = max(y0 - context, 0), min(y1 + context, h)
-            xa, xb = max(x0 - context, 0), min(x1 + context, w)
-            by_height.setdefault(yb - ya, []).append((y0, y1, x0, x1, ya, xa, xb))
-        for ch, pieces in sorted(by_height.items()):
-            xs = torch.cat([x[:, :, ya : ya + ch, xa:xb] for *_, ya, xa, xb in pieces], 3)
-            crops = torch.cat([inp[:, :, ya : ya + ch, xa:xb] for *_, ya, xa, xb in pieces], 3)
-            crops = crops.contiguous(memory_format=torch.channels_last)
-            res = self.model(xs, crops, batch.seq_cond, batch.frame_cond, stages, True)[0]
-            left = 0
-            for y0, y1, x0, x1, ya, xa, xb in pieces:
-                part = res[:, :, y0 - ya : y1 - ya, left + x0 - xa : left + x1 - xa].float()
-                out[:, :, y0:y1, x0:x1] = _weaken(x[:, :, y0:y1, x0:x1], part, strength)
-                left += xb - xa
+        pixels around it (``shrink``: the context kept before each stage), into ``out``."""
+        x = batch.x
+        for (y0, y1, x0, x1), res in run_regions(self.model, batch, stages, rects, context, shrink):
+            out[:, :, y0:y1, x0:x1] = _weaken(x[:, :, y0:y1, x0:x1], res.float(), strength)
 
     @torch.inference_mode()
     def _run_model(self, batch, stages: int, strength: float = 1.0) -> torch.Tensor:
@@ -449,7 +433,7 @@ class Engine:
         """Transfer ``source`` everywhere, then run the network on the changed rectangles."""
         out = source[None].float().clone()
         with self._amp():
-            self._run_regions(batch, stages, strength, runs, out)
+            self._run_regions(batch, stages, strength, runs, out, CONTEXT, STAGE_CONTEXT)
         return out[0], share
 
     def _finish(self, p: _Pending, out, n, qp, from_bits, ctx):

@@ -24,6 +24,7 @@ channels_last on CPUs with AMX and on GPUs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -202,9 +203,14 @@ class VQENet(nn.Module):
         frame_cond: torch.Tensor,
         stages: int | None = None,
         last_only: bool = False,
+        between: Callable | None = None,
     ) -> list[torch.Tensor]:
         """Return the outputs of stages 1..``stages`` (each x + correction, unclipped);
-        with ``last_only`` just the last one's (the heads of the others are not run)."""
+        with ``last_only`` just the last one's (the heads of the others are not run).
+
+        ``between(k, feat, x) -> (feat, x)`` runs before every stage k >= 1: at inference
+        on crops it cuts the context later stages do not need (enhancer.regions).
+        """
         n = self.cfg.stages if stages is None else max(1, min(stages, self.cfg.stages))
         if not self.cfg.frame_cond:
             frame_cond = torch.zeros_like(frame_cond)
@@ -212,6 +218,8 @@ class VQENet(nn.Module):
         feat = conv3x3(self.inp, inputs, relu=True)
         outs = []
         for i, stage in enumerate(self.stages[:n]):
+            if between is not None and i > 0:
+                feat, x = between(i, feat, x)
             feat, corr = stage(feat, emb, head=not last_only or i == n - 1)
             if corr is not None:
                 outs.append(x + corr.to(x.dtype))

@@ -246,7 +246,7 @@ def bench_clip(engine: Engine, clip: Path, size: str, work: Path) -> dict[str, A
     row["vs_transcode"] = round(default.seconds / transcode, 1)
     for name, mode in PATHS.items():
         row[name] = path_parts(engine, clip, work, mode)
-    row["aware_over_blind"] = round(row["blind"]["ms_per_frame"] / row["aware"]["ms_per_frame"], 2)
+    row["aware_over_blind"] = round(row["blind"]["ms_per_frame"] / row["aware"]["ms_per_frame"], 3)
     row["conv"] = conv_share(engine, SIZES[size])
     return row
 
@@ -269,7 +269,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         c = r["conv"]
         print(
-            f"{r['source'] + ' ' + r['size']:16s} {r['aware_over_blind']:12.2f}x"
+            f"{r['source'] + ' ' + r['size']:16s} {r['aware_over_blind']:12.3f}x"
             f" {r['vqe']['fps']:13.2f} {r['transcode']['fps']:13.1f} {r['vs_transcode']:12.1f}x"
             f" {c['network_gflops']:13.1f} {c['conv_gflops']:13.1f} {100 * c['share']:5.0f}%"
         )

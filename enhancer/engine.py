@@ -327,8 +327,13 @@ class Engine:
         # Only now, when it is used, is an enhanced anchor warped (if the network did not
         # already borrow it).
         pick = best.repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
-        pixels = torch.stack([c.pixels() for c in usable])  # (R, 6, h, w)
-        source = pixels.gather(0, pick[None, None].expand(1, 6, h, w))[0]
+        if len(usable) == 1:
+            source = usable[0].pixels()
+        elif len(usable) == 2:  # one pass, where stacking and gathering took two
+            source = torch.where(pick[None] == 0, usable[0].pixels(), usable[1].pixels())
+        else:
+            pixels = torch.stack([c.pixels() for c in usable])  # (R, 6, h, w)
+            source = pixels.gather(0, pick[None, None].expand(1, 6, h, w))[0]
         return runs, 1.0 - float(changed.float().mean()), source
 
     def _enhance(self, p: _Pending, refs, info: SequenceInfo, ctx) -> tuple:

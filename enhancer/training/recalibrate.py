@@ -19,7 +19,7 @@ than bench/quality.py's (another seed).
 About 11 minutes per path on 2 cores in bf16.
 
     python -m enhancer.training.recalibrate --footage ../shared/footage \
-        --records runs/recalibrate.json [--write enhancer/weights/vqe-v3.pt]
+        --records runs/recalibrate.json [--write enhancer/weights/vqe-v4.pt]
 """
 
 from __future__ import annotations
@@ -192,23 +192,29 @@ def mean_gain(records: list[dict], policy) -> float:
     return total / max(1, len(rows))
 
 
-def budgeted_policy(records: list[dict], max_stages: int, log=None):
-    """``policy_from`` at PRICE, then stages taken away bin by bin (least gain lost per
-    unit of early-exit ratio saved first) until early exit fits EXIT_BUDGET."""
+def budgeted_policy(
+    records: list[dict],
+    max_stages: int,
+    log=None,
+    price: float = PRICE,
+    budget: float = EXIT_BUDGET,
+):
+    """``policy_from`` at ``price``, then stages taken away bin by bin (least gain lost per
+    unit of early-exit ratio saved first) until early exit fits ``budget``."""
     costs = _mean_costs([r for r in _aware(records) if r["codec"] == "libx264"], max_stages)
-    policy = policy_from(records, max_stages, tolerance=TOLERANCE, price=PRICE)
+    policy = policy_from(records, max_stages, tolerance=TOLERANCE, price=price)
     caps = list(policy.table("h264").stages)
     ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
     if log is not None:
-        log(f"price {PRICE}: early-exit ratio {ratio:.2f}, mean gain {gain:.3f}")
-    while ratio > EXIT_BUDGET:
+        log(f"price {price}: early-exit ratio {ratio:.2f}, mean gain {gain:.3f}")
+    while ratio > budget:
         best = None
         for b, k in enumerate(caps):
             if k == 0:
                 continue
             fewer = caps[:b] + [k - 1] + caps[b + 1 :]
             # Only the H.264 table changes; the ratio and the gain read nothing else.
-            trial = _fit_h264(records, max_stages, fewer, tolerance=TOLERANCE, price=PRICE)
+            trial = _fit_h264(records, max_stages, fewer, tolerance=TOLERANCE, price=price)
             saved = ratio - exit_ratio(records, trial, costs)
             if saved > 1e-9:
                 lost = (gain - mean_gain(records, trial)) / saved
@@ -242,6 +248,18 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write the records (the first); with --reuse, all are read",
     )  # fmt: skip
     ap.add_argument("--reuse", action="store_true", help="calibrate from existing --records")
+    ap.add_argument(
+        "--price",
+        type=float,
+        default=PRICE,
+        help="dB a stage must gain per unit of one stage's network time",
+    )
+    ap.add_argument(
+        "--exit-budget",
+        type=float,
+        default=EXIT_BUDGET,
+        help="x264 CRF 22's network time at most this share of CRF 37's, on the records",
+    )
     ap.add_argument("--write", type=Path, default=None, help="model file to write the policy to")
     ap.add_argument(
         "--paths", default=",".join(PATHS), help=f"paths to measure, of {','.join(PATHS)}"
@@ -261,14 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.weights)
     stages, old = loaded.network.cfg.stages, loaded.policy
     if _aware(records):
-        policy = budgeted_policy(records, stages, log)
+        policy = budgeted_policy(records, stages, log, args.price, args.exit_budget)
         if old and not any(r.get("path") == "blind" for r in records):
             for kind in ("blind", "blind_hevc"):  # a path not measured keeps its tables
                 if kind in old.tables:
                     policy.set_table(kind, old.tables[kind])
     else:  # only blind paths measured: the codec-aware and HEVC tables stay
         policy = old or ExitPolicy(max_stages=stages)
-        blind_policy(records, stages, policy, tolerance=TOLERANCE, price=PRICE)
+        blind_policy(records, stages, policy, tolerance=TOLERANCE, price=args.price)
     print(f"H.264 by QP, edges {policy.table('h264').edges}")
     for kind, by in (
         ("h264", "QP"),

@@ -413,8 +413,8 @@ def export(work: Path, val_set, args, log) -> Path:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--footage", default="../shared/footage", help="clean photos/ and clips/")
-    p.add_argument("--work", default="runs/vqe-v3", help="cache, checkpoints and log")
-    p.add_argument("--version", default="vqe-v3")
+    p.add_argument("--work", default="runs/vqe-v5", help="cache, checkpoints and log")
+    p.add_argument("--version", default="vqe-v5")
     p.add_argument("--train-count", type=int, default=900, help="encoded training sequences")
     p.add_argument("--steps", type=int, default=30000)
     p.add_argument("--batch", type=int, default=16)

@@ -36,6 +36,29 @@ SMOOTH_PASSES = 2
 SEED_SCALE = 4  # the bitstream's seeds are told apart at quarter resolution (_identify)
 
 
+def _kept(t: torch.Tensor, key, make):
+    """``make(t)``, made once and kept on ``t`` itself (so it lives as long as ``t``).
+
+    Alignment meets each frame several times (as the current frame for each of its
+    references, as the anchor of the frames around it), and its luma planes and their
+    poolings were made again every time: 5 ms a 720p frame. A tensor changed in place is
+    told apart by its version (inference tensors keep none: the engine never changes a
+    frame in place).
+    """
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor
+        version = None
+    store = t.__dict__.setdefault("_vqe_kept", {})
+    if (key, version) not in store:
+        store[(key, version)] = make(t)
+    return store[(key, version)]
+
+
+def _pooled(t: torch.Tensor, scale: int) -> torch.Tensor:
+    return _kept(t, ("pool", scale), lambda x: F.avg_pool2d(x, scale))
+
+
 def luma_of(x6: torch.Tensor) -> torch.Tensor:
     """(6, h, w) half-res stack -> (1, 1, 2h, 2w) full-resolution luma."""
     return F.pixel_shuffle(x6[None, :4].float(), 2)
@@ -87,8 +110,8 @@ def coarse_search(
     One row of shifts at a time with a running minimum: the whole stack of shifted
     frames never exists at once (1.7x faster than stacking all of them).
     """
-    c = F.avg_pool2d(cur_y, scale)
-    r = F.pad(F.avg_pool2d(ref_y, scale), (radius,) * 4, mode="replicate")
+    c = _pooled(cur_y, scale)
+    r = F.pad(_pooled(ref_y, scale), (radius,) * 4, mode="replicate")
     # A luma block is 2x2 pixels at quarter resolution, 1 at an eighth; either way its
     # cost is taken over a window twice its size.
     window = (4, 2, 1) if scale == 4 else (3, 1, 1)
@@ -145,11 +168,11 @@ def align(
     ``seeds`` are candidate flows (each (2, gh, gw), luma pixels), e.g. from
     ``seeds_from_vectors``. The cost is the mean absolute luma difference (0..1).
     """
-    cur_y, ref_y = luma_of(cur6), luma_of(ref6)
+    cur_y, ref_y = (_kept(x, "luma", luma_of) for x in (cur6, ref6))
     gh, gw = cur_y.shape[-2] // BLOCK, cur_y.shape[-1] // BLOCK
     # Candidates are compared at half resolution (4x cheaper); the chosen flow's cost,
     # which the network sees, is measured at full resolution.
-    cur_h, ref_h = F.avg_pool2d(cur_y, 2), F.avg_pool2d(ref_y, 2)
+    cur_h, ref_h = _pooled(cur_y, 2), _pooled(ref_y, 2)
     cands = [torch.zeros(2, gh, gw, device=cur_y.device)]
     if search:
         radius = COARSE_RADIUS * 4 // search_scale  # the same range in luma pixels
@@ -189,7 +212,7 @@ def _identify(cur_h: torch.Tensor, ref_h: torch.Tensor, seeds: list[torch.Tensor
         return seeds[0]
     stack = torch.stack(seeds)
     down = SEED_SCALE // 2
-    cur, ref = (F.avg_pool2d(t, down) if down > 1 else t for t in (cur_h, ref_h))
+    cur, ref = (_pooled(t, down) if down > 1 else t for t in (cur_h, ref_h))
     i = block_costs(cur, ref, stack, SEED_SCALE).min(0).indices
     return stack.gather(0, i[None, None].expand(1, 2, -1, -1))[0]
 

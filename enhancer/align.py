@@ -285,5 +285,6 @@ def _block_grid(step: torch.Tensor, like: torch.Tensor, block: int) -> torch.Ten
     broadcast, in grid_sample's own layout (a strided grid samples 1.3x slower)."""
     n, _, gh, gw = step.shape
     h, w = like.shape[-2:]
-    rows = step.permute(0, 2, 3, 1).repeat(1, 1, 1, block).reshape(n, gh, 1, gw * block * 2)
+    rows = step.permute(0, 2, 3, 1)[:, :, :, None].expand(n, gh, gw, block, 2)
+    rows = rows.reshape(n, gh, 1, gw * block * 2)
     return (rows + warp_base_grid(h, w, like).view(1, gh, block, w * 2)).view(n, h, w, 2)

@@ -25,12 +25,15 @@ import torch
 Rect = tuple[int, int, int, int]  # half-res (y0, y1, x0, x1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Piece:
     rect: Rect
     xa: int  # the crop's left edge in the frame
-    left: int  # context columns on each side, now
+    left: int  # context columns on each side
     right: int
+
+    def width(self, keep) -> int:
+        return keep(self.left) + self.rect[3] - self.rect[2] + keep(self.right)
 
 
 def _context_rows(rect: Rect, context: int, h: int) -> tuple[int, int]:
@@ -50,8 +53,13 @@ def run_regions(
     the context kept before stage k (at most ``context``; None keeps it all)."""
     x, inp = batch.x, batch.inputs
     _, _, h, w = x.shape
-    # Crops whose rows match (height and context above) share a call: their rows are cut
-    # alike when the context shrinks.
+
+    def kept(k: int):
+        """side's context -> what of it is kept before stage k."""
+        return lambda side: min(side, *stage_context[: k + 1]) if stage_context else side
+
+    # Crops whose rows match (height and context above and below) share a call: their
+    # rows are cut alike when the context shrinks.
     groups: dict[tuple[int, int, int], list[_Piece]] = {}
     for rect in rects:
         top, bottom = _context_rows(rect, context, h)
@@ -67,32 +75,34 @@ def run_regions(
         xs = torch.cat([x[:, :, r, c] for r, c in where], 3)
         crops = torch.cat([inp[:, :, r, c] for r, c in where], 3)
         crops = crops.contiguous(memory_format=torch.channels_last)
-        state = {"top": top, "bottom": bottom}
+        last = [0]  # the last stage the network reached
 
-        def between(k: int, feat: torch.Tensor, xk: torch.Tensor, pieces=pieces, state=state):
-            keep = stage_context[k] if stage_context and k < len(stage_context) else context
-            cut_top = state["top"] - min(state["top"], keep)
-            cut_bottom = state["bottom"] - min(state["bottom"], keep)
-            if not (cut_top or cut_bottom or any(max(p.left, p.right) > keep for p in pieces)):
+        def between(k: int, feat: torch.Tensor, xk: torch.Tensor, pieces=pieces, top=top,
+                    bottom=bottom, last=last):  # fmt: skip
+            last[0] = k
+            was, now = kept(k - 1), kept(k)
+
+            def cut(side: int) -> int:
+                return was(side) - now(side)
+
+            sides = (top, bottom, *(c for p in pieces for c in (p.left, p.right)))
+            if not any(cut(c) for c in sides):
                 return feat, xk
-            rows_k = slice(cut_top, feat.shape[2] - cut_bottom)
+            rows = slice(cut(top), feat.shape[2] - cut(bottom))
             spans, start = [], 0
             for p in pieces:
-                width = p.left + (p.rect[3] - p.rect[2]) + p.right
-                cut_left, cut_right = p.left - min(p.left, keep), p.right - min(p.right, keep)
-                spans.append(slice(start + cut_left, start + width - cut_right))
-                start += width
-                p.left, p.right = min(p.left, keep), min(p.right, keep)
-            state["top"], state["bottom"] = state["top"] - cut_top, state["bottom"] - cut_bottom
-            feat = torch.cat([feat[:, :, rows_k, s] for s in spans], 3)
+                spans.append(slice(start + cut(p.left), start + p.width(was) - cut(p.right)))
+                start += p.width(was)
+            feat = torch.cat([feat[:, :, rows, s] for s in spans], 3)
             feat = feat.contiguous(memory_format=torch.channels_last)
-            return feat, torch.cat([xk[:, :, rows_k, s] for s in spans], 3)
+            return feat, torch.cat([xk[:, :, rows, s] for s in spans], 3)
 
         hook = between if stage_context else None
         res = model(xs, crops, batch.seq_cond, batch.frame_cond, stages, True, hook)[0]
+        final = kept(last[0])
         start = 0
         for p in pieces:
             y0, y1, x0, x1 = p.rect
-            a = start + p.left
-            yield p.rect, res[:, :, state["top"] : state["top"] + own_h, a : a + x1 - x0]
-            start += p.left + (x1 - x0) + p.right
+            a = start + final(p.left)
+            yield p.rect, res[:, :, final(top) : final(top) + own_h, a : a + x1 - x0]
+            start += p.width(final)

@@ -313,8 +313,8 @@ class Engine:
         if not usable:
             return None
         cost = torch.stack([c.cost for c in usable])  # (R, gh, gw) per 8x8 luma block
-        best = cost.min(0).indices  # argmin is 10x slower on CPU
-        same = cost.gather(0, best[None])[0] < transfer_cost(qp)
+        low, best = cost.min(0)  # argmin is 10x slower on CPU
+        same = low < transfer_cost(qp)
         if not same.any():
             return None
         tile = transfer_tile(qp)
@@ -327,13 +327,9 @@ class Engine:
         # Only now, when it is used, is an enhanced anchor warped (if the network did not
         # already borrow it).
         pick = best.repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
-        if len(usable) == 1:
-            source = usable[0].pixels()
-        elif len(usable) == 2:  # one pass, where stacking and gathering took two
-            source = torch.where(pick[None] == 0, usable[0].pixels(), usable[1].pixels())
-        else:
-            pixels = torch.stack([c.pixels() for c in usable])  # (R, 6, h, w)
-            source = pixels.gather(0, pick[None, None].expand(1, 6, h, w))[0]
+        source = usable[0].pixels()  # each further anchor where it matched best: a pass each
+        for r, c in enumerate(usable[1:], 1):
+            source = torch.where(pick[None] == r, c.pixels(), source)
         return runs, 1.0 - float(changed.float().mean()), source
 
     def _enhance(self, p: _Pending, refs, info: SequenceInfo, ctx) -> tuple:

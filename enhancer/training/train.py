@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from enhancer.batch import collate
-from enhancer.checkpoint import load_model, save_model
+from enhancer.checkpoint import ModelFile, load_model, save_model
 from enhancer.engine import pick_device
 from enhancer.features import autocast, cpu_has_bf16, phase_planes
 from enhancer.network import ModelConfig, QPEstimator, VQENet
@@ -200,7 +200,7 @@ def train(args) -> Path:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    bf16 = not args.fp32 and (device.type == "cuda" or cpu_has_bf16())
+    bf16 = _bf16(args, device)
     if not args.skip_build:
         build_dataset(Path(args.footage), work, args.train_count, args.seed, args.workers, log)
     val_set = load_cache(work / "cache" / "val")
@@ -350,20 +350,22 @@ def train(args) -> Path:
     return export(work, val_set, args, log)
 
 
-def pixel_estimate(args) -> PixelQP:
+def _init_file(args) -> ModelFile | None:
+    """The ``--init`` model file; None for none or a training checkpoint."""
+    try:
+        return load_model(args.init) if args.init else None
+    except ValueError:  # a training checkpoint: no pixel estimate, no meta
+        return None
+
+
+def pixel_estimate(args, init: ModelFile | None = None) -> PixelQP:
     """The pixel CRF estimate of the ``--init`` model file, else the default weights'."""
-    try:
-        return load_model(args.init or None).pixel_qp
-    except ValueError:  # --init is a training checkpoint, which holds none
-        return load_model(None).pixel_qp
+    return (init or _init_file(args) or load_model(None)).pixel_qp
 
 
-def _init_meta(args) -> dict:
-    """The meta of the ``--init`` model file ({} for none or a training checkpoint)."""
-    try:
-        return load_model(args.init).meta if args.init else {}
-    except ValueError:
-        return {}
+def _bf16(args, device: torch.device) -> bool:
+    """bf16 autocast unless ``--fp32``: on CUDA, and on CPUs that run it fast."""
+    return not args.fp32 and (device.type == "cuda" or cpu_has_bf16())
 
 
 def export(work: Path, val_set, args, log) -> Path:
@@ -378,10 +380,11 @@ def export(work: Path, val_set, args, log) -> Path:
     model.load_state_dict(ck["model"])
     est.load_state_dict(ck["estimator"])
     device = pick_device(args.device)
-    bf16 = not args.fp32 and (device.type == "cuda" or cpu_has_bf16())
+    bf16 = _bf16(args, device)
     model, est = model.to(device), est.to(device)
     attach_all(val_set, model, est, bf16=bf16)
-    pixel_qp = pixel_estimate(args)
+    init = _init_file(args)
+    pixel_qp = pixel_estimate(args, init)
     attach_pixel_crf(val_set, pixel_qp, work / "cache")
     res = validate(model, est, val_set, max_frames=16, bf16=bf16, enhanced=True)
     policy = calibrate(res["records"], model.cfg.stages)
@@ -402,8 +405,8 @@ def export(work: Path, val_set, args, log) -> Path:
         "recipe": vars(args) | {"work": str(work)},
         "validation": {str(k): v for k, v in res["crf"].items()},
     }
-    if "output_rate" in (init := _init_meta(args)):
-        meta["output_rate"] = init["output_rate"]
+    if init is not None and "output_rate" in init.meta:
+        meta["output_rate"] = init.meta["output_rate"]
         meta["output_rate_source"] = f"{args.init} (kept at export)"
     out = work / f"{args.version}.pt"
     save_model(out, model.cpu(), est.cpu(), policy, meta, pixel_qp)

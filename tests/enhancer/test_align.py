@@ -31,6 +31,7 @@ from enhancer.align import (
     luma_of,
     sample,
     seeds_from_vectors,
+    warp_frame,
 )
 from enhancer.features import planes_to_tensor, tensor_to_planes, warp_reference
 from enhancer.metrics import psnr
@@ -173,6 +174,24 @@ def test_per_block_warp_and_median_are_the_dense_ones_exactly():
     around = torch.nn.functional.pad(field[None], (1, 1, 1, 1), mode="replicate")
     patches = torch.nn.functional.unfold(around, 3).view(2, 9, 10, 18)
     assert torch.equal(_median3(field), patches.median(1).values)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_warp_frame_is_apply_flow_exactly(masked):
+    """warp_frame samples the luma into its phase planes from the full-resolution plane,
+    block by block: apply_flow's samples to the bit, and with a block mask those blocks'
+    samples and zero elsewhere."""
+    g = torch.Generator().manual_seed(7)
+    ref = torch.rand(6, 40, 72, generator=g)
+    flow = torch.randn(2, 10, 18, generator=g) * 6 + torch.rand(2, 10, 18, generator=g)
+    want = apply_flow(ref[None], flow[None])[0]
+    blocks = torch.rand(10, 18, generator=g) < 0.4 if masked else None
+    got = warp_frame(ref, flow, blocks)
+    if blocks is not None:
+        # An 8x8 luma block is 4x4 of every half-resolution plane.
+        keep = blocks.repeat_interleave(4, 0).repeat_interleave(4, 1)
+        want = torch.where(keep, want, torch.zeros_like(want))
+    assert got.shape == want.shape and torch.equal(got, want)
 
 
 @pytest.mark.parametrize("threads", [2, 3])

@@ -465,12 +465,12 @@ def test_changed_rectangles_run_as_one_call_per_crop_height(tmp_path, weights, m
     )
     run_changed = engine._run_changed
 
-    def counted(batch, stages, strength, runs, share, source):
+    def counted(batch, stages, strength, runs, source):
         rects.append(runs)
         calls.append([])
         inside[0] = True
         try:
-            return run_changed(batch, stages, strength, runs, share, source)
+            return run_changed(batch, stages, strength, runs, source)
         finally:
             inside[0] = False
 

@@ -27,7 +27,7 @@ FORMAT_VERSION = 3
 FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 OLDEST_VERSION = 2  # vqe-v3.pt
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v4.pt"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v5.pt"
 
 
 @dataclass

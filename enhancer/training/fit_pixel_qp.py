@@ -16,7 +16,7 @@ less ``--offset``), and with ``--write`` stores it in the model file (its
 ``pixel_qp`` entry). About 6 minutes per seed of encodes and 10 for 4000 steps on 2 cores.
 
     python -m enhancer.training.fit_pixel_qp --footage ../shared/footage \\
-        --write enhancer/weights/vqe-v4.pt
+        --write enhancer/weights/vqe-v5.pt
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ than bench/quality.py's (another seed).
 About 11 minutes per path on 2 cores in bf16.
 
     python -m enhancer.training.recalibrate --footage ../shared/footage \
-        --records runs/recalibrate.json [--write enhancer/weights/vqe-v4.pt]
+        --records runs/recalibrate.json [--write enhancer/weights/vqe-v5.pt]
 """
 
 from __future__ import annotations

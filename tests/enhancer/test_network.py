@@ -595,7 +595,7 @@ def test_shipped_model_file_saves_and_loads_unchanged(tmp_path):
 
 def test_shipped_weights_load_and_run():
     """Holds for the placeholder and for trained weights alike."""
-    assert DEFAULT_WEIGHTS.name == "vqe-v4.pt" and DEFAULT_WEIGHTS.exists()
+    assert DEFAULT_WEIGHTS.name == "vqe-v5.pt" and DEFAULT_WEIGHTS.exists()
     assert torch.load(DEFAULT_WEIGHTS, weights_only=True)["format"] in ("vqe-model/2", FORMAT)
     shipped = load_model()
     model, est, pol, meta = shipped.network, shipped.estimator, shipped.policy, shipped.meta

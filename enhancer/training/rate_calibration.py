@@ -29,6 +29,8 @@ from enhancer.checkpoint import DEFAULT_WEIGHTS, load_model
 from enhancer.metrics import psnr
 from enhancer.options import QUALITY_ENCODERS
 from enhancer.output_rate import (
+    CALIBRATION_MAX_SIZE,
+    CALIBRATION_WORST_DB,
     COMPACT_MIN_DB,
     HIGH_KEEP,
     HIGH_MARGINS,
@@ -271,11 +273,18 @@ def _pick(
     that keeps ``KEEP`` of the best net gain within the bounds, ``high`` ``HIGH_KEEP`` of it
     and more than ``COMPACT_MIN_DB``."""
     margins = list(grid)
-    ok = [m for m in margins if grid[m][1] >= WORST_DB and grid[m][2] <= MAX_SIZE]
+    # The best gain reachable is the promise's (WORST_DB, MAX_SIZE); the margin chosen
+    # must also meet it with headroom (CALIBRATION_*), so that it holds on other crops.
+    within = [m for m in margins if grid[m][1] >= WORST_DB and grid[m][2] <= MAX_SIZE]
+    ok = [
+        m
+        for m in within
+        if grid[m][1] >= CALIBRATION_WORST_DB and grid[m][2] <= CALIBRATION_MAX_SIZE
+    ]
     if quality == "compact":
         cands = [m for m in ok if grid[m][0] >= COMPACT_MIN_DB]
     else:
-        reach = max((grid[m][0] for m in ok), default=0.0)
+        reach = max((grid[m][0] for m in within), default=0.0)
         keep = HIGH_KEEP if quality == "high" else KEEP
         # high: a gain under compact's floor is x265's own noise, not worth 1.5x the size
         least = COMPACT_MIN_DB if quality == "high" else 0.0

@@ -210,6 +210,30 @@ def test_build_tables_picks_the_smallest_file_that_keeps_the_gain():
     assert rate.tables["balanced"][0].copy
 
 
+def test_a_margin_must_meet_the_promise_with_headroom():
+    """A margin that meets the promise (worst source -0.05 dB, 3x) only just, on the
+    calibration's crops, is not taken; the gain reachable is still the promise's."""
+    margins = (4, 8, 12)
+    records = [
+        {
+            "source": s,
+            "crf": 27,
+            "input_psnr": 40.0,
+            "lossless_gain": 0.4,
+            "mean_qp": 29.0,
+            "untouched": False,
+            "net": {4: 0.05 + d, 8: 0.16 + d, 12: 0.3 + d},
+            "size": {4: 1.4, 8: 2.0, 12: 2.8},
+        }
+        for s, d in (("a", -0.08), ("b", 0.08))
+    ]
+    # Worst source: -0.03 / +0.08 / +0.22; sizes 1.4 / 2.0 / 2.8 (over 0.9 x 3).
+    entry = build_tables(records, margins).tables["balanced"][0]
+    assert not entry.copy and entry.margin == 8  # 0.16 >= half of the 0.3 at margin 12
+    records[0]["net"][8] = -0.04  # its worst source now -0.04: within -0.05, not -0.025
+    assert build_tables(records, margins).tables["balanced"][0].copy
+
+
 def test_build_tables_measures_high_with_x265_main10_and_keeps_more():
     """The high grid (``high_net``/``high_size``) makes the high table, by balanced's rule
     with HIGH_KEEP: the smallest margin keeping 90 % of the best within 3x; merging a

@@ -186,21 +186,27 @@ def test_choice_follows_the_table():
     assert OutputRate.from_dict(DEFAULT_TABLE).tables["balanced"]
 
 
-def test_build_tables_picks_the_smallest_file_that_keeps_the_gain():
-    margins = (0, 4, 8)
-    records = [
+def _two_sources(crf: int, net: dict, size: dict, da: float, db: float) -> list[dict]:
+    """Calibration records of sources "a" and "b" at one input CRF: the mean net gain per
+    margin, each source off it by its own amount, and the sizes."""
+    return [
         {
             "source": s,
-            "crf": 30,
+            "crf": crf,
             "input_psnr": 40.0,
             "lossless_gain": 0.4,
-            "mean_qp": 32.0,
+            "mean_qp": crf + 2.0,
             "untouched": False,
-            "net": {0: -0.5, 4: 0.15 + d, 8: 0.3 + d},
-            "size": {0: 1.0, 4: 1.5, 8: 2.2},
+            "net": {m: v + d for m, v in net.items()},
+            "size": dict(size),
         }
-        for s, d in (("a", 0.0), ("b", 0.02))
+        for s, d in (("a", da), ("b", db))
     ]
+
+
+def test_build_tables_picks_the_smallest_file_that_keeps_the_gain():
+    margins = (0, 4, 8)
+    records = _two_sources(30, {0: -0.5, 4: 0.15, 8: 0.3}, {0: 1.0, 4: 1.5, 8: 2.2}, 0.0, 0.02)
     rate = build_tables(records, margins)
     assert rate.tables["balanced"][0].margin == 4  # 0.16 >= half of the 0.31 reachable
     assert rate.tables["compact"][0].margin == 4
@@ -214,19 +220,7 @@ def test_a_margin_must_meet_the_promise_with_headroom():
     """A margin that meets the promise (worst source -0.05 dB, 3x) only just, on the
     calibration's crops, is not taken; the gain reachable is still the promise's."""
     margins = (4, 8, 12)
-    records = [
-        {
-            "source": s,
-            "crf": 27,
-            "input_psnr": 40.0,
-            "lossless_gain": 0.4,
-            "mean_qp": 29.0,
-            "untouched": False,
-            "net": {4: 0.05 + d, 8: 0.16 + d, 12: 0.3 + d},
-            "size": {4: 1.4, 8: 2.0, 12: 2.8},
-        }
-        for s, d in (("a", -0.08), ("b", 0.08))
-    ]
+    records = _two_sources(27, {4: 0.05, 8: 0.16, 12: 0.3}, {4: 1.4, 8: 2.0, 12: 2.8}, -0.08, 0.08)
     # Worst source: -0.03 / +0.08 / +0.22; sizes 1.4 / 2.0 / 2.8 (over 0.9 x 3).
     entry = build_tables(records, margins).tables["balanced"][0]
     assert not entry.copy and entry.margin == 8  # 0.16 >= half of the 0.3 at margin 12

@@ -340,8 +340,7 @@ _BLOCK_BASES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def _warp_blocks(img: torch.Tensor, flow: torch.Tensor, block: int) -> torch.Tensor:
     """``features.warp(img, dense(flow, block), "bicubic")`` for a per-block ``flow``."""
     h, w = img.shape[-2:]
-    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=img.device)
-    grid = _block_grid(flow * scale.to(img.dtype)[None, :, None, None], img, block)
+    grid = _block_grid(flow * _grid_scale(h, w, img)[None], img, block)
     return sample(img, grid, "bicubic")
 
 

@@ -188,7 +188,7 @@ class _Transfer:
     runs: list[tuple[int, int, int, int]]  # half-res rectangles the network computes
     changed: torch.Tensor  # (gh, gw) bool: the 8x8 luma blocks of those rectangles
     share: float  # of the frame transferred
-    pick: torch.Tensor  # (h, w) which candidate each pixel comes from
+    best: torch.Tensor  # (gh, gw) which candidate each block comes from
     candidates: list[_Candidate]
 
     def read(self) -> torch.Tensor:
@@ -199,13 +199,16 @@ class _Transfer:
 
     def pixels(self) -> torch.Tensor:
         """The candidates' enhanced pixels on the blocks transferred (each from the anchor
-        that matched its block best), zero elsewhere."""
+        that matched its block best), zero elsewhere: each anchor is warped on its own
+        blocks only, so their sum is the frame."""
         kept = ~self.changed
-        first, *more = self.candidates
-        source = warp_frame(first.source.float(), first.flow, kept)
-        for r, c in enumerate(more, 1):  # each further anchor where it matched best
-            warped = warp_frame(c.source.float(), c.flow, kept)
-            source = torch.where(self.pick[None] == r, warped, source)
+        source = None
+        for r, c in enumerate(self.candidates):
+            mine = kept & (self.best == r) if len(self.candidates) > 1 else kept
+            if not mine.any():
+                continue
+            warped = warp_frame(c.source.float(), c.flow, mine)
+            source = warped if source is None else source.add_(warped)
         return source
 
 
@@ -345,10 +348,9 @@ class Engine:
         runs = _changed_runs(changed, h, w, tile)
         if _runs_area(runs, h, w) >= h * w:  # the context around the runs costs more
             return None
-        pick = best.repeat_interleave(4, 0).repeat_interleave(4, 1)[:h, :w]
         share = 1.0 - float(changed.float().mean())
         blocks = changed.repeat_interleave(per, 0).repeat_interleave(per, 1)[: h // 4, : w // 4]
-        return _Transfer(runs, blocks, share, pick, usable)
+        return _Transfer(runs, blocks, share, best, usable)
 
     def _enhance(self, p: _Pending, refs, info: SequenceInfo, ctx) -> tuple:
         p.t0 = time.perf_counter()  # a B-frame's wait for its anchor is not its cost

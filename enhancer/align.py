@@ -69,12 +69,22 @@ def dense(flow: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     return F.interpolate(flow, scale_factor=block, mode="nearest")
 
 
+def _block_mean(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``F.avg_pool2d(x, block)`` of an (N, 1, H, W) plane as two sums over contiguous
+    rows (twice as fast on CPU as the pooling kernel on one channel)."""
+    n, _, h, w = x.shape
+    gh, gw = h // block, w // block
+    x = x[..., : gh * block, : gw * block]
+    rows = x.reshape(n, gh, block, gw * block).sum(2)
+    return rows.view(n, 1, gh, gw, block).sum(4).div_(block * block)
+
+
 def _window_cost(diff: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     """|cur - warped| (N, 1, H, W) -> per block, blended with its 3x3 neighbourhood.
 
     The wider window resists noise; the block's own error keeps the choice local.
     """
-    own = F.avg_pool2d(diff, block)
+    own = _block_mean(diff, block)
     around = F.avg_pool2d(own, 3, stride=1, padding=1, count_include_pad=False)
     return (0.5 * own + 0.5 * around)[:, 0]
 
@@ -96,7 +106,7 @@ def block_costs(
     step = (cands[:, :, :gh, :gw] * (norm / scale)[None, :, None, None]).to(ref_y.dtype)
     grid = _block_grid(step, ref_y, block)
     warped = sample(ref_y.expand(n, -1, -1, -1), grid)
-    return _window_cost((warped - cur_y).abs_(), block)
+    return _window_cost(warped.sub_(cur_y).abs_(), block)
 
 
 def coarse_search(

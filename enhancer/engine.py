@@ -204,7 +204,7 @@ class _Transfer:
         kept = ~self.changed
         source = None
         for r, c in enumerate(self.candidates):
-            mine = kept & (self.best == r) if len(self.candidates) > 1 else kept
+            mine = kept & (self.best == r)
             if not mine.any():
                 continue
             warped = warp_frame(c.source.float(), c.flow, mine)

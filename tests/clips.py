@@ -18,6 +18,15 @@ import numpy as np
 RAW_FORMATS = {".264": "h264", ".h264": "h264", ".265": "hevc", ".hevc": "hevc"}
 
 
+def noise_bytes(n: int, seed: int = 0) -> bytes:
+    """``n`` seeded random bytes: a "corrupt file" that is the same on every run.
+
+    ``os.urandom`` made such tests flaky: now and then FFmpeg's probe takes random
+    bytes for some text format (lrc, ...) instead of refusing them as not a video.
+    """
+    return np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+
+
 def clip_frame_rgb(
     index: int, width: int, height: int, seed: int = 0, pan: bool = True
 ) -> np.ndarray:

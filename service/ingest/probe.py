@@ -120,7 +120,7 @@ def probe_file(path: Path) -> ProbeReport:
         ) as container:
             names = set(container.format.name.split(","))
             if not names & ALLOWED_FORMATS:
-                raise NotAVideo(f"container format {container.format.name!r} is not accepted")
+                raise NotAVideo(f"not a video we accept: it reads as {container.format.name!r}")
             return video_facts(container)
     except ServiceInputError:
         raise

@@ -6,14 +6,13 @@ served by a local ``http.server``, allowlisted by exact host:port.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.clips import make_audio_only, make_clip
+from tests.clips import make_audio_only, make_clip, noise_bytes
 from tests.service_fixtures import (
     Api,
     ServiceProcess,
@@ -145,7 +144,7 @@ def test_sync_enhance_refuses_long_inputs_with_413(api: Api, clips: dict[str, Pa
         r = api.http.post("/v1/enhance", files={"file": ("long.mp4", fh)}, data={"stages": "1"})
     err = assert_error(r, 413, "input_too_large")
     assert "/v1/jobs" in err["message"]
-    big = os.urandom(150_000)
+    big = noise_bytes(150_000)
     r = api.http.post("/v1/enhance", files={"file": ("big.mp4", big)})
     assert "/v1/jobs" in assert_error(r, 413, "input_too_large")["message"]
 
@@ -228,10 +227,10 @@ def _bad_files(root: Path, clips: dict[str, Path]) -> dict[str, tuple[Path, int 
     small = clips["small"].read_bytes()
     files = {
         "empty": (b"", 415),
-        "random": (os.urandom(4000), 415),
+        "random": (noise_bytes(4000), 415),
         "text": (b"hello, this is not a video\n" * 50, 415),
         "truncated": (small[: len(small) // 2], (415, 422)),
-        "oversized": (os.urandom(MAX_UPLOAD + 1000), 413),
+        "oversized": (noise_bytes(MAX_UPLOAD + 1000), 413),
         "playlist": (b"#EXTM3U\n#EXTINF:1,\n/etc/passwd\n#EXT-X-ENDLIST\n", 415),
         "concat": (b"ffconcat version 1.0\nfile '/etc/passwd'\n", 415),
     }
@@ -323,7 +322,7 @@ def test_streamed_upload_over_the_limit_is_cut_off(api: Api, server: ServiceProc
     def body():  # chunked transfer encoding: the server cannot know the size up front
         yield head
         for _ in range(MAX_UPLOAD // 50_000 + 2):
-            yield os.urandom(50_000)
+            yield noise_bytes(50_000)
         yield tail
 
     before = _stored(server)

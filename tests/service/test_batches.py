@@ -8,7 +8,6 @@ ownership is checked too. Jobs run the real pipeline with ``stages=1``.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.clips import make_clip
+from tests.clips import make_clip, noise_bytes
 from tests.service_fixtures import (
     ServiceProcess,
     count_frames,
@@ -42,7 +41,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["url.mp4"] = make_clip(root / "url.mp4", size=(64, 48), frames=7)
     out["long.mp4"] = make_clip(root / "long.mp4", size=(96, 64), frames=40)
     bad = root / "corrupt.mp4"
-    bad.write_bytes(os.urandom(3000))
+    bad.write_bytes(noise_bytes(3000))
     out["corrupt.mp4"] = bad
     return out
 
@@ -232,7 +231,7 @@ def test_bad_batches_get_a_4xx_and_store_nothing(
     before = stored()
     small = clips["a.mp4"]
     blob = tmp_path / "blob.mp4"
-    blob.write_bytes(os.urandom(MAX_BYTES // 3 + 1000))
+    blob.write_bytes(noise_bytes(MAX_BYTES // 3 + 1000))
     cases = [
         (http.post("/v1/batches", files=_files([small] * (MAX_FILES + 1))), 413, "too_many_inputs"),
         (

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from enhancer.multi import BatchItem, BatchProgress
 from enhancer.pipeline import Progress
 from service.cli import main
 from service.cli.batch import BatchLine
+from tests.clips import noise_bytes
 from tests.service_fixtures import count_frames
 
 FAST = ["--stages", "1", "--device", "cpu"]
@@ -45,7 +45,7 @@ def folder(clip, tmp_path: Path) -> Path:
         (root / name).write_bytes(
             clip(name, size=(64, 48), frames=frames, seed=frames).read_bytes()
         )
-    (root / "bad.mp4").write_bytes(os.urandom(2000))
+    (root / "bad.mp4").write_bytes(noise_bytes(2000))
     (root / "notes.txt").write_text("not a video, and not taken for one\n")
     return root
 

@@ -15,7 +15,7 @@ import pytest
 
 from enhancer.options import EnhanceOptions
 from service.config import ENV_VARS, Limits, Settings
-from service.errors import InputTooLarge, SourceUnavailable, URLNotAllowed, UserError
+from service.errors import InputTooLarge, NotAVideo, SourceUnavailable, URLNotAllowed, UserError
 from service.ingest.policy import URLPolicy
 from service.ingest.probe import ProbeReport, check_limits, probe_file
 from service.jobs.context import Context
@@ -243,6 +243,13 @@ def test_limits_on_resolution_duration_and_frames():
             check_limits(report, limits)
     with pytest.raises(InputTooLarge, match="/v1/jobs"):
         check_limits(ok, limits, sync=True)
+
+
+def test_probe_refuses_containers_that_are_not_video(tmp_path: Path):
+    lyrics = tmp_path / "song.mp4"
+    lyrics.write_text("[ar:Someone]\n[00:01.00]first line\n[00:02.50]second line\n")
+    with pytest.raises(NotAVideo, match="not a video we accept: it reads as 'lrc'"):
+        probe_file(lyrics)
 
 
 def test_options_model_is_strict():

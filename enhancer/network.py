@@ -14,7 +14,14 @@ in ModelConfig for ablations:
 - 8x8/16x16 block-edge phase masks (``phase``);
 - frame-level FiLM (``frame_cond``) from the frame QP, its offset from the
   sequence QP (CRF), the picture type and each reference's QP offset, which
-  tells the network how far to trust a reference.
+  tells the network how far to trust a reference;
+- optionally (``coarse`` > 0) a coarse context branch: the inputs pooled to an
+  eighth and a sixteenth of the luma resolution, a few wide convolutions there
+  (a few per cent of the body's work) and their output added to the stem's
+  features. It widens the receptive field from about 50 luma pixels to over
+  200 (the scale of smooth regions whose blocking shows most), and it is
+  computed on the whole frame, so crops (transfer, tiling) see the same
+  context as the frame.
 
 The body is S stages of residual blocks; each ends in a light exit head that
 gives a full output, so inference can stop after any stage (early exit).
@@ -114,6 +121,7 @@ class ModelConfig:
     partitions: bool = True
     phase: bool = True
     frame_cond: bool = True
+    coarse: int = 0  # channels of the coarse context branch at 1/8 luma; 0: none
 
     def in_channels(self) -> int:
         n = 6
@@ -135,6 +143,10 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+def _res_block(c: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, 1, 1))
+
+
 class Stage(nn.Module):
     """Residual blocks with frame-level FiLM and an exit head."""
 
@@ -142,10 +154,7 @@ class Stage(nn.Module):
         super().__init__()
         c = cfg.channels
         self.entry = nn.Conv2d(c, c, 3, 1, 1)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, 1, 1))
-            for _ in range(cfg.blocks_per_stage)
-        )
+        self.blocks = nn.ModuleList(_res_block(c) for _ in range(cfg.blocks_per_stage))
         self.film = nn.Linear(EMBED, 2 * c) if cfg.frame_cond else None
         if self.film is not None:
             nn.init.zeros_(self.film.weight)
@@ -167,11 +176,48 @@ class Stage(nn.Module):
         return feat + f, conv3x3(self.head, f) if head else None
 
 
+class CoarseContext(nn.Module):
+    """Context from a quarter and an eighth of the half-resolution grid, returned at the
+    half resolution for adding to the stem's features. The last convolution starts at
+    zero, so a network warm-started from one without this branch begins unchanged."""
+
+    POOL = 4
+
+    def __init__(self, in_channels: int, c: int, out_channels: int):
+        super().__init__()
+        c2 = 2 * c
+        self.entry = nn.Conv2d(in_channels, c, 3, 1, 1)
+        self.block = _res_block(c)
+        self.down = nn.Conv2d(c, c2, 3, 2, 1)
+        self.low = nn.ModuleList(_res_block(c2) for _ in range(2))
+        self.up = nn.Conv2d(c2, c, 1)
+        self.fuse = nn.Conv2d(c, c, 3, 1, 1)
+        self.out = nn.Conv2d(c, out_channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        h, w = inputs.shape[2:]
+        a = F.avg_pool2d(inputs, self.POOL, ceil_mode=True)
+        a = conv3x3(self.entry, a, relu=True)
+        a = conv3x3(self.block[2], conv3x3(self.block[0], a, relu=True), add_to=a)
+        b = conv3x3(self.down, a, relu=True)
+        for blk in self.low:
+            b = conv3x3(blk[2], conv3x3(blk[0], b, relu=True), add_to=b)
+        b = F.interpolate(self.up(b), size=a.shape[2:], mode="nearest")
+        a = conv3x3(self.fuse, a + b, relu=True)
+        # Nearest, not bilinear (6x the time at 720p): the body's convolutions smooth it.
+        return F.interpolate(self.out(a), size=(h, w), mode="nearest")
+
+
 class VQENet(nn.Module):
     def __init__(self, cfg: ModelConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or ModelConfig()
         self.inp = nn.Conv2d(cfg.in_channels(), cfg.channels, 3, 1, 1)
+        self.coarse = (
+            CoarseContext(cfg.in_channels(), cfg.coarse, cfg.channels) if cfg.coarse else None
+        )
         self.stages = nn.ModuleList(Stage(cfg) for _ in range(cfg.stages))
         self.frame_mlp = nn.Sequential(nn.Linear(FRAME_COND + SEQ_COND, EMBED), nn.ReLU())
 
@@ -202,18 +248,25 @@ class VQENet(nn.Module):
         stages: int | None = None,
         last_only: bool = False,
         between: Callable | None = None,
+        context: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Return the outputs of stages 1..``stages`` (each x + correction, unclipped);
         with ``last_only`` just the last one's (the heads of the others are not run).
 
         ``between(k, feat, x) -> (feat, x)`` runs before every stage k >= 1: at inference
         on crops it cuts the context later stages do not need (enhancer.regions).
+        ``context``: the coarse branch's output for these pixels, where the caller cut
+        them from a whole frame's (``self.context(whole inputs)``); None computes it from
+        ``inputs``.
         """
         n = self.cfg.stages if stages is None else max(1, min(stages, self.cfg.stages))
         if not self.cfg.frame_cond:
             frame_cond = torch.zeros_like(frame_cond)
         emb = self.frame_mlp(torch.cat([frame_cond, seq_cond], 1))
         feat = conv3x3(self.inp, inputs, relu=True)
+        if self.coarse is not None:
+            ctx = self.context(inputs) if context is None else context
+            feat = feat.add_(ctx.to(feat.dtype)) if not torch.is_grad_enabled() else feat + ctx
         outs = []
         for i, stage in enumerate(self.stages[:n]):
             if between is not None and i > 0:
@@ -222,6 +275,10 @@ class VQENet(nn.Module):
             if corr is not None:
                 outs.append(x + corr.to(x.dtype))
         return outs
+
+    def context(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The coarse branch's output on ``inputs`` (None without one)."""
+        return None if self.coarse is None else self.coarse(inputs)
 
 
 class QPEstimator(nn.Module):

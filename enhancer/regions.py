@@ -12,7 +12,8 @@ features need all of it, later stages' much less. Measured as the rms distance
 (8-bit levels) of a tile's output from the whole frame's on bench clips (640x272,
 x264 CRF 35): 0.13 with 4 pixels at every stage, 0.15-0.16 with 4, 3 and 2, and
 0.20 with 3 at every stage, which cost 0.0125 dB at CRF 37 on bench/quality.
-4, 3, 2 computes what 3 everywhere does.
+4, 3, 2 computes what 3 everywhere does. A network's coarse context branch
+(network.CoarseContext) runs once on the whole frame and is cut like the inputs.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def run_regions(
     the context kept before stage k (at most ``context``; None keeps it all)."""
     x, inp = batch.x, batch.inputs
     _, _, h, w = x.shape
+    context_map = model.context(inp)  # None without a coarse branch
 
     def kept(k: int):
         """side's context -> what of it is kept before stage k."""
@@ -75,6 +77,9 @@ def run_regions(
         xs = torch.cat([x[:, :, r, c] for r, c in where], 3)
         crops = torch.cat([inp[:, :, r, c] for r, c in where], 3)
         crops = crops.contiguous(memory_format=torch.channels_last)
+        ctx = None
+        if context_map is not None:
+            ctx = torch.cat([context_map[:, :, r, c] for r, c in where], 3)
         last = [0]  # the last stage the network reached
 
         def between(k: int, feat: torch.Tensor, xk: torch.Tensor, pieces=pieces, top=top,
@@ -98,7 +103,7 @@ def run_regions(
             return feat, torch.cat([xk[:, :, rows, s] for s in spans], 3)
 
         hook = between if stage_context else None
-        res = model(xs, crops, batch.seq_cond, batch.frame_cond, stages, True, hook)[0]
+        res = model(xs, crops, batch.seq_cond, batch.frame_cond, stages, True, hook, ctx)[0]
         final = kept(last[0])
         start = 0
         for p in pieces:

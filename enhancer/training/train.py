@@ -212,13 +212,24 @@ def train(args) -> Path:
         f"device {device}, bf16 {bf16}"
     )
 
-    cfg = ModelConfig(channels=args.channels, stages=args.stages, blocks_per_stage=args.blocks)
+    cfg = ModelConfig(
+        channels=args.channels,
+        stages=args.stages,
+        blocks_per_stage=args.blocks,
+        coarse=args.coarse,
+    )
     for name in args.disable or []:
         setattr(cfg, name, False)
     model, est = VQENet(cfg), QPEstimator()
     model = model.to(device, memory_format=torch.channels_last)
     est = est.to(device)
-    opt = torch.optim.Adam(list(model.parameters()) + list(est.parameters()), lr=args.lr)
+    coarse = list(model.coarse.parameters()) if model.coarse is not None else []
+    body = [p for p in model.parameters() if all(p is not q for q in coarse)]
+    groups, base_lrs = [{"params": body + list(est.parameters())}], [args.lr]
+    if coarse:
+        groups.append({"params": coarse})
+        base_lrs.append(args.lr if args.coarse_lr is None else args.coarse_lr)
+    opt = torch.optim.Adam(groups, lr=args.lr)
     model_params = list(model.parameters())
     step, best = 0, -math.inf
     last = work / "last.pt"
@@ -240,7 +251,16 @@ def train(args) -> Path:
                 "estimator": init_est.state_dict(),
                 "step": meta.get("step"),
             }
-        model.load_state_dict({k: v.float() for k, v in blob["model"].items()})
+        # A network grown by a coarse branch starts from one without it (the branch's
+        # output starts at zero); anything else that differs is a mismatch.
+        try:
+            missing, unexpected = model.load_state_dict(
+                {k: v.float() for k, v in blob["model"].items()}, strict=False
+            )
+        except RuntimeError as exc:  # shapes differ
+            raise SystemExit(f"--init {args.init} does not fit this config: {exc}") from None
+        if unexpected or any(not k.startswith("coarse.") for k in missing):
+            raise SystemExit(f"--init {args.init} does not fit this config: {missing, unexpected}")
         est.load_state_dict({k: v.float() for k, v in blob["estimator"].items()})
         log(f"initialised from {args.init} (trained {blob.get('step')} steps)")
     ema = _averaged(model, args.ema)
@@ -272,11 +292,12 @@ def train(args) -> Path:
     phase = phase_planes(args.patch // 2, args.patch // 2)[None].to(device)
     t0, running = time.time(), []
     while step < args.steps:
-        lr = args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        schedule = 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         if step < 300 and not args.init:
-            lr *= (step + 1) / 300
-        for g in opt.param_groups:
-            g["lr"] = lr
+            schedule *= (step + 1) / 300
+        lr = args.lr * schedule
+        for g, base_lr in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = base_lr * schedule
         decay = args.truth_decay * args.steps
         sampler.truth_p = args.truth_guidance * max(0.0, 1.0 - step / decay) if decay else 0.0
         model.train()
@@ -448,6 +469,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, default=64)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--blocks", type=int, default=2)
+    p.add_argument(
+        "--coarse",
+        type=int,
+        default=0,
+        help="channels of the coarse context branch (network.CoarseContext; 0: none)",
+    )
+    p.add_argument(
+        "--coarse-lr", type=float, help="learning rate of the coarse branch (default --lr)"
+    )
     p.add_argument(
         "--charb-eps",
         type=float,

@@ -419,6 +419,40 @@ def test_train_init_from_model_file(trained, tmp_path, source):
         assert torch.equal(out_est.state_dict()[k], v), k
 
 
+def test_coarse_branch_grows_from_a_network_without_one(trained, tmp_path):
+    """--coarse with --init: the body starts as the init's and the new branch at zero
+    output, so step 0 is the init network; the branch then trains at --coarse-lr."""
+    _, footage, work = trained
+    work2 = tmp_path / "w"
+    work2.mkdir()
+    (work2 / "cache").symlink_to(work / "cache")
+    init = work / "tiny.pt"
+    args = [
+        "--skip-build",
+        "--init",
+        str(init),
+        "--coarse",
+        "8",
+        "--lr",
+        "0",
+        "--coarse-lr",
+        "1e-2",
+    ]
+    assert train.main(train_args(footage, work2, 2, *args)) == 0
+    grown, ref = load_model(work2 / "tiny.pt").network, load_model(init).network
+    assert grown.cfg.coarse == 8 and ref.coarse is None
+    for k, v in ref.state_dict().items():  # lr 0: the body is the init's
+        assert torch.equal(grown.state_dict()[k], v), k
+    assert grown.coarse.out.weight.abs().max() > 0  # it left zero: the branch trains
+    work3 = tmp_path / "w3"
+    work3.mkdir()
+    (work3 / "cache").symlink_to(work / "cache")
+    for other in (["--channels", "4"], ["--stages", "3"]):
+        with pytest.raises(SystemExit, match="does not fit"):
+            train.main(train_args(footage, work3, 2, "--skip-build", "--init", str(init),
+                                  *other))  # fmt: skip
+
+
 def _ema_lag(ck: dict, start: dict) -> float:
     """How far a checkpoint's average moved from ``start``, relative to its raw weights."""
     moved = [

@@ -17,7 +17,9 @@ machine:
   out.mp4``), its ``seconds`` as ``--json`` reports them;
 * per path, ``aware`` (the bitstream's side information) and ``blind``
   (``--side-info blind``), both with ``--codec ffv1`` on the same input: the
-  faster of two runs' ms per frame and its parts - ``decode`` (PyAV, no export options),
+  fastest of ``--rounds`` runs (interleaved: aware, blind, blind, aware, ...)
+  in ms per frame, each round's aware/blind ratio, and its parts - ``decode``
+  (PyAV, no export options),
   ``side info`` (decoding with the export options and building the maps, less
   the plain decode), ``align`` (aligning and warping the references),
   ``network``, ``transfer`` (choosing and warping what is copied from
@@ -149,8 +151,10 @@ def _encode(clip: Path, frames: list, info: Any, out: Path) -> float:
     return _timed(run)
 
 
-def path_parts(engine: Engine, clip: Path, work: Path, side_info: str) -> dict[str, Any]:
-    """One path's run (FFV1 out) and the parts of its time, ms per frame."""
+def path_parts(
+    engine: Engine, clip: Path, work: Path, side_info: str, run_seconds: float
+) -> dict[str, Any]:
+    """One path's parts of a frame's time (ms per frame), given its run's wall time."""
     bitstream = side_info != "blind"
     plain, n = _decode(clip, side_info=False)
     with_side, _ = _decode(clip, side_info=bitstream)
@@ -162,11 +166,6 @@ def path_parts(engine: Engine, clip: Path, work: Path, side_info: str) -> dict[s
     reports = [r for _, r in engine.process(iter(decoded), info, side_info=side_info)]
     engine_s = time.perf_counter() - start
     encode_s = _encode(clip, decoded, info, work / f"enc_{side_info}.mkv")
-    options = EnhanceOptions(codec="ffv1", side_info=side_info)
-    # The faster of two runs, as for the transcode: one run of either path varied by
-    # 5-10 % between otherwise equal runs on this machine (other tenants, clocks).
-    runs = [Pipeline(engine).run(clip, work / f"run_{side_info}.mkv", options) for _ in "ab"]
-    run = min(runs, key=lambda r: r.seconds)
     align = sum(r.align_seconds for r in reports)
     network = sum(r.model_seconds for r in reports)
     transfer = sum(r.transfer_seconds for r in reports)
@@ -178,17 +177,27 @@ def path_parts(engine: Engine, clip: Path, work: Path, side_info: str) -> dict[s
         "transfer": _per_frame(transfer, n),
         "engine_other": _per_frame(max(engine_s - align - network - transfer, 0.0), n),
         "encode": _per_frame(encode_s, n),
-        "waiting": _per_frame(max(run.seconds - engine_s, 0.0), n),
+        "waiting": _per_frame(max(run_seconds - engine_s, 0.0), n),
     }
     return {
-        "frames": run.frames,
-        "ms_per_frame": _per_frame(run.seconds, run.frames),
-        "fps": run.fps,
         "engine_ms": _per_frame(engine_s, n),
         "parts": parts,
         "transferred": round(float(np.mean([r.transferred for r in reports])), 3),
         "stages": round(float(np.mean([r.stages for r in reports])), 2),
     }
+
+
+def paired_runs(engine: Engine, clip: Path, work: Path, rounds: int) -> dict[str, list]:
+    """Each path's ``vqe enhance --codec ffv1`` runs, interleaved aware, blind, blind,
+    aware, ... so that a slow spell of the machine (other tenants, clocks: 5-10 % on one
+    run) falls on both paths alike rather than on one."""
+    runs: dict[str, list] = {name: [] for name in PATHS}
+    order = list(PATHS)
+    for k in range(rounds):
+        for name in order if k % 2 == 0 else order[::-1]:
+            options = EnhanceOptions(codec="ffv1", side_info=PATHS[name])
+            runs[name].append(Pipeline(engine).run(clip, work / f"run_{name}.mkv", options))
+    return runs
 
 
 def conv_share(engine: Engine, size: tuple[int, int]) -> dict[str, float]:
@@ -235,7 +244,9 @@ def conv_share(engine: Engine, size: tuple[int, int]) -> dict[str, float]:
     }
 
 
-def bench_clip(engine: Engine, clip: Path, size: str, work: Path) -> dict[str, Any]:
+def bench_clip(
+    engine: Engine, clip: Path, size: str, work: Path, rounds: int = 3
+) -> dict[str, Any]:
     row: dict[str, Any] = {"size": size, "resolution": "x".join(map(str, SIZES[size]))}
     default = Pipeline(engine).run(clip, work / "default.mp4", EnhanceOptions())
     row["vqe"] = {"seconds": default.seconds, "fps": default.fps, "crf": default.crf}
@@ -244,9 +255,19 @@ def bench_clip(engine: Engine, clip: Path, size: str, work: Path) -> dict[str, A
                     for _ in range(2))  # fmt: skip
     row["transcode"] = {"seconds": round(transcode, 3), "fps": round(default.frames / transcode, 2)}
     row["vs_transcode"] = round(default.seconds / transcode, 1)
+    runs = paired_runs(engine, clip, work, rounds)
     for name, mode in PATHS.items():
-        row[name] = path_parts(engine, clip, work, mode)
+        run = min(runs[name], key=lambda r: r.seconds)  # the faster, as for the transcode
+        row[name] = {
+            "frames": run.frames,
+            "ms_per_frame": _per_frame(run.seconds, run.frames),
+            "fps": run.fps,
+            "runs_ms": [_per_frame(r.seconds, r.frames) for r in runs[name]],
+            **path_parts(engine, clip, work, mode, run.seconds),
+        }
     row["aware_over_blind"] = round(row["blind"]["ms_per_frame"] / row["aware"]["ms_per_frame"], 3)
+    pairs = zip(row["blind"]["runs_ms"], row["aware"]["runs_ms"], strict=True)
+    row["aware_over_blind_rounds"] = [round(b / a, 3) for b, a in pairs]
     row["conv"] = conv_share(engine, SIZES[size])
     return row
 
@@ -264,12 +285,22 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 + f" {100 * p['transferred']:8.0f}%"
             )
     print()
-    cols = ("aware/blind", "vqe fps", "transcode", "vqe/transcode", "net GFLOP/s", "conv GFLOP/s")
+    cols = (
+        "aware/blind",
+        "rounds",
+        "vqe fps",
+        "transcode",
+        "vqe/transcode",
+        "net GFLOP/s",
+        "conv GFLOP/s",
+    )
     print(f"{'clip':16s} " + " ".join(f"{c:>13s}" for c in cols) + f" {'share':>6s}")
     for r in rows:
         c = r["conv"]
+        rounds = "{:.2f}-{:.2f}".format(*_span(r["aware_over_blind_rounds"]))
         print(
             f"{r['source'] + ' ' + r['size']:16s} {r['aware_over_blind']:12.3f}x"
+            f" {rounds:>13s}"
             f" {r['vqe']['fps']:13.2f} {r['transcode']['fps']:13.1f} {r['vs_transcode']:12.1f}x"
             f" {c['network_gflops']:13.1f} {c['conv_gflops']:13.1f} {100 * c['share']:5.0f}%"
         )
@@ -281,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=48)
     ap.add_argument("--sizes", default="272p,360p,720p,1080p", help=", ".join(SIZES))
     ap.add_argument("--sources", default="vtest,bridge")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved runs of each path")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--weights", type=Path, default=None)
     ap.add_argument("--clips", type=Path, default=Path(tempfile.gettempdir()) / "vqe-bench-clips")
@@ -293,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         for source in args.sources.split(","):
             for size in args.sizes.split(","):
                 clip = make_clip(args.clips, source, args.footage, size, args.frames)
-                row = bench_clip(engine, clip, size, Path(tmp))
+                row = bench_clip(engine, clip, size, Path(tmp), args.rounds)
                 row["source"] = source
                 rows.append(row)
                 print(f"done {source} {size}", file=sys.stderr, flush=True)
@@ -328,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     args.json_out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json_out}")
     return 0
+
+
+def _span(values: list[float]) -> tuple[float, float]:
+    return min(values), max(values)
 
 
 def _cpu_name() -> str:

@@ -432,12 +432,21 @@ class Engine:
         return out, n, qp, use_bits
 
     def _run_regions(
-        self, batch, stages: int, strength: float, rects, out, context: int = CONTEXT, shrink=None
+        self,
+        batch,
+        stages: int,
+        strength: float,
+        rects,
+        out,
+        context: int = CONTEXT,
+        shrink=None,
+        context_map=None,
     ) -> None:
         """Run the network on half-res rectangles (y0, y1, x0, x1), each with ``context``
         pixels around it (``shrink``: the context kept before each stage), into ``out``."""
         x = batch.x
-        for (y0, y1, x0, x1), res in run_regions(self.model, batch, stages, rects, context, shrink):
+        regions = run_regions(self.model, batch, stages, rects, context, shrink, context_map)
+        for (y0, y1, x0, x1), res in regions:
             out[:, :, y0:y1, x0:x1] = _weaken(x[:, :, y0:y1, x0:x1], res.float(), strength)
 
     @torch.inference_mode()
@@ -453,12 +462,15 @@ class Engine:
                 return _weaken(x, out, strength)
             tile = max(32, tile // 8 * 8)
             out = torch.empty_like(x, dtype=torch.float32)
+            context_map = self.model.context(inp)  # once for the frame, not once a tile
             for y0 in range(0, h, tile):
                 for x0 in range(0, w, tile):
                     y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
                     # One tile a call, not side by side: tiling is what bounds memory here.
                     tile_rect = [(y0, y1, x0, x1)]
-                    self._run_regions(batch, stages, strength, tile_rect, out, TILE_CONTEXT)
+                    self._run_regions(
+                        batch, stages, strength, tile_rect, out, TILE_CONTEXT, None, context_map
+                    )
             return out
 
     @torch.inference_mode()

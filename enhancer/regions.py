@@ -49,12 +49,16 @@ def run_regions(
     rects: list[Rect],
     context: int,
     stage_context: tuple[int, ...] | None = None,
+    context_map: torch.Tensor | None = None,
 ) -> Iterator[tuple[Rect, torch.Tensor]]:
     """(rect, the network's output on it) for every rectangle; ``stage_context[k]`` is
-    the context kept before stage k (at most ``context``; None keeps it all)."""
+    the context kept before stage k (at most ``context``; None keeps it all).
+    ``context_map``: ``model.context`` of the whole frame, where the caller has it
+    (one call per tile of a large frame); None computes it."""
     x, inp = batch.x, batch.inputs
     _, _, h, w = x.shape
-    context_map = model.context(inp)  # None without a coarse branch
+    if context_map is None:
+        context_map = model.context(inp)  # None without a coarse branch
 
     def kept(k: int):
         """side's context -> what of it is kept before stage k."""

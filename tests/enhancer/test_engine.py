@@ -321,6 +321,24 @@ def test_engine_tiles_large_frames_seamlessly(h264, weights):
     assert float((a - b).abs().max()) < 1e-5 < float((a - batch.x).abs().max())
 
 
+def test_engine_tiles_a_coarse_network_with_one_context_a_frame(h264, tmp_path):
+    """The coarse branch runs once on the whole frame, however many tiles, and the
+    tiles see its whole-frame context: fp32 tiles match the whole frame."""
+    info, frames = h264
+    weights = write_weights(tmp_path / "coarse.pt", tiny_policy(), coarse=8)
+    whole = Engine(weights, device="cpu", tile=0, precision="fp32")
+    tiled = Engine(weights, device="cpu", tile=32, precision="fp32")
+    calls = []
+    tiled.model.coarse.register_forward_hook(lambda *_: calls.append(1))
+    cur = planes_to_tensor(frames[0].planes)
+    qmap = qp_plane(frames[0].side.qp_map, *cur.shape[1:])
+    it = FrameInputs(cur=cur, qmap=qmap, frame_qp=frames[0].side.qp, pict_type="I")
+    batch = collate([it], whole.model, whole.estimator)
+    a, b = whole._run_model(batch, 3), tiled._run_model(batch, 3)
+    assert len(calls) == 1  # 2x2 tiles
+    assert float((a - b).abs().max()) < 1e-5 < float((a - batch.x).abs().max())
+
+
 def test_engine_ten_bit_odd_size(clip, weights):
     info, frames = decode(clip("ten.mp4", size=(90, 70), frames=3, pix_fmt="yuv420p10le"))
     assert info.bit_depth == 10

@@ -18,9 +18,9 @@ H, W = 48, 80  # half-res frame: big enough for several separate rectangles
 RECTS = [(0, 16, 0, 16), (16, 32, 16, 48), (16, 32, 64, 80), (32, 48, 32, 48), (0, 32, 48, 64)]
 
 
-def _frame():
+def _frame(coarse: int = 0):
     g = torch.Generator().manual_seed(7)
-    model = tiny_model()
+    model = tiny_model(coarse=coarse)
     cur = torch.rand(6, H, W, generator=g)
     qmap = torch.full((1, H, W), 37.0 / 51)
     item = FrameInputs(cur=cur, qmap=qmap, frame_qp=37.0, seq_qp=35.0, seq_known=True)
@@ -28,9 +28,11 @@ def _frame():
     return model, batch
 
 
+@pytest.mark.parametrize("coarse", [0, 8])
 @pytest.mark.parametrize("shrink", [None, (4, 3, 2)])
-def test_each_rectangle_gets_its_own_pixels_close_to_the_whole_frames(shrink):
-    model, batch = _frame()
+def test_each_rectangle_gets_its_own_pixels_close_to_the_whole_frames(shrink, coarse):
+    """With a coarse branch too: it runs on the whole frame, so crops see its context."""
+    model, batch = _frame(coarse)
     with torch.no_grad():
         full = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond, 3, True)[0]
         seen = []

@@ -42,6 +42,8 @@ def tiny_model(seed: int = 0, **kw) -> VQENet:
             nn.init.normal_(stage.head.weight, std=0.01)  # corrections of a few grey levels
             if stage.film is not None:
                 nn.init.normal_(stage.film.weight, std=0.1)
+        if model.coarse is not None:  # it starts at zero output: make it matter
+            nn.init.normal_(model.coarse.out.weight, std=1.0)
     return model
 
 
@@ -55,11 +57,16 @@ def tiny_policy(**tables: ExitTable) -> ExitPolicy:
 
 
 def write_weights(
-    path: Path, policy: ExitPolicy | None = None, seed: int = 0, pixel_qp: PixelQP | None = None
+    path: Path,
+    policy: ExitPolicy | None = None,
+    seed: int = 0,
+    pixel_qp: PixelQP | None = None,
+    coarse: int = 0,
 ) -> Path:
-    """An exported tiny model file (8 channels, 3 stages) for the engine."""
+    """An exported tiny model file (8 channels, 3 stages; ``coarse`` its coarse branch's
+    channels) for the engine."""
     torch.manual_seed(seed)
-    model, est = tiny_model(seed), QPEstimator().eval()
+    model, est = tiny_model(seed, coarse=coarse), QPEstimator().eval()
     save_model(path, model, est, policy, {"version": "tiny"}, pixel_qp)
     return path
 

@@ -113,6 +113,7 @@ def test_fused_weights_follow_updates_and_replaced_parameters():
     x = torch.rand(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         first = conv3x3(conv, x)
+    assert conv.__dict__["_onednn_weights"][1].is_mkldnn  # packed once, not per call
     with torch.no_grad():
         conv.weight.mul_(2.0)  # in place: the cast copy is renewed
     with torch.inference_mode():

@@ -6,6 +6,9 @@ Tiny 8-channel models on 16x24 half-resolution tensors (see tests/enhancer/tiny.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -613,3 +616,16 @@ def test_shipped_weights_load_and_run():
     with torch.no_grad():
         outs = model(batch.x, batch.inputs, batch.seq_cond, batch.frame_cond)
     assert len(outs) == model.cfg.stages and all(torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.parametrize("preset", [None, "512"])
+def test_importing_enhancer_widens_onednns_kernel_cache_unless_set(preset):
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    code = "import os, enhancer; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=repo, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == (preset or "4096"), out.stderr

@@ -13,7 +13,10 @@ Columns (ΔPSNR-Y in dB over the decoded input, all stages):
 - adjacent: the neighbouring frames instead of the quality peaks (all other
   side information kept);
 - no refs: no reference frames at all;
-- blind: ``--side-info blind`` (adjacent frames, estimated QP map, no picture types).
+- blind: ``--side-info blind`` (adjacent frames, estimated QP map, no picture types);
+- one column per ``--variants`` model file (say, a network with another body): its
+  "full", with the network's time on a 640x272 frame next to the shipped one's, so
+  that an idea is judged at its cost.
 
 The engine columns run enhancer.engine.Engine end to end on sequences built
 like bench/quality.py's; "adjacent" and "no refs" edit the inputs of the
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -55,6 +59,24 @@ def engine_gain(engine: Engine, clean, data: bytes, side_info: str = "auto") -> 
     )
 
 
+def network_ms(engine: Engine, size: tuple[int, int] = (320, 136), repeat: int = 7) -> float:
+    """The engine's network on a whole half-resolution frame (all stages), the fastest of
+    ``repeat`` runs, in ms."""
+    model, (w, h) = engine.model, size
+    x = torch.rand(1, 6, h, w)
+    inputs = torch.rand(1, model.cfg.in_channels(), h, w).contiguous(
+        memory_format=torch.channels_last
+    )
+    seq, frame = torch.rand(1, 2), torch.rand(1, 10)
+    times = []
+    with torch.inference_mode(), engine._amp():
+        for _ in range(repeat + 1):
+            start = time.perf_counter()
+            model(x, inputs, seq, frame, model.cfg.stages, True)
+            times.append(time.perf_counter() - start)
+    return 1e3 * min(times[1:])
+
+
 def adjacent_refs(item, sample, t):
     """Codec-aware inputs, but the neighbours' slots in place of the quality peaks."""
     adj, _ = frame_inputs(sample, t, blind=True)
@@ -76,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--frames", type=int, default=12)
     ap.add_argument("--crfs", default="17,22,27,32,37,42,47")
+    ap.add_argument("--variants", default="", help="other model files, comma-separated")
     ap.add_argument("--json-out", type=Path, default=Path("bench/results/ablation.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
@@ -93,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         "raw refs": (Engine(args.weights, device="cpu", recurrent=False), "auto"),
         "blind": (full, "blind"),
     }
+    variants = {Path(v).stem: v for v in args.variants.split(",") if v}
+    for name, path in variants.items():
+        engines[name] = (Engine(path, device="cpu"), "auto")
     loaded = load_model(args.weights)
     model, est = loaded.network, loaded.estimator
     cols: dict = defaultdict(lambda: defaultdict(list))
@@ -124,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "adjacent",
         "no refs",
         "blind",
+        *variants,
     ]
     print("| CRF | " + " | ".join(names) + " |")
     print("| --- |" + " --- |" * len(names))
@@ -132,8 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         row = {n: float(np.mean(cols[crf][n])) for n in names}
         table[crf] = row
         print(f"| {crf:g} | " + " | ".join(f"{row[n]:+.3f}" for n in names) + " |")
+    times = {"shipped": network_ms(full)} | {n: network_ms(engines[n][0]) for n in variants}
+    print("network ms per 640x272 frame, 3 stages: "
+          + ", ".join(f"{n} {t:.1f}" for n, t in times.items()))  # fmt: skip
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
-    args.json_out.write_text(json.dumps({str(k): v for k, v in table.items()}, indent=1))
+    report = {str(k): v for k, v in table.items()} | {"network_ms": times}
+    args.json_out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.json_out}")
     return 0
 

@@ -90,6 +90,9 @@ class PatchSampler:
     ):
         fits = lambda s: min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2]) >= patch  # noqa: E731
         self.samples = [s for s in samples if fits(s)]
+        if samples and not self.samples:
+            largest = max(min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2]) for s in samples)
+            raise SystemExit(f"--patch {patch} is larger than every training sample ({largest})")
         self.patch = patch
         self.rng = np.random.default_rng(seed)
         self.blind_p, self.drop_ref_p, self.enhanced_p = blind_p, drop_ref_p, enhanced_p

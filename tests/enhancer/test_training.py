@@ -346,7 +346,8 @@ def test_patch_sampler_is_seeded_and_fits(trained):
         assert len(it.refs) == 2
         for r in it.refs:
             assert r is None or (r.pixels.shape == (6, 16, 16) and r.cost.shape == (1, 16, 16))
-    assert train.PatchSampler(samples, 144, 0, 0.0, 0.0).samples == []  # 128 px: no 144 patch
+    with pytest.raises(SystemExit, match="--patch 144 is larger than every training sample"):
+        train.PatchSampler(samples, 144, 0, 0.0, 0.0)  # 128 px samples: no 144 patch
 
 
 def test_train_resumes_from_last_checkpoint(trained, tmp_path):

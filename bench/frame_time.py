@@ -200,8 +200,24 @@ def paired_runs(engine: Engine, clip: Path, work: Path, rounds: int) -> dict[str
     return runs
 
 
-def conv_share(engine: Engine, size: tuple[int, int]) -> dict[str, float]:
-    """The network's GFLOP/s on a whole frame at every stage, and a plain 3x3 conv's."""
+def best_seconds(engine: Engine, fn, repeat: int = 5) -> float:
+    """The fastest of ``repeat`` calls of ``fn`` in the engine's precision (after one
+    warm-up), in seconds."""
+    with torch.inference_mode(), engine._amp():
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize(engine.device)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def whole_frame_network(engine: Engine, size: tuple[int, int]):
+    """A call of the engine's network on a whole (width, height) frame at every stage,
+    on random inputs of the half-resolution map."""
     w, h = size
     hh, hw = (h + 15) // 16 * 8, (w + 15) // 16 * 8  # the half-resolution map
     cfg = engine.model.cfg
@@ -211,31 +227,26 @@ def conv_share(engine: Engine, size: tuple[int, int]) -> dict[str, float]:
     inputs = inputs.contiguous(memory_format=torch.channels_last)
     seq = torch.rand(1, 2, device=dev, dtype=dtype)
     frame = torch.rand(1, 10, device=dev, dtype=dtype)
+    return lambda: engine.model(x, inputs, seq, frame, cfg.stages, last_only=True)
+
+
+def conv_share(engine: Engine, size: tuple[int, int]) -> dict[str, float]:
+    """The network's GFLOP/s on a whole frame at every stage, and a plain 3x3 conv's."""
+    w, h = size
+    hh, hw = (h + 15) // 16 * 8, (w + 15) // 16 * 8  # the half-resolution map
+    cfg = engine.model.cfg
+    dev, dtype = engine.device, engine.dtype
     feat = torch.rand(1, cfg.channels, hh, hw, device=dev, dtype=dtype)
     feat = feat.contiguous(memory_format=torch.channels_last)
     conv = torch.nn.Conv2d(cfg.channels, cfg.channels, 3, 1, 1).to(dev, dtype)
     conv = conv.to(memory_format=torch.channels_last)
-
-    def best(fn, repeat: int = 5) -> float:
-        with torch.inference_mode(), engine._amp():
-            fn()
-            times = []
-            for _ in range(repeat):
-                start = time.perf_counter()
-                fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                times.append(time.perf_counter() - start)
-        return min(times)
-
-    def net() -> Any:
-        return engine.model(x, inputs, seq, frame, cfg.stages, last_only=True)
-
+    net = whole_frame_network(engine, size)
     with FlopCounterMode(display=False) as counter, torch.inference_mode(), engine._amp():
         net()
     flops = counter.get_total_flops()
-    conv_gflops = 2 * cfg.channels**2 * 9 * hh * hw / best(lambda: conv(feat), 10) / 1e9
-    net_gflops = flops / best(net) / 1e9
+    conv_s = best_seconds(engine, lambda: conv(feat), 10)
+    conv_gflops = 2 * cfg.channels**2 * 9 * hh * hw / conv_s / 1e9
+    net_gflops = flops / best_seconds(engine, net) / 1e9
     return {
         "conv_gflops": round(conv_gflops, 1),
         "network_gflops": round(net_gflops, 1),

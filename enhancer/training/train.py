@@ -88,10 +88,12 @@ class PatchSampler:
         crf_noise: float = 0.0,
         truth_p: float = 0.0,
     ):
-        fits = lambda s: min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2]) >= patch  # noqa: E731
-        self.samples = [s for s in samples if fits(s)]
+        def side(s: dict) -> int:  # a sample's shorter side in luma pixels
+            return min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2])
+
+        self.samples = [s for s in samples if side(s) >= patch]
         if samples and not self.samples:
-            largest = max(min(s["dec"].shape[1] * 2 // 3, s["dec"].shape[2]) for s in samples)
+            largest = max(map(side, samples))
             raise SystemExit(f"--patch {patch} is larger than every training sample ({largest})")
         self.patch = patch
         self.rng = np.random.default_rng(seed)
@@ -227,7 +229,8 @@ def train(args) -> Path:
     model = model.to(device, memory_format=torch.channels_last)
     est = est.to(device)
     coarse = list(model.coarse.parameters()) if model.coarse is not None else []
-    body = [p for p in model.parameters() if all(p is not q for q in coarse)]
+    in_coarse = set(map(id, coarse))
+    body = [p for p in model.parameters() if id(p) not in in_coarse]
     groups, base_lrs = [{"params": body + list(est.parameters())}], [args.lr]
     if coarse:
         groups.append({"params": coarse})

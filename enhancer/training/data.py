@@ -76,10 +76,11 @@ class EncodeSettings:
         return opts
 
 
-def random_settings(rng: np.random.Generator) -> EncodeSettings:
-    """Mostly what users run (x264 medium defaults), with the usual variations."""
+def random_settings(rng: np.random.Generator, x265_share: float = 0.2) -> EncodeSettings:
+    """Mostly what users run (x264 medium defaults), with the usual variations;
+    ``x265_share`` of the encodes are libx265."""
     crf = rng.uniform(17, 47) if rng.random() < 0.8 else rng.uniform(14, 51)
-    codec = "libx265" if rng.random() < 0.2 else "libx264"
+    codec = "libx265" if rng.random() < x265_share else "libx264"
     s = EncodeSettings(codec=codec, crf=round(float(crf), 1))
     if rng.random() < 0.5:
         s.preset = PRESETS[rng.integers(0, 6 if codec == "libx265" else len(PRESETS))]
@@ -205,10 +206,15 @@ def build(
     count: int,
     seed: int = 0,
     val_codec: str = "libx264",
+    x265_share: float = 0.2,
     worker: int = 0,
     workers: int = 1,
 ) -> int:
-    """Write ``count`` samples (train) or the fixed validation set into ``out``; resumable."""
+    """Write ``count`` samples (train) or the fixed validation set into ``out``; resumable.
+
+    Sample ``k`` is drawn from its own generator, so a larger ``count`` adds samples and
+    keeps the ones there (``x265_share`` applies to the samples this call writes).
+    """
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     sources = split_sources(footage_sources(footage), validation)
@@ -232,7 +238,7 @@ def build(
             settings = EncodeSettings(codec=val_codec, crf=float(crf))
             clean = clean_sequence(path, photos, cache, rng, FRAMES, VAL_SIZE)
         else:
-            settings = random_settings(rng)
+            settings = random_settings(rng, x265_share)
             pool = clips if clips and rng.random() < 0.25 else photos
             clean = clean_sequence(pool[rng.integers(len(pool))], photos, cache, rng, FRAMES, SIZE)
         try:
@@ -244,7 +250,10 @@ def build(
         np.savez(tmp, **sample)
         os.replace(tmp, target)
         written += 1
-    (out / "meta.json").write_text(json.dumps({"validation": validation, "seed": seed}))
+    meta = {"validation": validation, "seed": seed}
+    if not validation:
+        meta["x265_share"] = x265_share
+    (out / "meta.json").write_text(json.dumps(meta))
     return written
 
 

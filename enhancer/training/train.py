@@ -168,7 +168,9 @@ class Log:
         self.f.flush()
 
 
-def build_dataset(footage: Path, work: Path, count: int, seed: int, workers: int, log) -> None:
+def build_dataset(
+    footage: Path, work: Path, count: int, seed: int, workers: int, log, x265_share: float = 0.2
+) -> None:
     for name, validation, n, codec in (
         ("val", True, 0, "libx264"),
         ("train", False, count, ""),
@@ -186,6 +188,7 @@ def build_dataset(footage: Path, work: Path, count: int, seed: int, workers: int
             count=n,
             seed=seed,
             val_codec=codec or "libx264",
+            x265_share=x265_share,
         )
         if workers == 1:  # in this process (build sets one torch thread: restore ours)
             threads = torch.get_num_threads()
@@ -207,7 +210,15 @@ def train(args) -> Path:
     device = pick_device(args.device)
     bf16 = _bf16(args, device)
     if not args.skip_build:
-        build_dataset(Path(args.footage), work, args.train_count, args.seed, args.workers, log)
+        build_dataset(
+            Path(args.footage),
+            work,
+            args.train_count,
+            args.seed,
+            args.workers,
+            log,
+            args.x265_share,
+        )
     val_set = load_cache(work / "cache" / "val")
     if args.export_only:
         return export(work, val_set, args, log)
@@ -468,6 +479,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", default="runs/vqe-v5", help="cache, checkpoints and log")
     p.add_argument("--version", default="vqe-v5")
     p.add_argument("--train-count", type=int, default=900, help="encoded training sequences")
+    p.add_argument(
+        "--x265-share",
+        type=float,
+        default=0.2,
+        help="share of libx265 encodes among the training sequences this run builds "
+        "(a larger --train-count adds sequences and keeps the cached ones)",
+    )
     p.add_argument("--steps", type=int, default=30000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--patch", type=int, default=112, help="luma patch size (multiple of 16)")

@@ -42,6 +42,7 @@ from enhancer.features import (
     qp_plane,
     tensor_to_planes,
 )
+from enhancer.grain import grain_level
 from enhancer.options import SIDE_INFO_MODES
 from enhancer.references import ANCHOR_TYPES, MAX_PENDING, align_reference, input_plan
 from enhancer.regions import run_regions
@@ -107,6 +108,7 @@ class _Pending:
     align_seconds: float = 0.0
     transfer_seconds: float = 0.0
     pixel_crf: float | None = None  # the CRF estimated from the pixels, if the stream has none
+    grain: float | None = None  # its grain level (enhancer.grain), where the policy reads it
 
 
 @dataclass
@@ -293,15 +295,26 @@ class Engine:
         """
         return self._plan(side, info, self.check(stages, side_info), side_info)
 
-    def _plan(self, side: FrameSideInfo, info: SequenceInfo, stages, side_info: str) -> int | None:
-        """``plan_stages`` for options already checked (per frame: no validation again)."""
+    def _plan(
+        self,
+        side: FrameSideInfo,
+        info: SequenceInfo,
+        stages,
+        side_info: str,
+        grain: float | None = None,
+    ) -> int | None:
+        """``plan_stages`` for options already checked (per frame: no validation again);
+        ``grain``: the frame's grain level, if measured."""
         if stages != "auto":
             return int(stages)
         if not self.policy:
             return self.max_stages
         if side_info == "blind" or side.qp is None:
             return None
-        return self.policy.stages_for(*self._policy_level(side.qp, info.codec, info.sequence_qp))
+        level, kind = self._policy_level(side.qp, info.codec, info.sequence_qp)
+        if grain is None and self.policy.grain_decides(level, kind):
+            return None  # the pixels' grain decides
+        return self.policy.stages_for(level, kind, grain)
 
     def _policy_level(
         self, qp: float, codec: str, seq_qp: float | None, pixel_crf: float | None = None
@@ -362,7 +375,12 @@ class Engine:
         )
         pict = side.pict_type if plan.pict_type and side.sources.get("pict_type") != "none" else "?"
         frame_qp = side.qp if plan.frame_qp and side.qp is not None else None
-        if frame_qp is not None and self._plan(side, info, ctx["stages"], ctx["side_info"]) == 0:
+        runs = (
+            self._plan(side, info, ctx["stages"], ctx["side_info"], p.grain)
+            if frame_qp is not None
+            else None
+        )
+        if runs == 0:
             # The stream's QP already says nothing runs: no alignment, no inputs.
             ctx["qp_sum"] += frame_qp
             ctx["qp_n"] += 1
@@ -414,7 +432,8 @@ class Engine:
             n = ctx["stages"]
         elif self.policy:
             level = self._policy_level(qp, info.codec, ctx["seq_qp"], p.pixel_crf)
-            n, strength = self.policy.stages_for(*level), self.policy.strength_for(*level)
+            n = self.policy.stages_for(*level, p.grain)
+            strength = self.policy.strength_for(*level, p.grain)
         p.model_seconds, p.transferred = 0.0, 0.0
         out = None
         if n > 0:
@@ -546,6 +565,8 @@ class Engine:
         estimated = not (ctx["plan"].frame_qp and frame.side.qp is not None)
         if estimated and not ctx["seq_known"] and ctx["estimate"] is not None:
             p.pixel_crf = ctx["estimate"].add(frame.planes[0])
+        if ctx["stages"] == "auto" and self.policy and self.policy.grain_limit is not None:
+            p.grain = grain_level(frame.planes[0], ctx["bit_depth"])
         return p
 
     def _process_peaks(self, frames, info, ctx):

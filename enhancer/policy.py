@@ -23,12 +23,20 @@ the decoded pixels (enhancer.pixel_qp, stored beside the policy in the model
 file): the network then reads no QP it could trust, so its gains per bin
 differ from the codec-aware ones.
 
+Grain: lightly compressed frames keep their source's sensor or film noise,
+which the network takes for coding noise (enhancer.grain). Each kind may have
+a second table, "<kind>_clean", calibrated on the frames that show no more
+grain than ``grain_limit``; a frame that clean is looked up there, any other
+in the kind's own table, which is calibrated on every frame, grainy ones
+included (so it passes them through where any correction would lose).
+
 A policy is data: ``tables`` maps a kind (KINDS: "h264" by frame QP, "hevc"
 by CRF, "blind" and "blind_hevc" by the pixel estimate, on H.264 and HEVC
-streams) to its ExitTable. A kind without a calibrated table falls back to
-"h264". ``to_dict`` writes that layout; ``from_dict`` also reads the flat one
-of model format 2 (vqe-v3.pt: ``stages``, ``hevc_stages``, ``blind_gains``...
-with one ``edges`` for all) and refuses fields and kinds it does not know.
+streams, and their "_clean" tables) to its ExitTable. A kind without a
+calibrated table falls back to "h264". ``to_dict`` writes that layout;
+``from_dict`` also reads the flat one of model format 2 (vqe-v3.pt:
+``stages``, ``hevc_stages``, ``blind_gains``... with one ``edges`` for all) and
+refuses fields and kinds it does not know.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 DEFAULT_EDGES = [0.0, 20.0, 24.0, 28.0, 32.0, 36.0, 40.0, 44.0, 48.0, 99.0]
-KINDS = ("h264", "hevc", "blind", "blind_hevc")
+BASE_KINDS = ("h264", "hevc", "blind", "blind_hevc")
+CLEAN = "_clean"
+KINDS = BASE_KINDS + tuple(kind + CLEAN for kind in BASE_KINDS)
 
 
 @dataclass
@@ -94,6 +104,7 @@ class ExitPolicy:
     tables: dict[str, ExitTable] = field(default_factory=dict)
     tolerance: float = 0.05
     max_stages: int = 3
+    grain_limit: float | None = None  # frames at most this grainy use the "_clean" tables
 
     def __post_init__(self) -> None:
         _check_kinds(self.tables)
@@ -115,12 +126,31 @@ class ExitPolicy:
         _check_kinds([kind])
         self.tables[kind] = table.table("h264") if isinstance(table, ExitPolicy) else table
 
-    def stages_for(self, qp: float | None, kind: str = "h264") -> int:
-        table = self.table(kind)
+    def kind_for(self, kind: str, grain: float | None) -> str:
+        """The table a frame of ``kind`` is looked up in, given its grain level (None:
+        not measured): the "_clean" one where it is at most ``grain_limit`` and calibrated."""
+        clean = kind + CLEAN
+        if grain is None or self.grain_limit is None or not self.has(clean):
+            return kind
+        return clean if grain <= self.grain_limit else kind
+
+    def grain_decides(self, qp: float | None, kind: str = "h264") -> bool:
+        """Whether a frame's grain changes the stages it runs at this level."""
+        clean = kind + CLEAN
+        return (
+            self.grain_limit is not None
+            and self.has(clean)
+            and (self.stages_for(qp, clean) != self.stages_for(qp, kind))
+        )
+
+    def stages_for(self, qp: float | None, kind: str = "h264", grain: float | None = None) -> int:
+        table = self.table(self.kind_for(kind, grain))
         return table.lookup(table.stages, qp, self.max_stages)
 
-    def strength_for(self, qp: float | None, kind: str = "h264") -> float:
-        table = self.table(kind)
+    def strength_for(
+        self, qp: float | None, kind: str = "h264", grain: float | None = None
+    ) -> float:
+        table = self.table(self.kind_for(kind, grain))
         return table.lookup(table.strengths, qp, 1.0)
 
     def to_dict(self) -> dict:
@@ -148,7 +178,7 @@ def _from_flat(d: dict) -> dict:
         )
     edges = d.pop("edges", list(DEFAULT_EDGES))
     tables = {}
-    for kind in KINDS:
+    for kind in BASE_KINDS:
         prefix = "" if kind == "h264" else f"{kind}_"
         parts = {name: d.pop(prefix + name, []) for name in ("stages", "strengths", "gains")}
         if any(parts.values()):

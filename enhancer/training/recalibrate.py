@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import sys
 import time
@@ -38,8 +39,9 @@ import torch
 from bitstream.reader import open_video
 from enhancer.checkpoint import load_model
 from enhancer.engine import Engine
+from enhancer.grain import grain_level
 from enhancer.metrics import psnr
-from enhancer.policy import ExitPolicy, calibrate
+from enhancer.policy import CLEAN, KINDS, ExitPolicy, calibrate
 from enhancer.training.data import EncodeSettings, encode_planes
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources
 
@@ -61,6 +63,16 @@ TOLERANCE = 0.0
 # a bin on other footage where it did not in calibration (at 0.03, FallenLeaf lost 0.08 dB at
 # x264 CRF 15 on bench/quality.py's crops: its CRF read 22; at 0.015 no source is below 0).
 ESTIMATE_GUARD = 0.015
+# Frames whose decoded luma reads at most this grain level (enhancer.grain, 8-bit levels)
+# get the "_clean" tables, fitted on such frames only: just above the grainiest held-out
+# photo (0.51 at x264 CRF 15), so that a frame grainier than any the calibration saw gain
+# keeps the table guarded for grain (vtest, a real camera clip, reads 0.83 and more below
+# QP 24, where it loses 0.03-0.07 dB to any correction).
+GRAIN_LIMIT = 0.55
+# The kinds that get a "_clean" table. Not the blind path on HEVC: its estimated CRF is the
+# least reliable level (x265 CRF 22 reads 32-36 on some sources), and a clean table fitted on
+# its fewer frames lost 0.055 dB on one source (Kite, x265 CRF 22) on bench/quality's crops.
+CLEAN_KINDS = ("h264", "hevc", "blind")
 # Per path measured: the engine's side_info, codecs.
 PATHS = {
     "aware": ("auto", ("libx264", "libx265")),
@@ -97,10 +109,11 @@ def collect(
             with open_video(io.BytesIO(data)) as r:
                 info, dec = r.info, list(r)
             base = [psnr(f.planes[0], c[0]) for f, c in zip(dec, clean, strict=False)]
+            grains = [round(grain_level(f.planes[0]), 4) for f in dec]
             rows = {
                 path: [
                     {"source": name, "codec": codec, "crf": crf, "index": i, "path": path,
-                     "ms": [], "deltas": [[] for _ in SCALES]}
+                     "grain": grains[i], "ms": [], "deltas": [[] for _ in SCALES]}
                     for i in range(len(dec))
                 ]
                 for path in here
@@ -143,29 +156,63 @@ def _aware(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("path", "aware") == "aware"]
 
 
-def _fit_h264(records: list[dict], max_stages: int, caps: list[int] | None = None, **kw):
+def _clean(rows: list[dict]) -> list[dict]:
+    """The rows of frames that show no more grain than GRAIN_LIMIT (for the "_clean" tables)."""
+    return [r for r in rows if r.get("grain", np.inf) <= GRAIN_LIMIT]
+
+
+def _h264_rows(records: list[dict], kind: str = "h264") -> list[dict]:
     rows = [r for r in _aware(records) if r["codec"] == "libx264"]
-    return _fit(rows, lambda r: r["qp"], max_stages, caps=caps, **kw)
+    return _clean(rows) if kind.endswith(CLEAN) else rows
+
+
+def _fit_h264(
+    records: list[dict], max_stages: int, caps: list[int] | None = None, kind="h264", **kw
+):
+    return _fit(_h264_rows(records, kind), lambda r: r["qp"], max_stages, caps=caps, **kw)
+
+
+def _set_fitted(policy, kind: str, rows: list[dict], fit) -> None:
+    """Fit ``kind``'s table (``fit(rows)``) and, for CLEAN_KINDS where frames that clean are
+    among ``rows``, its "_clean" table on those."""
+    if rows:
+        policy.set_table(kind, fit(rows))
+    if kind in CLEAN_KINDS and (clean := _clean(rows)):
+        policy.set_table(kind + CLEAN, fit(clean))
+        policy.grain_limit = GRAIN_LIMIT
 
 
 def policy_from(records: list[dict], max_stages: int, caps: list[int] | None = None, **kw):
     """The H.264 policy by frame QP (``caps``: its most stages per bin) and the HEVC one by
-    CRF, from engine records."""
+    CRF, from engine records, each with its "_clean" table where the records say grain."""
     policy = _fit_h264(records, max_stages, caps, **kw)
+    if _h264_rows(records, "h264" + CLEAN):
+        policy.set_table("h264" + CLEAN, _fit_h264(records, max_stages, caps, "h264" + CLEAN, **kw))
+        policy.grain_limit = GRAIN_LIMIT
     hevc = [r for r in _aware(records) if r["codec"] == "libx265"]
-    if hevc:
-        policy.set_table("hevc", _fit(hevc, lambda r: float(r["crf"]), max_stages, **kw))
+    _set_fitted(policy, "hevc", hevc, lambda rows: _fit(rows, _crf, max_stages, **kw))
     blind_policy(records, max_stages, policy, **kw)
     return policy
+
+
+def _crf(r: dict) -> float:
+    return float(r["crf"])
+
+
+def _estimated(r: dict) -> float:
+    return float(r["qp"])  # on the blind path: the CRF estimated from the pixels
 
 
 def blind_policy(records: list[dict], max_stages: int, policy, **kw) -> None:
     """Fit the blind path's tables into ``policy``, by the estimated CRF (those measured)."""
     for kind, codec in (("blind", "libx264"), ("blind_hevc", "libx265")):
         rows = [r for r in records if r.get("path") == "blind" and r["codec"] == codec]
-        if rows:
-            fitted = _fit(rows, lambda r: float(r["qp"]), max_stages, **kw, guard=ESTIMATE_GUARD)
-            policy.set_table(kind, fitted)
+        _set_fitted(
+            policy,
+            kind,
+            rows,
+            lambda rows: _fit(rows, _estimated, max_stages, **kw, guard=ESTIMATE_GUARD),
+        )
 
 
 def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
@@ -173,7 +220,7 @@ def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
 
     def mean_cost(crf: int) -> float:
         c = [
-            costs[k - 1] if (k := policy.stages_for(r["qp"])) else 0.0
+            costs[k - 1] if (k := policy.stages_for(r["qp"], "h264", r.get("grain"))) else 0.0
             for r in _aware(records)
             if r["codec"] == "libx264" and r["crf"] == crf
         ]
@@ -185,10 +232,11 @@ def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
 
 def mean_gain(records: list[dict], policy) -> float:
     """Mean ΔPSNR-Y of the x264 records under ``policy`` (its stages and strengths)."""
-    total, rows = 0.0, [r for r in _aware(records) if r["codec"] == "libx264"]
+    total, rows = 0.0, _h264_rows(records)
     for r in rows:
-        if k := policy.stages_for(r["qp"]):
-            total += r["deltas"][SCALES.index(policy.strength_for(r["qp"]))][k - 1]
+        qp, grain = r["qp"], r.get("grain")
+        if k := policy.stages_for(qp, "h264", grain):
+            total += r["deltas"][SCALES.index(policy.strength_for(qp, "h264", grain))][k - 1]
     return total / max(1, len(rows))
 
 
@@ -199,36 +247,83 @@ def budgeted_policy(
     price: float = PRICE,
     budget: float = EXIT_BUDGET,
 ):
-    """``policy_from`` at ``price``, then stages taken away bin by bin (least gain lost per
-    unit of early-exit ratio saved first) until early exit fits ``budget``."""
-    costs = _mean_costs([r for r in _aware(records) if r["codec"] == "libx264"], max_stages)
+    """``policy_from`` at ``price``, then per bin the stage counts (at most what it chose)
+    of most mean gain whose early-exit ratio fits ``budget``: for the H.264 table as if
+    every frame used it, then for its "_clean" table, if any, with each frame in its own
+    table."""
+    costs = _mean_costs(_h264_rows(records), max_stages)
     policy = policy_from(records, max_stages, tolerance=TOLERANCE, price=price)
-    caps = list(policy.table("h264").stages)
-    ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
-    if log is not None:
-        log(f"price {price}: early-exit ratio {ratio:.2f}, mean gain {gain:.3f}")
-    while ratio > budget:
-        best = None
-        for b, k in enumerate(caps):
-            if k == 0:
-                continue
-            fewer = caps[:b] + [k - 1] + caps[b + 1 :]
-            # Only the H.264 table changes; the ratio and the gain read nothing else.
-            trial = _fit_h264(records, max_stages, fewer, tolerance=TOLERANCE, price=price)
-            saved = ratio - exit_ratio(records, trial, costs)
-            if saved > 1e-9:
-                lost = (gain - mean_gain(records, trial)) / saved
-                if best is None or lost < best[0]:
-                    best = (lost, b, trial)
-        if best is None:
-            break
-        _, b, h264 = best
-        policy.set_table("h264", h264)
-        caps = list(policy.table("h264").stages)
-        ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
+    clean = policy.tables.pop("h264" + CLEAN, None)
+    for kind in ("h264",) + ((("h264" + CLEAN),) if clean is not None else ()):
+        if kind != "h264":
+            policy.set_table(kind, clean)
+        _fit_budget(records, max_stages, policy, kind, costs, price, budget)
         if log is not None:
-            log(f"bin {b}: one stage less; early-exit ratio {ratio:.2f}, mean gain {gain:.3f}")
+            ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
+            log(
+                f"{kind}: stages {policy.table(kind).stages}, early-exit ratio {ratio:.2f}, "
+                f"mean gain {gain:.3f}"
+            )
     return policy
+
+
+def _fit_budget(records, max_stages, policy, kind, costs, price, budget) -> None:
+    """Set ``policy``'s ``kind`` table to the combination, over its bins, of the table fitted
+    with at most 0..S stages there (and no more than the uncapped fit) of most mean gain
+    (``mean_gain``) whose ``exit_ratio`` fits ``budget``; every combination is tried (the
+    gain and the ratio's two terms are sums over bins). None fits: the lowest ratio."""
+    S = max_stages
+    nbins = len(policy.table(kind).stages)
+    fits = [
+        _fit_h264(records, S, [c] * nbins, kind, tolerance=TOLERANCE, price=price).table("h264")
+        for c in range(S + 1)
+    ]
+    rows = _h264_rows(records)
+    edges = np.asarray(fits[S].edges)
+    # Per record: uses this table?, its bin, and (gain, cost) under each cap.
+    gain = np.zeros((nbins, S + 1))
+    cost = {crf: np.zeros((nbins, S + 1)) for crf in (22, 37)}
+    fixed = {"gain": 0.0, 22: 0.0, 37: 0.0}
+    count = {crf: sum(r["crf"] == crf for r in rows) for crf in (22, 37)}
+    for r in rows:
+        qp, grain = r["qp"], r.get("grain")
+        if policy.kind_for("h264", grain) != kind:
+            k = policy.stages_for(qp, "h264", grain)
+            a = SCALES.index(policy.strength_for(qp, "h264", grain))
+            fixed["gain"] += r["deltas"][a][k - 1] if k else 0.0
+            if r["crf"] in cost:
+                fixed[r["crf"]] += costs[k - 1] if k else 0.0
+            continue
+        b = min(max(int(np.searchsorted(edges, qp, side="right")) - 1, 0), nbins - 1)
+        for c, fit in enumerate(fits):
+            k = fit.stages[b]
+            if k:
+                gain[b, c] += r["deltas"][SCALES.index(fit.strengths[b])][k - 1]
+                if r["crf"] in cost:
+                    cost[r["crf"]][b, c] += costs[k - 1]
+    seen = [b for b in range(nbins) if gain[b].any() or cost[22][b].any() or cost[37][b].any()]
+    if not seen:
+        return
+    combos = np.array(list(itertools.product(range(S + 1), repeat=len(seen))), dtype=np.int64)
+    pick = lambda m: m[seen][np.arange(len(seen)), combos].sum(1)  # noqa: E731
+    total = (pick(gain) + fixed["gain"]) / max(1, len(rows))
+    c22 = (pick(cost[22]) + fixed[22]) / max(1, count[22])
+    c37 = (pick(cost[37]) + fixed[37]) / max(1, count[37])
+    ratio = np.divide(c22, c37, out=np.zeros_like(c22), where=c37 > 0)
+    ok = ratio <= budget
+    best = int(np.lexsort((ratio, -total, ~ok))[0]) if ok.any() else int(np.argmin(ratio))
+    chosen = dict(zip(seen, combos[best].tolist(), strict=True))
+    cap = [chosen[min(seen, key=lambda s: abs(s - b))] for b in range(nbins)]
+    table = fits[S]
+    picked = [fits[c] for c in cap]
+    policy.set_table(
+        kind,
+        replace(
+            table,
+            stages=[f.stages[b] for b, f in enumerate(picked)],
+            strengths=[f.strengths[b] for b, f in enumerate(picked)] if table.strengths else [],
+        ),
+    )
 
 
 def _mean_costs(records: list[dict], max_stages: int) -> list[float]:
@@ -288,14 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         policy = old or ExitPolicy(max_stages=stages)
         blind_policy(records, stages, policy, tolerance=TOLERANCE, price=args.price)
     print(f"H.264 by QP, edges {policy.table('h264').edges}")
-    for kind, by in (
-        ("h264", "QP"),
-        ("hevc", "CRF"),
-        ("blind", "estimated CRF"),
-        ("blind_hevc", "estimated CRF"),
-    ):
-        table = policy.table(kind)
-        print(f"{kind} by {by}: stages {table.stages}, strengths {table.strengths}")
+    by = {"h264": "QP", "hevc": "CRF", "blind": "estimated CRF", "blind_hevc": "estimated CRF"}
+    if policy.grain_limit is not None:
+        print(f"frames of grain level <= {policy.grain_limit} use the _clean tables")
+    for kind in KINDS:
+        if kind in by or policy.has(kind):
+            table = policy.table(kind)
+            print(
+                f"{kind} by {by[kind.removesuffix(CLEAN)]}: stages {table.stages}, "
+                f"strengths {table.strengths}"
+            )
     if args.write:
         meta = loaded.meta | {"policy_source": "enhancer.training.recalibrate (engine records)"}
         replace(loaded, policy=policy, meta=meta).save(args.write)

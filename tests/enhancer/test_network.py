@@ -515,7 +515,7 @@ def test_policy_refuses_what_it_does_not_know():
         ExitPolicy().stages_for(30.0, "h266")
     with pytest.raises(ValueError, match="blind_qp"):  # the loader takes it out first
         ExitPolicy.from_dict({"stages": [1], "blind_qp": {}})
-    assert set(KINDS) == {"h264", "hevc", "blind", "blind_hevc"}
+    assert {"h264", "hevc", "blind", "blind_hevc"} < set(KINDS)
 
 
 # ---------------------------------------------------------------- model files

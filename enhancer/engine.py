@@ -290,8 +290,10 @@ class Engine:
     ) -> int | None:
         """Stages ``process`` will run on a frame with these options, from its side info alone.
 
-        None when that depends on the pixels (no QP in the stream, or the blind path,
-        whose QP is estimated). A caller can use it to copy untouched GOPs as they are.
+        None when that depends on the pixels (no QP in the stream, the blind path, whose
+        QP is estimated, or a level where the policy's table for frames without grain
+        differs from the one for grainy frames). A caller can use it to copy untouched
+        GOPs as they are.
         """
         return self._plan(side, info, self.check(stages, side_info), side_info)
 

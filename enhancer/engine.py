@@ -547,6 +547,7 @@ class Engine:
             "bit_depth": info.bit_depth or 8,
             "seq_qp": seq_qp,
             "seq_known": seq_qp is not None,
+            "codec": info.codec,
             "qp_sum": 0.0,
             "qp_n": 0,
             "estimate": self.pixel_qp.estimate(info.bit_depth or 8) if self.pixel_qp else None,
@@ -567,9 +568,21 @@ class Engine:
         estimated = not (ctx["plan"].frame_qp and frame.side.qp is not None)
         if estimated and not ctx["seq_known"] and ctx["estimate"] is not None:
             p.pixel_crf = ctx["estimate"].add(frame.planes[0])
-        if ctx["stages"] == "auto" and self.policy and self.policy.grain_limit is not None:
+        if self._grain_decides(frame, p, ctx):
             p.grain = grain_level(frame.planes[0], ctx["bit_depth"])
         return p
+
+    def _grain_decides(self, frame: DecodedFrame, p: _Pending, ctx: dict) -> bool:
+        """Whether the policy needs this frame's grain: its level (the stream's QP or the
+        pixel CRF estimate) falls where the tables for clean and grainy frames differ, or
+        is not known yet."""
+        if ctx["stages"] != "auto" or not self.policy or self.policy.grain_limit is None:
+            return False
+        qp = frame.side.qp if ctx["plan"].frame_qp else None
+        if qp is None and p.pixel_crf is None:
+            return True
+        level = self._policy_level(qp, ctx["codec"], ctx["seq_qp"], p.pixel_crf)
+        return self.policy.grain_decides(*level, strength=True)
 
     def _process_peaks(self, frames, info, ctx):
         anchor: _Anchor | None = None

@@ -134,14 +134,15 @@ class ExitPolicy:
             return kind
         return clean if grain <= self.grain_limit else kind
 
-    def grain_decides(self, qp: float | None, kind: str = "h264") -> bool:
-        """Whether a frame's grain changes the stages it runs at this level."""
+    def grain_decides(self, qp: float | None, kind: str = "h264", strength: bool = False) -> bool:
+        """Whether a frame's grain changes the stages it runs at this level (``strength``:
+        or the strength of its correction)."""
         clean = kind + CLEAN
-        return (
-            self.grain_limit is not None
-            and self.has(clean)
-            and (self.stages_for(qp, clean) != self.stages_for(qp, kind))
-        )
+        if self.grain_limit is None or not self.has(clean):
+            return False
+        if self.stages_for(qp, clean) != self.stages_for(qp, kind):
+            return True
+        return strength and self.strength_for(qp, clean) != self.strength_for(qp, kind)
 
     def stages_for(self, qp: float | None, kind: str = "h264", grain: float | None = None) -> int:
         table = self.table(self.kind_for(kind, grain))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import enhancer.engine as engine_module
 from enhancer.engine import Engine
 from enhancer.grain import grain_level
 from enhancer.policy import CLEAN, KINDS, ExitPolicy, ExitTable
@@ -102,3 +103,23 @@ def test_engine_measures_grain_and_picks_the_table(h264, tmp_path):
     assert engine.plan_stages(frames[0].side, info, stages=2) == 2
     _, grainy = run(min(levels) - 0.1)
     assert grainy == [0] * len(frames)
+
+
+def test_engine_measures_grain_only_where_it_decides(h264, tmp_path, monkeypatch):
+    """Where the clean and the grainy table agree (stages and strength), no frame is
+    measured; where only the strength differs, every frame is."""
+    info, frames = h264
+    measured = []
+    monkeypatch.setattr(
+        engine_module, "grain_level", lambda y, bd=8: measured.append(1) or grain_level(y, bd)
+    )
+    for name, strengths, want in (("same", [1.0] * 9, 0), ("weaker", [0.5] * 9, len(frames))):
+        tables = {
+            "h264": ExitTable(stages=[1] * 9),
+            "h264" + CLEAN: ExitTable(stages=[1] * 9, strengths=strengths),
+        }
+        policy = ExitPolicy(tables, max_stages=3, grain_limit=100.0)
+        engine = Engine(write_weights(tmp_path / f"{name}.pt", policy), device="cpu")
+        measured.clear()
+        assert [r.stages for _, r in engine.process(frames, info)] == [1] * len(frames)
+        assert len(measured) == want

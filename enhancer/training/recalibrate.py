@@ -169,7 +169,7 @@ def _h264_rows(records: list[dict], kind: str = "h264") -> list[dict]:
 def _fit_h264(
     records: list[dict], max_stages: int, caps: list[int] | None = None, kind="h264", **kw
 ):
-    return _fit(_h264_rows(records, kind), lambda r: r["qp"], max_stages, caps=caps, **kw)
+    return _fit(_h264_rows(records, kind), _frame_qp, max_stages, caps=caps, **kw)
 
 
 def _set_fitted(policy, kind: str, rows: list[dict], fit) -> None:
@@ -185,14 +185,18 @@ def _set_fitted(policy, kind: str, rows: list[dict], fit) -> None:
 def policy_from(records: list[dict], max_stages: int, caps: list[int] | None = None, **kw):
     """The H.264 policy by frame QP (``caps``: its most stages per bin) and the HEVC one by
     CRF, from engine records, each with its "_clean" table where the records say grain."""
-    policy = _fit_h264(records, max_stages, caps, **kw)
-    if _h264_rows(records, "h264" + CLEAN):
-        policy.set_table("h264" + CLEAN, _fit_h264(records, max_stages, caps, "h264" + CLEAN, **kw))
-        policy.grain_limit = GRAIN_LIMIT
+    h264 = _h264_rows(records)
+    fit = lambda rows: _fit(rows, _frame_qp, max_stages, caps=caps, **kw)  # noqa: E731
+    policy = fit(h264)
+    _set_fitted(policy, "h264", h264, fit)
     hevc = [r for r in _aware(records) if r["codec"] == "libx265"]
     _set_fitted(policy, "hevc", hevc, lambda rows: _fit(rows, _crf, max_stages, **kw))
     blind_policy(records, max_stages, policy, **kw)
     return policy
+
+
+def _frame_qp(r: dict) -> float:
+    return float(r["qp"])
 
 
 def _crf(r: dict) -> float:

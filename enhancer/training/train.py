@@ -223,6 +223,14 @@ def train(args) -> Path:
     if args.export_only:
         return export(work, val_set, args, log)
     train_set = load_cache(work / "cache" / "train")
+    export_val = val_set
+    if args.codec:
+        train_set = [s for s in train_set if str(s["codec"]) == args.codec]
+        if not train_set:
+            raise SystemExit(f"--codec {args.codec}: no training sequence of that codec")
+        if args.codec == "libx265":
+            val_set = load_cache(work / "cache" / "val-hevc")
+        log(f"--codec {args.codec}: its training sequences only, selected on its validation")
     log(
         f"loaded {len(train_set)} train / {len(val_set)} validation samples; "
         f"device {device}, bf16 {bf16}"
@@ -393,7 +401,7 @@ def train(args) -> Path:
             if args.enhanced_p > 0 and step % args.refresh_every == 0 and step < args.steps:
                 refresh()
             t0 = time.time()
-    return export(work, val_set, args, log)
+    return export(work, export_val, args, log)
 
 
 def _averaged(model: VQENet, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
@@ -485,6 +493,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.2,
         help="share of libx265 encodes among the training sequences this run builds "
         "(a larger --train-count adds sequences and keeps the cached ones)",
+    )
+    p.add_argument(
+        "--codec",
+        choices=["libx264", "libx265"],
+        help="train on this codec's sequences only and select on its validation set "
+        "(weights of a codec's own)",
     )
     p.add_argument("--steps", type=int, default=30000)
     p.add_argument("--batch", type=int, default=16)

@@ -381,6 +381,23 @@ def test_train_export_only(trained, tmp_path):
         assert torch.equal(model.state_dict()[k], v.half().float())
 
 
+def test_train_on_one_codecs_sequences(trained, tmp_path):
+    """--codec trains on that codec's sequences and selects on its validation set."""
+    _, footage, work = trained
+    codecs = [str(np.load(p)["codec"]) for p in sorted((work / "cache" / "train").glob("*.npz"))]
+    for codec in ("libx264", "libx265"):
+        work2 = fork_work(work, tmp_path / codec)
+        args = [*train_args(footage, work2, 6, "--skip-build"), "--codec", codec]
+        if codec not in codecs:
+            with pytest.raises(SystemExit, match=f"--codec {codec}: no training sequence"):
+                train.main(args)
+            continue
+        assert train.main(args) == 0
+        log = log_after(work2 / "train.log")[len((work / "train.log").read_text()) :]
+        assert f"loaded {codecs.count(codec)} train / 2 validation samples" in log
+        assert f"--codec {codec}: its training sequences only" in log
+
+
 def test_export_keeps_the_init_files_output_rate(trained, tmp_path):
     """A fine-tune's export keeps the rate tables of the model file it started from."""
     _, footage, work = trained

@@ -19,7 +19,7 @@ input, the worst source, and time per frame:
 It also times the model on a 640x368 frame at CRF 22 and 37, takes the
 early-exit ratio (network time at CRF 22 over CRF 37) from the held-out
 streams (the median of three passes of vqe auto over them), and prints
-a verdict against the targets of the enhancer issue. Writes JSON (default
+a verdict against the targets of the enhancer v4 issue (issue 31). Writes JSON (default
 bench/results/quality.json).
 
     python bench/quality.py --footage ../shared/footage
@@ -353,15 +353,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# The enhancer v4 issue's targets: x264 on both paths, x265 on the codec-aware one.
+X264_TARGETS = ((37, 0.65), (27, 0.45), (22, 0.20))
+X265_TARGETS = ((37, 0.30), (27, 0.15))
+
+
 def verdict(table: dict, early_ratio: float) -> dict[str, bool]:
-    """The enhancer issue's targets, on x264 (codec-aware and blind)."""
-    get = lambda crf, m: table.get(f"x264 CRF {crf}", {}).get(m)  # noqa: E731
+    """The enhancer issue's targets (x264 codec-aware and blind, x265 codec-aware)."""
+    get = lambda crf, m, enc="x264": table.get(f"{enc} CRF {crf}", {}).get(m)  # noqa: E731
     out = {}
-    for crf, target in ((37, 0.5), (27, 0.3), (22, 0.0)):
+    for crf, target in X264_TARGETS:
         for m in PATHS:
             r = get(crf, m)
             if r:
                 out[f"{m} CRF {crf} >= {target:+.2f} dB"] = r["dpsnr_y"] >= target
+    for crf, target in X265_TARGETS:
+        if r := get(crf, "vqe auto", "x265"):
+            out[f"vqe auto x265 CRF {crf} >= {target:+.2f} dB"] = r["dpsnr_y"] >= target
+    for key, s in table.items():
+        if all(m in s for m in PATHS):
+            out[f"codec-aware at least as good as blind at {key}"] = (
+                s["vqe auto"]["dpsnr_y"] >= s["vqe blind"]["dpsnr_y"]
+            )
     for key, s in table.items():
         for m in PATHS:
             if m in s:

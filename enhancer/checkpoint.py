@@ -41,13 +41,13 @@ class ModelFile:
     meta: dict = field(default_factory=dict)
     pixel_qp: PixelQP = field(default_factory=PixelQP)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: str | Path) -> None:
         """Write it back (as ``save_model``, in the current format)."""
         save_model(path, self.network, self.estimator, self.policy, self.meta, self.pixel_qp)
 
 
 def save_model(
-    path: Path,
+    path: str | Path,
     model: VQENet,
     estimator: QPEstimator,
     policy: ExitPolicy | None,
@@ -65,6 +65,7 @@ def save_model(
         "pixel_qp": pixel_qp.to_state() if pixel_qp else None,
         "meta": meta,
     }
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(blob, tmp)

@@ -545,7 +545,7 @@ def test_save_and_load_model_round_trip(tmp_path):
     # Exactly the original weights rounded to fp16.
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v.half().float())
-    save_model(path, model, est, None, {})
+    save_model(str(path), model, est, None, {})  # a str path as well as a Path
     assert load_model(path).policy is None and not load_model(path).pixel_qp
 
 

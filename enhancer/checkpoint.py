@@ -4,7 +4,10 @@ A model file is a dict (torch.save, read with ``weights_only``) whose ``format``
 is ``vqe-model/<version>``. Version 3 holds ``config``, ``model`` and
 ``estimator`` (the network's config and the fp16 state dicts of it and its
 QP-map estimator), ``policy`` (ExitPolicy.to_dict, or None), ``pixel_qp``
-(the pixel CRF estimate's config and fp16 state dict, or None) and ``meta``.
+(the pixel CRF estimate's config and fp16 state dict, or None) and ``meta``;
+optionally ``hevc_model`` and ``hevc_estimator``: a network of the same config
+for HEVC streams on the codec-aware path (a vqe that does not know them uses
+the one network for every stream).
 Version 2 (vqe-v3.pt) kept the pixel CRF estimate base64 inside the policy's
 flat layout: ``load_model`` reads both, ``save_model`` writes version 3, and a
 file of a newer version is refused.
@@ -40,10 +43,13 @@ class ModelFile:
     policy: ExitPolicy | None = None
     meta: dict = field(default_factory=dict)
     pixel_qp: PixelQP = field(default_factory=PixelQP)
+    hevc_network: VQENet | None = None  # for HEVC streams on the codec-aware path
+    hevc_estimator: QPEstimator | None = None
 
     def save(self, path: str | Path) -> None:
         """Write it back (as ``save_model``, in the current format)."""
-        save_model(path, self.network, self.estimator, self.policy, self.meta, self.pixel_qp)
+        hevc = (self.hevc_network, self.hevc_estimator) if self.hevc_network else None
+        save_model(path, self.network, self.estimator, self.policy, self.meta, self.pixel_qp, hevc)
 
 
 def save_model(
@@ -53,8 +59,10 @@ def save_model(
     policy: ExitPolicy | None,
     meta: dict,
     pixel_qp: PixelQP | None = None,
+    hevc: tuple[VQENet, QPEstimator] | None = None,
 ) -> None:
-    """Write a self-describing model file (fp16 weights keep it small)."""
+    """Write a self-describing model file (fp16 weights keep it small); ``hevc``: the
+    network and estimator HEVC streams get on the codec-aware path (``model``'s config)."""
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
     blob = {
         "format": FORMAT,
@@ -65,6 +73,10 @@ def save_model(
         "pixel_qp": pixel_qp.to_state() if pixel_qp else None,
         "meta": meta,
     }
+    if hevc is not None:
+        if hevc[0].cfg != model.cfg:
+            raise ValueError("the HEVC network must have the main network's config")
+        blob["hevc_model"], blob["hevc_estimator"] = (half(m.state_dict()) for m in hevc)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -117,4 +129,13 @@ def load_model(path: str | Path | None = None, map_location: str = "cpu") -> Mod
     else:  # format 2: base64 in the policy
         pixel_qp = PixelQP.from_dict(policy.pop("blind_qp", None))
     policy = ExitPolicy.from_dict(policy) if policy else None
-    return ModelFile(model.eval(), est.eval(), policy, blob.get("meta", {}), pixel_qp)
+    loaded = ModelFile(model.eval(), est.eval(), policy, blob.get("meta", {}), pixel_qp)
+    if "hevc_model" in blob:
+        loaded.hevc_network = VQENet(model.cfg)
+        loaded.hevc_network.load_state_dict({k: v.float() for k, v in blob["hevc_model"].items()})
+        loaded.hevc_estimator = QPEstimator()
+        loaded.hevc_estimator.load_state_dict(
+            {k: v.float() for k, v in blob["hevc_estimator"].items()}
+        )
+        loaded.hevc_network.eval(), loaded.hevc_estimator.eval()
+    return loaded

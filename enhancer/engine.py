@@ -267,6 +267,12 @@ class Engine:
         self.precision = "bf16" if self.autocast else names[self.dtype]
         self.model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last)
         self.estimator = est.to(self.device, self.dtype)
+        self.hevc_model = self.hevc_estimator = None  # HEVC's own, where the file has them
+        if loaded.hevc_network is not None:
+            self.hevc_model = loaded.hevc_network.to(self.device, self.dtype).to(
+                memory_format=torch.channels_last
+            )
+            self.hevc_estimator = loaded.hevc_estimator.to(self.device, self.dtype)
 
     def check(self, stages: str | int = "auto", side_info: str = "auto") -> str | int:
         """Validate per-call options against this model; -> the stage count ("auto" or int)."""
@@ -421,7 +427,8 @@ class Engine:
                 if r is not None:
                     r.qp = None
         with torch.inference_mode(), self._amp():
-            batch = collate([item], self.model, self.estimator, self.device, self.dtype)
+            model, estimator = ctx["networks"]
+            batch = collate([item], model, estimator, self.device, self.dtype)
             if self.autocast:  # as the first convolution casts them: once, not once per crop
                 batch.inputs = batch.inputs.to(torch.bfloat16, memory_format=torch.channels_last)
         qp = float(batch.frame_qp[0])
@@ -441,13 +448,13 @@ class Engine:
         if n > 0:
             if transfer is None:
                 t_model = time.perf_counter()
-                out = self._run_model(batch, n, strength)[0]
+                out = self._run_model(batch, n, strength, model)[0]
             else:
                 t_transfer = time.perf_counter()
                 source = transfer.pixels()
                 t_model = time.perf_counter()
                 p.transfer_seconds += t_model - t_transfer
-                out = self._run_changed(batch, n, strength, transfer.runs, source)
+                out = self._run_changed(batch, n, strength, transfer.runs, source, model)
                 p.transferred = transfer.share
             p.model_seconds = time.perf_counter() - t_model
         return out, n, qp, use_bits
@@ -462,16 +469,20 @@ class Engine:
         context: int = CONTEXT,
         shrink=None,
         context_map=None,
+        model=None,
     ) -> None:
-        """Run the network on half-res rectangles (y0, y1, x0, x1), each with ``context``
-        pixels around it (``shrink``: the context kept before each stage), into ``out``."""
+        """Run the network (``model``, default the main one) on half-res rectangles (y0, y1,
+        x0, x1), each with ``context`` pixels around it (``shrink``: the context kept before
+        each stage), into ``out``."""
         x = batch.x
-        regions = run_regions(self.model, batch, stages, rects, context, shrink, context_map)
+        model = model or self.model
+        regions = run_regions(model, batch, stages, rects, context, shrink, context_map)
         for (y0, y1, x0, x1), res in regions:
             out[:, :, y0:y1, x0:x1] = _weaken(x[:, :, y0:y1, x0:x1], res.float(), strength)
 
     @torch.inference_mode()
-    def _run_model(self, batch, stages: int, strength: float = 1.0) -> torch.Tensor:
+    def _run_model(self, batch, stages: int, strength: float = 1.0, model=None) -> torch.Tensor:
+        model = model or self.model
         x, inp = batch.x, batch.inputs.contiguous(memory_format=torch.channels_last)
         _, _, h, w = x.shape
         tile = self.tile
@@ -479,27 +490,39 @@ class Engine:
             tile = 0 if h * w <= 540 * 960 else 384
         with self._amp():
             if not tile or (h <= tile and w <= tile):
-                out = self.model(x, inp, batch.seq_cond, batch.frame_cond, stages, True)[0].float()
+                out = model(x, inp, batch.seq_cond, batch.frame_cond, stages, True)[0].float()
                 return _weaken(x, out, strength)
             tile = max(32, tile // 8 * 8)
             out = torch.empty_like(x, dtype=torch.float32)
-            context_map = self.model.context(inp)  # once for the frame, not once a tile
+            context_map = model.context(inp)  # once for the frame, not once a tile
             for y0 in range(0, h, tile):
                 for x0 in range(0, w, tile):
                     y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
                     # One tile a call, not side by side: tiling is what bounds memory here.
                     tile_rect = [(y0, y1, x0, x1)]
                     self._run_regions(
-                        batch, stages, strength, tile_rect, out, TILE_CONTEXT, None, context_map
+                        batch,
+                        stages,
+                        strength,
+                        tile_rect,
+                        out,
+                        TILE_CONTEXT,
+                        None,
+                        context_map,
+                        model,
                     )
             return out
 
     @torch.inference_mode()
-    def _run_changed(self, batch, stages: int, strength: float, runs, source) -> torch.Tensor:
+    def _run_changed(
+        self, batch, stages: int, strength: float, runs, source, model=None
+    ) -> torch.Tensor:
         """Transfer ``source`` everywhere, then run the network on the changed rectangles."""
         out = source[None]
         with self._amp():
-            self._run_regions(batch, stages, strength, runs, out, CONTEXT, STAGE_CONTEXT)
+            self._run_regions(
+                batch, stages, strength, runs, out, CONTEXT, STAGE_CONTEXT, model=model
+            )
         return out[0]
 
     def _finish(self, p: _Pending, out, n, qp, from_bits, ctx):
@@ -548,6 +571,12 @@ class Engine:
             "seq_qp": seq_qp,
             "seq_known": seq_qp is not None,
             "codec": info.codec,
+            # HEVC's own network on the codec-aware path, where the model file has one.
+            "networks": (
+                (self.hevc_model, self.hevc_estimator)
+                if info.codec == "hevc" and side_info != "blind" and self.hevc_model is not None
+                else (self.model, self.estimator)
+            ),
             "qp_sum": 0.0,
             "qp_n": 0,
             "estimate": self.pixel_qp.estimate(info.bit_depth or 8) if self.pixel_qp else None,

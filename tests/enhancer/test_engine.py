@@ -15,6 +15,7 @@ import torch
 import enhancer.engine as engine_module
 from bitstream.types import RateControl
 from enhancer.batch import FrameInputs, collate
+from enhancer.checkpoint import load_model
 from enhancer.engine import CONTEXT, LARGE_TILE_QP, TILE, Engine, pick_device, transfer_tile
 from enhancer.features import cpu_has_bf16, planes_to_tensor, qp_plane
 from enhancer.policy import ExitPolicy, ExitTable
@@ -253,6 +254,30 @@ def test_engine_blind_uses_adjacent_frames_and_reports_estimated(h264, weights, 
     assert equal_frames(changed, blind) == [True, True, True, False, False, False, True, True]
 
 
+def test_engine_gives_hevc_streams_the_files_hevc_network(clip, h264, tmp_path):
+    """A model file with a network of HEVC's own: HEVC streams on the codec-aware path run
+    it (as if it were the file's only network), H.264 streams and the blind path the main one."""
+    main = load_model(write_weights(tmp_path / "main.pt", tiny_policy(), seed=1))
+    other = load_model(write_weights(tmp_path / "other.pt", tiny_policy(), seed=2))
+    both = tmp_path / "both.pt"
+    replace(main, hevc_network=other.network, hevc_estimator=other.estimator).save(both)
+    path = clip("h27.mp4", codec="libx265", size=(64, 48), frames=6,
+                options={"crf": "27", "x265-params": "log-level=none"})  # fmt: skip
+    hevc = decode(path)
+    engines = {name: Engine(tmp_path / f"{name}.pt", device="cpu") for name in ("main", "other")}
+    combined = Engine(both, device="cpu")
+    assert combined.hevc_model is not None and engines["main"].hevc_model is None
+    for (info, frames), opts, same_as in (
+        (hevc, {"stages": 3}, "other"),
+        (hevc, {"stages": 3, "side_info": "blind"}, "main"),
+        (h264, {"stages": 3}, "main"),
+    ):
+        got = enhance(combined, info, frames, **opts)
+        assert all(equal_frames(got, enhance(engines[same_as], info, frames, **opts)))
+    assert not all(equal_frames(enhance(engines["main"], *hevc, stages=3),
+                                enhance(engines["other"], *hevc, stages=3)))  # fmt: skip
+
+
 def test_engine_hevc_takes_the_peaks_plan_with_header_qp(clip, weights, monkeypatch):
     """HEVC: picture types and QP from the slice headers, quality-peak anchors aligned by
     search (no vectors), an estimated QP map; stages from the HEVC table by CRF."""
@@ -483,12 +508,12 @@ def test_changed_rectangles_run_as_one_call_per_crop_height(tmp_path, weights, m
     )
     run_changed = engine._run_changed
 
-    def counted(batch, stages, strength, runs, source):
+    def counted(batch, stages, strength, runs, source, model=None):
         rects.append(runs)
         calls.append([])
         inside[0] = True
         try:
-            return run_changed(batch, stages, strength, runs, source)
+            return run_changed(batch, stages, strength, runs, source, model)
         finally:
             inside[0] = False
 

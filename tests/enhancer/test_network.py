@@ -549,6 +549,23 @@ def test_save_and_load_model_round_trip(tmp_path):
     assert load_model(path).policy is None and not load_model(path).pixel_qp
 
 
+def test_model_file_round_trips_a_network_for_hevc(tmp_path):
+    model, other, est = tiny_model(seed=5), tiny_model(seed=6), QPEstimator().eval()
+    path = tmp_path / "m.pt"
+    save_model(path, model, est, None, {}, hevc=(other, est))
+    loaded = load_model(path)
+    for k, v in other.state_dict().items():
+        assert torch.equal(loaded.hevc_network.state_dict()[k], v.half().float())
+    assert loaded.hevc_estimator is not None and loaded.hevc_network.cfg == model.cfg
+    loaded.save(tmp_path / "again.pt")  # kept on the way back
+    assert load_model(tmp_path / "again.pt").hevc_network is not None
+    save_model(path, model, est, None, {})
+    assert load_model(path).hevc_network is None and load_model(path).hevc_estimator is None
+    wider = tiny_model(seed=6, partitions=False)  # another config
+    with pytest.raises(ValueError, match="main network's config"):
+        save_model(path, model, est, None, {}, hevc=(wider, est))
+
+
 def test_load_model_rejects_missing_and_foreign_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "nope.pt")
@@ -583,7 +600,12 @@ def test_shipped_model_file_saves_and_loads_unchanged(tmp_path):
     assert blob["format"] == FORMAT and "blind_qp" not in (blob["policy"] or {})
     again = load_model(tmp_path / "again.pt")
     assert again.policy == shipped.policy and again.meta == shipped.meta
-    for a, b in ((shipped.network, again.network), (shipped.estimator, again.estimator)):
+    pairs = [(shipped.network, again.network), (shipped.estimator, again.estimator)]
+    assert (again.hevc_network is None) == (shipped.hevc_network is None)
+    if shipped.hevc_network is not None:
+        pairs += [(shipped.hevc_network, again.hevc_network)]
+        pairs += [(shipped.hevc_estimator, again.hevc_estimator)]
+    for a, b in pairs:
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     if shipped.policy is not None:
         for kind in KINDS:

@@ -36,7 +36,8 @@ DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v5.pt"
 @dataclass
 class ModelFile:
     """What a model file holds: the network, the QP-map estimator, the exit policy, meta,
-    and the pixel CRF estimate of the blind path (empty where the file has none)."""
+    the pixel CRF estimate of the blind path (empty where the file has none) and, where
+    the file has them, HEVC's own network and estimator."""
 
     network: VQENet
     estimator: QPEstimator

@@ -174,9 +174,14 @@ class _Watch:
         grace = self.runner.finish_within
         margin = min(5.0, grace / 3)
         p = self.latest
-        if grace <= 0 or p is None or p.phase != "enhancing" or p.eta_seconds is None:
+        if grace <= 0 or p is None:
             return False
-        keep = now - self.shutdown_seen + p.eta_seconds + 2 * WATCH_INTERVAL <= grace - margin
+        # "encoding" is the encoder's flush after the last frame: the job is at its end, and
+        # handing it back there would throw away a finished run.
+        eta = 0.0 if p.phase == "encoding" else p.eta_seconds
+        if p.phase not in ("enhancing", "encoding") or eta is None:
+            return False
+        keep = now - self.shutdown_seen + eta + 2 * WATCH_INTERVAL <= grace - margin
         if keep and not self._finishing:
             self._finishing = True
             log.info(

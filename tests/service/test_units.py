@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 
 from enhancer.options import EnhanceOptions
+from enhancer.run import Progress
 from service.config import ENV_VARS, Limits, Settings
 from service.errors import InputTooLarge, NotAVideo, SourceUnavailable, URLNotAllowed, UserError
 from service.ingest.policy import URLPolicy
 from service.ingest.probe import ProbeReport, check_limits, probe_file
 from service.jobs.context import Context
 from service.jobs.database import Database, decode_cursor, encode_cursor, utcnow
-from service.jobs.executor import JobRunner, Outcome, backoff_seconds
+from service.jobs.executor import JobRunner, Outcome, _Watch, backoff_seconds
 from service.jobs.runtime import open_context
 from service.jobs.status import JobStatus
 from service.jobs.storage import Storage, is_job_id, new_job_id
@@ -342,6 +343,24 @@ def test_runner_stops_on_shutdown(ctx: Context, tmp_path: Path):
     assert time.monotonic() - started < 7  # the whole job would take 8 s or more
     assert ctx.jobs.get(job_id).status == "queued"
     assert ctx.storage.input_path(job_id).exists()  # kept for the next run
+
+
+def test_shutdown_lets_a_job_in_its_encoder_flush_finish(ctx: Context):
+    """A job past its last frame (the encoder's flush) is at its end: a shutdown must not
+    hand it back (it did, when a watcher tick fell between the last frame and the mux)."""
+    shutdown = threading.Event()
+    shutdown.set()
+    watch = _Watch(JobRunner(ctx, shutdown, finish_within=30.0), new_job_id(), "owner")
+    watch.progress(Progress("encoding", 40, 40, 6.0, 0.0))
+    assert watch._finishes_in_time()
+    watch.progress(Progress("encoding", 40, None, 6.0, None))  # a stream of unknown length
+    assert watch._finishes_in_time()
+    watch.progress(Progress("enhancing", 10, 40, 6.0, 5.0))
+    assert watch._finishes_in_time()
+    watch.progress(Progress("enhancing", 10, 400, 6.0, 65.0))  # far from its end
+    assert not watch._finishes_in_time()
+    watch.progress(Progress("probing", 0, None, 0.0, None))
+    assert not watch._finishes_in_time()
 
 
 # -- docker-compose ----------------------------------------------------------------------------

@@ -5,9 +5,9 @@ is ``vqe-model/<version>``. Version 3 holds ``config``, ``model`` and
 ``estimator`` (the network's config and the fp16 state dicts of it and its
 QP-map estimator), ``policy`` (ExitPolicy.to_dict, or None), ``pixel_qp``
 (the pixel CRF estimate's config and fp16 state dict, or None) and ``meta``;
-optionally ``hevc_model`` and ``hevc_estimator``: a network of the same config
-for HEVC streams on the codec-aware path (a vqe that does not know them uses
-the one network for every stream).
+optionally ``<codec>_model`` and ``<codec>_estimator`` (vqe-v5.pt: ``hevc_``): a
+network of the same config for that codec's streams on the codec-aware path (a
+vqe that does not know them uses the one network for every stream).
 Version 2 (vqe-v3.pt) kept the pixel CRF estimate base64 inside the policy's
 flat layout: ``load_model`` reads both, ``save_model`` writes version 3, and a
 file of a newer version is refused.
@@ -33,24 +33,34 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v5.pt"
 
 
+Networks = tuple[VQENet, QPEstimator]
+
+
 @dataclass
 class ModelFile:
     """What a model file holds: the network, the QP-map estimator, the exit policy, meta,
-    the pixel CRF estimate of the blind path (empty where the file has none) and, where
-    the file has them, HEVC's own network and estimator."""
+    the pixel CRF estimate of the blind path (empty where the file has none) and the
+    networks of codecs that have their own (``codec_networks``)."""
 
     network: VQENet
     estimator: QPEstimator
     policy: ExitPolicy | None = None
     meta: dict = field(default_factory=dict)
     pixel_qp: PixelQP = field(default_factory=PixelQP)
-    hevc_network: VQENet | None = None  # for HEVC streams on the codec-aware path
-    hevc_estimator: QPEstimator | None = None
+    # codec ("hevc") -> the network and estimator its streams get on the codec-aware path
+    codec_networks: dict[str, Networks] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         """Write it back (as ``save_model``, in the current format)."""
-        hevc = (self.hevc_network, self.hevc_estimator) if self.hevc_network else None
-        save_model(path, self.network, self.estimator, self.policy, self.meta, self.pixel_qp, hevc)
+        save_model(
+            path,
+            self.network,
+            self.estimator,
+            self.policy,
+            self.meta,
+            self.pixel_qp,
+            self.codec_networks,
+        )
 
 
 def save_model(
@@ -60,10 +70,11 @@ def save_model(
     policy: ExitPolicy | None,
     meta: dict,
     pixel_qp: PixelQP | None = None,
-    hevc: tuple[VQENet, QPEstimator] | None = None,
+    codec_networks: dict[str, Networks] | None = None,
 ) -> None:
-    """Write a self-describing model file (fp16 weights keep it small); ``hevc``: the
-    network and estimator HEVC streams get on the codec-aware path (``model``'s config)."""
+    """Write a self-describing model file (fp16 weights keep it small); ``codec_networks``:
+    codec -> the network and estimator its streams get on the codec-aware path (of
+    ``model``'s config)."""
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
     blob = {
         "format": FORMAT,
@@ -74,10 +85,13 @@ def save_model(
         "pixel_qp": pixel_qp.to_state() if pixel_qp else None,
         "meta": meta,
     }
-    if hevc is not None:
-        if hevc[0].cfg != model.cfg:
-            raise ValueError("the HEVC network must have the main network's config")
-        blob["hevc_model"], blob["hevc_estimator"] = (half(m.state_dict()) for m in hevc)
+    for codec, (network, est) in (codec_networks or {}).items():
+        if network.cfg != model.cfg:
+            raise ValueError(f"the {codec} network must have the main network's config")
+        blob[f"{codec}_model"], blob[f"{codec}_estimator"] = (
+            half(network.state_dict()),
+            half(est.state_dict()),
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -120,23 +134,29 @@ def model_config(path: str | Path | None = None) -> ModelConfig:
 def load_model(path: str | Path | None = None, map_location: str = "cpu") -> ModelFile:
     """The model file at ``path`` (default: the shipped weights), float32 on ``map_location``."""
     blob = _read(path, map_location)
-    model = VQENet(ModelConfig.from_dict(blob["config"]))
-    model.load_state_dict({k: v.float() for k, v in blob["model"].items()})
-    est = QPEstimator()
-    est.load_state_dict({k: v.float() for k, v in blob["estimator"].items()})
+    cfg = ModelConfig.from_dict(blob["config"])
+    model, est = _networks(cfg, blob, "")
     policy = dict(blob.get("policy") or {})
     if "pixel_qp" in blob:  # format 3
         pixel_qp = PixelQP.from_state(blob["pixel_qp"])
     else:  # format 2: base64 in the policy
         pixel_qp = PixelQP.from_dict(policy.pop("blind_qp", None))
     policy = ExitPolicy.from_dict(policy) if policy else None
-    loaded = ModelFile(model.eval(), est.eval(), policy, blob.get("meta", {}), pixel_qp)
-    if "hevc_model" in blob:
-        loaded.hevc_network = VQENet(model.cfg)
-        loaded.hevc_network.load_state_dict({k: v.float() for k, v in blob["hevc_model"].items()})
-        loaded.hevc_estimator = QPEstimator()
-        loaded.hevc_estimator.load_state_dict(
-            {k: v.float() for k, v in blob["hevc_estimator"].items()}
-        )
-        loaded.hevc_network.eval(), loaded.hevc_estimator.eval()
-    return loaded
+    codecs = [k.removesuffix("_model") for k in blob if k.endswith("_model")]
+    return ModelFile(
+        model,
+        est,
+        policy,
+        blob.get("meta", {}),
+        pixel_qp,
+        {codec: _networks(cfg, blob, f"{codec}_") for codec in codecs},
+    )
+
+
+def _networks(cfg: ModelConfig, blob: dict, prefix: str) -> Networks:
+    """The network and estimator stored under ``<prefix>model``/``<prefix>estimator``,
+    float32, in eval mode."""
+    model, est = VQENet(cfg), QPEstimator()
+    model.load_state_dict({k: v.float() for k, v in blob[f"{prefix}model"].items()})
+    est.load_state_dict({k: v.float() for k, v in blob[f"{prefix}estimator"].items()})
+    return model.eval(), est.eval()

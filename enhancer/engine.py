@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from bitstream.types import DecodedFrame, FrameSideInfo, SequenceInfo
 from enhancer.align import warp_frame
 from enhancer.batch import FrameInputs, Reference, collate, cost_plane
-from enhancer.checkpoint import load_model
+from enhancer.checkpoint import Networks, load_model
 from enhancer.features import (
     autocast,
     cpu_has_bf16,
@@ -109,6 +109,9 @@ class _Pending:
     transfer_seconds: float = 0.0
     pixel_crf: float | None = None  # the CRF estimated from the pixels, if the stream has none
     grain: float | None = None  # its grain level (enhancer.grain), where the policy reads it
+    # (level, table kind) the exit policy reads the frame by, where the stream's QP or the
+    # pixel CRF estimate gives it before the network's inputs are built
+    level: tuple[float, str] | None = None
 
 
 @dataclass
@@ -249,11 +252,11 @@ class Engine:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.device = pick_device(device)
         loaded = load_model(weights)
-        model, est, policy = loaded.network, loaded.estimator, loaded.policy
+        policy = loaded.policy
         self.meta = loaded.meta
         self.policy = policy
         self.pixel_qp = loaded.pixel_qp
-        self.max_stages = model.cfg.stages
+        self.max_stages = loaded.network.cfg.stages
         self.tile = tile  # half-resolution tile edge; None = automatic, 0 = never tile
         self.recurrent = recurrent
         self.transfer = transfer
@@ -265,14 +268,15 @@ class Engine:
             self.autocast = True
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         self.precision = "bf16" if self.autocast else names[self.dtype]
-        self.model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last)
-        self.estimator = est.to(self.device, self.dtype)
-        self.hevc_model = self.hevc_estimator = None  # HEVC's own, where the file has them
-        if loaded.hevc_network is not None:
-            self.hevc_model = loaded.hevc_network.to(self.device, self.dtype).to(
-                memory_format=torch.channels_last
-            )
-            self.hevc_estimator = loaded.hevc_estimator.to(self.device, self.dtype)
+        self.model, self.estimator = self._placed((loaded.network, loaded.estimator))
+        # codec -> its own network and estimator (the codec-aware path), where the file has one
+        self.codec_networks = {c: self._placed(n) for c, n in loaded.codec_networks.items()}
+
+    def _placed(self, networks: Networks) -> Networks:
+        """A network and its estimator on this engine's device and dtype."""
+        model, est = networks
+        model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last)
+        return model, est.to(self.device, self.dtype)
 
     def check(self, stages: str | int = "auto", side_info: str = "auto") -> str | int:
         """Validate per-call options against this model; -> the stage count ("auto" or int)."""
@@ -301,28 +305,27 @@ class Engine:
         differs from the one for grainy frames). A caller can use it to copy untouched
         GOPs as they are.
         """
-        return self._plan(side, info, self.check(stages, side_info), side_info)
+        stages = self.check(stages, side_info)
+        level = None
+        if self.policy and side_info != "blind" and side.qp is not None:
+            level = self._policy_level(side.qp, info.codec, info.sequence_qp)
+        return self._plan(level, stages)
 
     def _plan(
-        self,
-        side: FrameSideInfo,
-        info: SequenceInfo,
-        stages,
-        side_info: str,
-        grain: float | None = None,
+        self, level: tuple[float, str] | None, stages, grain: float | None = None
     ) -> int | None:
-        """``plan_stages`` for options already checked (per frame: no validation again);
-        ``grain``: the frame's grain level, if measured."""
+        """``plan_stages`` for options already checked (per frame: no validation again), at
+        the frame's policy ``level`` (None: not known from the side info); ``grain``: the
+        frame's grain level, if measured."""
         if stages != "auto":
             return int(stages)
         if not self.policy:
             return self.max_stages
-        if side_info == "blind" or side.qp is None:
+        if level is None:
             return None
-        level, kind = self._policy_level(side.qp, info.codec, info.sequence_qp)
-        if grain is None and self.policy.grain_decides(level, kind):
+        if grain is None and self.policy.grain_decides(*level):
             return None  # the pixels' grain decides
-        return self.policy.stages_for(level, kind, grain)
+        return self.policy.stages_for(*level, grain)
 
     def _policy_level(
         self, qp: float, codec: str, seq_qp: float | None, pixel_crf: float | None = None
@@ -383,11 +386,7 @@ class Engine:
         )
         pict = side.pict_type if plan.pict_type and side.sources.get("pict_type") != "none" else "?"
         frame_qp = side.qp if plan.frame_qp and side.qp is not None else None
-        runs = (
-            self._plan(side, info, ctx["stages"], ctx["side_info"], p.grain)
-            if frame_qp is not None
-            else None
-        )
+        runs = self._plan(p.level, ctx["stages"], p.grain) if frame_qp is not None else None
         if runs == 0:
             # The stream's QP already says nothing runs: no alignment, no inputs.
             ctx["qp_sum"] += frame_qp
@@ -440,7 +439,7 @@ class Engine:
         if ctx["stages"] != "auto":
             n = ctx["stages"]
         elif self.policy:
-            level = self._policy_level(qp, info.codec, ctx["seq_qp"], p.pixel_crf)
+            level = p.level or self._policy_level(qp, info.codec, ctx["seq_qp"], p.pixel_crf)
             n = self.policy.stages_for(*level, p.grain)
             strength = self.policy.strength_for(*level, p.grain)
         p.model_seconds, p.transferred = 0.0, 0.0
@@ -571,11 +570,9 @@ class Engine:
             "seq_qp": seq_qp,
             "seq_known": seq_qp is not None,
             "codec": info.codec,
-            # HEVC's own network on the codec-aware path, where the model file has one.
-            "networks": (
-                (self.hevc_model, self.hevc_estimator)
-                if info.codec == "hevc" and side_info != "blind" and self.hevc_model is not None
-                else (self.model, self.estimator)
+            # The codec's own network on the codec-aware path, where the model file has one.
+            "networks": self.codec_networks.get(
+                info.codec if side_info != "blind" else "", (self.model, self.estimator)
             ),
             "qp_sum": 0.0,
             "qp_n": 0,
@@ -597,21 +594,20 @@ class Engine:
         estimated = not (ctx["plan"].frame_qp and frame.side.qp is not None)
         if estimated and not ctx["seq_known"] and ctx["estimate"] is not None:
             p.pixel_crf = ctx["estimate"].add(frame.planes[0])
-        if self._grain_decides(frame, p, ctx):
+        if self.policy:
+            qp = frame.side.qp if ctx["plan"].frame_qp else None
+            if qp is not None or p.pixel_crf is not None:
+                p.level = self._policy_level(qp, ctx["codec"], ctx["seq_qp"], p.pixel_crf)
+        if self._grain_decides(p, ctx):
             p.grain = grain_level(frame.planes[0], ctx["bit_depth"])
         return p
 
-    def _grain_decides(self, frame: DecodedFrame, p: _Pending, ctx: dict) -> bool:
-        """Whether the policy needs this frame's grain: its level (the stream's QP or the
-        pixel CRF estimate) falls where the tables for clean and grainy frames differ, or
-        is not known yet."""
+    def _grain_decides(self, p: _Pending, ctx: dict) -> bool:
+        """Whether the policy needs this frame's grain: its level falls where the tables for
+        clean and grainy frames differ, or is not known yet."""
         if ctx["stages"] != "auto" or not self.policy or self.policy.grain_limit is None:
             return False
-        qp = frame.side.qp if ctx["plan"].frame_qp else None
-        if qp is None and p.pixel_crf is None:
-            return True
-        level = self._policy_level(qp, ctx["codec"], ctx["seq_qp"], p.pixel_crf)
-        return self.policy.grain_decides(*level, strength=True)
+        return p.level is None or self.policy.grain_decides(*p.level, strength=True)
 
     def _process_peaks(self, frames, info, ctx):
         anchor: _Anchor | None = None

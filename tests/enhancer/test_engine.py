@@ -260,13 +260,13 @@ def test_engine_gives_hevc_streams_the_files_hevc_network(clip, h264, tmp_path):
     main = load_model(write_weights(tmp_path / "main.pt", tiny_policy(), seed=1))
     other = load_model(write_weights(tmp_path / "other.pt", tiny_policy(), seed=2))
     both = tmp_path / "both.pt"
-    replace(main, hevc_network=other.network, hevc_estimator=other.estimator).save(both)
+    replace(main, codec_networks={"hevc": (other.network, other.estimator)}).save(both)
     path = clip("h27.mp4", codec="libx265", size=(64, 48), frames=6,
                 options={"crf": "27", "x265-params": "log-level=none"})  # fmt: skip
     hevc = decode(path)
     engines = {name: Engine(tmp_path / f"{name}.pt", device="cpu") for name in ("main", "other")}
     combined = Engine(both, device="cpu")
-    assert combined.hevc_model is not None and engines["main"].hevc_model is None
+    assert set(combined.codec_networks) == {"hevc"} and engines["main"].codec_networks == {}
     for (info, frames), opts, same_as in (
         (hevc, {"stages": 3}, "other"),
         (hevc, {"stages": 3, "side_info": "blind"}, "main"),

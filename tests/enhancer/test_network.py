@@ -552,18 +552,21 @@ def test_save_and_load_model_round_trip(tmp_path):
 def test_model_file_round_trips_a_network_for_hevc(tmp_path):
     model, other, est = tiny_model(seed=5), tiny_model(seed=6), QPEstimator().eval()
     path = tmp_path / "m.pt"
-    save_model(path, model, est, None, {}, hevc=(other, est))
+    save_model(path, model, est, None, {}, codec_networks={"hevc": (other, est)})
+    assert "hevc_model" in torch.load(path, weights_only=True)  # vqe-v5.pt's keys
     loaded = load_model(path)
+    assert set(loaded.codec_networks) == {"hevc"}
+    network, estimator = loaded.codec_networks["hevc"]
     for k, v in other.state_dict().items():
-        assert torch.equal(loaded.hevc_network.state_dict()[k], v.half().float())
-    assert loaded.hevc_estimator is not None and loaded.hevc_network.cfg == model.cfg
+        assert torch.equal(network.state_dict()[k], v.half().float())
+    assert network.cfg == model.cfg and not network.training and not estimator.training
     loaded.save(tmp_path / "again.pt")  # kept on the way back
-    assert load_model(tmp_path / "again.pt").hevc_network is not None
+    assert set(load_model(tmp_path / "again.pt").codec_networks) == {"hevc"}
     save_model(path, model, est, None, {})
-    assert load_model(path).hevc_network is None and load_model(path).hevc_estimator is None
+    assert load_model(path).codec_networks == {}
     wider = tiny_model(seed=6, partitions=False)  # another config
     with pytest.raises(ValueError, match="main network's config"):
-        save_model(path, model, est, None, {}, hevc=(wider, est))
+        save_model(path, model, est, None, {}, codec_networks={"hevc": (wider, est)})
 
 
 def test_load_model_rejects_missing_and_foreign_files(tmp_path):
@@ -601,10 +604,9 @@ def test_shipped_model_file_saves_and_loads_unchanged(tmp_path):
     again = load_model(tmp_path / "again.pt")
     assert again.policy == shipped.policy and again.meta == shipped.meta
     pairs = [(shipped.network, again.network), (shipped.estimator, again.estimator)]
-    assert (again.hevc_network is None) == (shipped.hevc_network is None)
-    if shipped.hevc_network is not None:
-        pairs += [(shipped.hevc_network, again.hevc_network)]
-        pairs += [(shipped.hevc_estimator, again.hevc_estimator)]
+    assert set(again.codec_networks) == set(shipped.codec_networks)
+    for codec, networks in shipped.codec_networks.items():
+        pairs += zip(networks, again.codec_networks[codec], strict=True)
     for a, b in pairs:
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     if shipped.policy is not None:

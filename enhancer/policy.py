@@ -72,8 +72,12 @@ class ExitTable:
         without a level or values."""
         if not values or level is None or not np.isfinite(level):
             return default
+        return values[min(self.bin(level), len(values) - 1)]
+
+    def bin(self, level: float) -> int:
+        """The index of ``level``'s bin (the end bins clamped)."""
         i = int(np.searchsorted(self.edges, level, side="right")) - 1
-        return values[min(max(i, 0), len(values) - 1)]
+        return min(max(i, 0), len(self.edges) - 2)
 
     @classmethod
     def from_dict(cls, d: dict) -> ExitTable:

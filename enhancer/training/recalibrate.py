@@ -73,6 +73,8 @@ GRAIN_LIMIT = 0.55
 # least reliable level (x265 CRF 22 reads 32-36 on some sources), and a clean table fitted on
 # its fewer frames lost 0.055 dB on one source (Kite, x265 CRF 22) on bench/quality's crops.
 CLEAN_KINDS = ("h264", "hevc", "blind")
+# The tables of the blind path (with their "_clean" twins).
+BLIND_KINDS = tuple(k for k in KINDS if k.startswith("blind"))
 # Per path measured: the engine's side_info, codecs.
 PATHS = {
     "aware": ("auto", ("libx264", "libx265")),
@@ -283,7 +285,6 @@ def _fit_budget(records, max_stages, policy, kind, costs, price, budget) -> None
         for c in range(S + 1)
     ]
     rows = _h264_rows(records)
-    edges = np.asarray(fits[S].edges)
     # Per record: uses this table?, its bin, and (gain, cost) under each cap.
     gain = np.zeros((nbins, S + 1))
     cost = {crf: np.zeros((nbins, S + 1)) for crf in (22, 37)}
@@ -298,7 +299,7 @@ def _fit_budget(records, max_stages, policy, kind, costs, price, budget) -> None
             if r["crf"] in cost:
                 fixed[r["crf"]] += costs[k - 1] if k else 0.0
             continue
-        b = min(max(int(np.searchsorted(edges, qp, side="right")) - 1, 0), nbins - 1)
+        b = fits[S].bin(qp)
         for c, fit in enumerate(fits):
             k = fit.stages[b]
             if k:
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if _aware(records):
         policy = budgeted_policy(records, stages, log, args.price, args.exit_budget)
         if old and not any(r.get("path") == "blind" for r in records):
-            for kind in ("blind", "blind_hevc"):  # a path not measured keeps its tables
+            for kind in BLIND_KINDS:  # a path not measured keeps its tables
                 if kind in old.tables:
                     policy.set_table(kind, old.tables[kind])
     else:  # only blind paths measured: the codec-aware and HEVC tables stay

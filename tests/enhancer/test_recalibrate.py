@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from enhancer.checkpoint import load_model
+from enhancer.policy import ExitTable
+from enhancer.training import recalibrate
 from enhancer.training.recalibrate import (
     EXIT_BUDGET,
     PRICE,
@@ -14,6 +19,7 @@ from enhancer.training.recalibrate import (
     mean_gain,
     policy_from,
 )
+from tests.enhancer.tiny import tiny_policy, write_weights
 
 
 def _rec(codec, crf, qp, source, deltas, ms=(10.0, 20.0, 30.0), weak=None):
@@ -78,3 +84,24 @@ def test_blind_records_get_their_own_table_by_the_pixel_estimate():
     hevc = [_rec("libx265", 22, 45.0, s, [-0.4, -0.4, -0.4]) | {"path": "blind"} for s in "ab" * 4]
     both = policy_from(aware + blind + hevc, 3, tolerance=0.0)
     assert both.stages_for(45.0, "blind_hevc") == 0 and both.stages_for(45.0, "blind") == 3
+
+
+def test_a_path_not_measured_keeps_all_its_tables(tmp_path):
+    """Calibrating from codec-aware records only rewrites the aware tables: the blind
+    path's, its "_clean" twins included, stay as the model file has them."""
+    blind = ExitTable(stages=[1] * 9, strengths=[0.5] * 9)
+    blind_clean = ExitTable(stages=[2] * 9, strengths=[0.75] * 9)
+    weights = write_weights(
+        tmp_path / "w.pt",
+        tiny_policy(blind=blind, blind_clean=blind_clean, blind_hevc=blind),
+    )
+    records = [_rec("libx264", c, float(c), s, [0.1, 0.2, 0.3]) for c in (22, 37) for s in "ab"]
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([r | {"grain": 0.3} for r in records]))
+    out = tmp_path / "out.pt"
+    args = ["--weights", str(weights), "--records", str(path), "--reuse", "--write", str(out)]
+    assert recalibrate.main(args) == 0
+    policy = load_model(out).policy
+    assert policy.tables["h264"] != tiny_policy().tables["h264"]  # the aware one was fitted
+    for kind, table in (("blind", blind), ("blind_clean", blind_clean), ("blind_hevc", blind)):
+        assert policy.tables[kind] == table, kind

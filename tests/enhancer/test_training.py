@@ -382,20 +382,30 @@ def test_train_export_only(trained, tmp_path):
 
 
 def test_train_on_one_codecs_sequences(trained, tmp_path):
-    """--codec trains on that codec's sequences and selects on its validation set."""
+    """--codec trains on that codec's sequences and selects on its validation set; a cache
+    without that codec's sequences is refused."""
     _, footage, work = trained
-    codecs = [str(np.load(p)["codec"]) for p in sorted((work / "cache" / "train").glob("*.npz"))]
-    for codec in ("libx264", "libx265"):
+    train_files = sorted((work / "cache" / "train").glob("*.npz"))
+    codecs = [str(np.load(p)["codec"]) for p in train_files]
+    assert sorted(codecs) == ["libx264", "libx265"]  # the fixture's seed gives one of each
+    for codec in codecs:
         work2 = fork_work(work, tmp_path / codec)
-        args = [*train_args(footage, work2, 6, "--skip-build"), "--codec", codec]
-        if codec not in codecs:
-            with pytest.raises(SystemExit, match=f"--codec {codec}: no training sequence"):
-                train.main(args)
-            continue
-        assert train.main(args) == 0
+        assert train.main([*train_args(footage, work2, 6, "--skip-build"), "--codec", codec]) == 0
         log = log_after(work2 / "train.log")[len((work / "train.log").read_text()) :]
-        assert f"loaded {codecs.count(codec)} train / 2 validation samples" in log
+        assert "loaded 1 train / 2 validation samples" in log
         assert f"--codec {codec}: its training sequences only" in log
+    # The same cache with its x264 sequence only.
+    only = fork_work(work, tmp_path / "x264-only")
+    (only / "cache").unlink()
+    (only / "cache" / "train").mkdir(parents=True)
+    for entry in (work / "cache").iterdir():
+        if entry.name != "train":
+            (only / "cache" / entry.name).symlink_to(entry)
+    x264 = train_files[codecs.index("libx264")]
+    (only / "cache" / "train" / x264.name).symlink_to(x264)
+    args = [*train_args(footage, only, 6, "--skip-build"), "--codec", "libx265"]
+    with pytest.raises(SystemExit, match="--codec libx265: no training sequence"):
+        train.main(args)
 
 
 def test_export_keeps_the_init_files_output_rate(trained, tmp_path):

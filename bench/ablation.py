@@ -2,12 +2,13 @@
 
 Columns (ΔPSNR-Y in dB over the decoded input, all stages):
 
-- full: the codec-aware path as the engine runs it (quality-peak anchors,
-  enhanced, aligned by the bitstream's vectors and matching, copied blocks
-  transferred);
+- full: the codec-aware path as the engine runs it by default (quality-peak
+  anchors, enhanced or decoded as the model file says, aligned by the
+  bitstream's vectors and matching, copied blocks transferred from the
+  anchors' enhanced outputs);
 - no transfer: the same, every block computed;
-- raw refs: the same with the anchors' decoded pictures instead of their
-  enhanced outputs (no recurrence);
+- other refs: the same with the other references (the decoded anchors where
+  the default borrows the enhanced ones, and the other way round);
 - peaks (enhanced, val) / (raw, val): the training-time validation with the
   anchors as this model enhances them (training.anchors) or as decoded;
 - adjacent: the neighbouring frames instead of the quality peaks (all other
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     engines = {  # name -> (engine, side_info); all at 3 stages
         "full": (full, "auto"),
         "no transfer": (Engine(args.weights, device="cpu", transfer=False), "auto"),
-        "raw refs": (Engine(args.weights, device="cpu", recurrent=False), "auto"),
+        "other refs": (Engine(args.weights, device="cpu", recurrent=not full.recurrent), "auto"),
         "blind": (full, "blind"),
     }
     variants = {Path(v).stem: v for v in args.variants.split(",") if v}
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [
         "full",
         "no transfer",
-        "raw refs",
+        "other refs",
         "peaks (enhanced, val)",
         "peaks (raw, val)",
         "adjacent",

@@ -8,11 +8,14 @@ quality-peak anchors, the I/P frames before and after it; on the blind path
 its neighbours. A B-frame waits (at most ``MAX_PENDING`` frames) until its
 future anchor has arrived; anchors are enhanced first. References are
 aligned per 8x8 block by matching (align.py), seeded by the bitstream's
-motion vectors where the stream has them. The network borrows the anchors'
-decoded pictures by default; ``recurrent=True`` hands it their enhanced
-outputs instead (measured 0.03 dB worse at CRF 27-37 with vqe-v3, see
-bench/ablation.py). Either way, blocks the encoder copied from an anchor
-take the anchor's enhanced pixels (transfer) instead of being computed.
+motion vectors where the stream has them. The network borrows either the
+anchors' decoded pictures or (recurrent) their enhanced outputs: what it was
+measured best with, which its model file says (meta "references", and
+"hevc_references" for HEVC's own network: "enhanced" or "decoded", the
+default; vqe-v5's main network gains 0.02-0.05 dB more with its enhanced
+anchors, its HEVC network and vqe-v3 do not: bench/ablation.py). Either way,
+blocks the encoder copied from an anchor take the anchor's enhanced pixels
+(transfer) instead of being computed.
 
 Precision: bf16 autocast with channels_last on CPUs with AMX / AVX-512 BF16,
 fp32 on other CPUs, bf16 (or fp16) weights on CUDA. Large frames are tiled
@@ -26,6 +29,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,7 @@ from enhancer.references import ANCHOR_TYPES, MAX_PENDING, align_reference, inpu
 from enhancer.regions import run_regions
 
 PRECISIONS = ("auto", "bf16", "fp32")
+REFERENCES = ("decoded", "enhanced")  # a model file's meta "references"
 # Transfer (after FAST, Zhang and Sze 2017): where a block's decode matches its aligned
 # anchor this closely (mean absolute luma difference, 0..1; the cost is blended with the
 # neighbours', so the whole neighbourhood must match), the encoder copied it (skipped, no
@@ -224,6 +229,23 @@ def _weaken(x: torch.Tensor, out: torch.Tensor, strength: float) -> torch.Tensor
     return x.float() + strength * (out - x.float())
 
 
+def references_of(meta: dict, prefix: str = "") -> str:
+    """What a model file's network (``prefix``: "hevc_" for HEVC's own) borrows from its
+    anchors: "enhanced" or "decoded"."""
+    refs = meta.get(f"{prefix}references", "decoded")
+    if refs not in REFERENCES:
+        raise ValueError(
+            f"model file: {prefix}references must be one of {REFERENCES}, not {refs!r}"
+        )
+    return refs
+
+
+class _Network(NamedTuple):
+    model: torch.nn.Module
+    estimator: torch.nn.Module
+    recurrent: bool  # borrows its anchors' enhanced outputs (else their decoded pictures)
+
+
 def _as_samples(out: torch.Tensor, ctx: dict) -> torch.Tensor:
     """The enhanced frame as the integer samples that are written (what training borrows)."""
     maxv = (1 << ctx["bit_depth"]) - 1
@@ -235,7 +257,9 @@ class Engine:
     options (stage count, side information), as whisper's model transcribes.
 
     ``weights``, ``device``, ``precision`` and ``tile`` belong to the loaded model: they
-    decide where and in what arithmetic it runs. Threads are the caller's
+    decide where and in what arithmetic it runs. ``recurrent``: whether the network
+    borrows its anchors' enhanced outputs (None: per network, as the model file says).
+    Threads are the caller's
     (``torch.set_num_threads``), set once per process.
     """
 
@@ -245,7 +269,7 @@ class Engine:
         device: str = "auto",
         tile: int | None = None,
         precision: str = "auto",
-        recurrent: bool = False,
+        recurrent: bool | None = None,
         transfer: bool = True,
     ):
         if precision not in PRECISIONS:
@@ -258,7 +282,6 @@ class Engine:
         self.pixel_qp = loaded.pixel_qp
         self.max_stages = loaded.network.cfg.stages
         self.tile = tile  # half-resolution tile edge; None = automatic, 0 = never tile
-        self.recurrent = recurrent
         self.transfer = transfer
         self.dtype = torch.float32  # of the tensors handed to the model
         self.autocast = False
@@ -268,15 +291,25 @@ class Engine:
             self.autocast = True
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         self.precision = "bf16" if self.autocast else names[self.dtype]
-        self.model, self.estimator = self._placed((loaded.network, loaded.estimator))
-        # codec -> its own network and estimator (the codec-aware path), where the file has one
-        self.codec_networks = {c: self._placed(n) for c, n in loaded.codec_networks.items()}
+        main = self._placed((loaded.network, loaded.estimator), recurrent, loaded.meta, "")
+        self.model, self.estimator, self.recurrent = main
+        self.network = main
+        # codec -> its own network (the codec-aware path), where the file has one
+        self.codec_networks = {
+            c: self._placed(n, recurrent, loaded.meta, f"{c}_")
+            for c, n in loaded.codec_networks.items()
+        }
 
-    def _placed(self, networks: Networks) -> Networks:
-        """A network and its estimator on this engine's device and dtype."""
+    def _placed(
+        self, networks: Networks, recurrent: bool | None, meta: dict, prefix: str
+    ) -> _Network:
+        """A network and its estimator on this engine's device and dtype, recurrent as asked
+        or (None) as the model file's ``<prefix>references`` says."""
         model, est = networks
         model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last)
-        return model, est.to(self.device, self.dtype)
+        if recurrent is None:
+            recurrent = references_of(meta, prefix) == "enhanced"
+        return _Network(model, est.to(self.device, self.dtype), recurrent)
 
     def check(self, stages: str | int = "auto", side_info: str = "auto") -> str | int:
         """Validate per-call options against this model; -> the stage count ("auto" or int)."""
@@ -426,7 +459,7 @@ class Engine:
                 if r is not None:
                     r.qp = None
         with torch.inference_mode(), self._amp():
-            model, estimator = ctx["networks"]
+            model, estimator, _ = ctx["network"]
             batch = collate([item], model, estimator, self.device, self.dtype)
             if self.autocast:  # as the first convolution casts them: once, not once per crop
                 batch.inputs = batch.inputs.to(torch.bfloat16, memory_format=torch.channels_last)
@@ -571,8 +604,8 @@ class Engine:
             "seq_known": seq_qp is not None,
             "codec": info.codec,
             # The codec's own network on the codec-aware path, where the model file has one.
-            "networks": self.codec_networks.get(
-                info.codec if side_info != "blind" else "", (self.model, self.estimator)
+            "network": self.codec_networks.get(
+                info.codec if side_info != "blind" else "", self.network
             ),
             "qp_sum": 0.0,
             "qp_n": 0,
@@ -620,9 +653,10 @@ class Engine:
                     yield self._run_one(waiting.popleft(), [anchor, None], info, ctx)
                 continue
             out, n, qp, bits = self._enhance(p, [anchor, None], info, ctx)
-            keep = out is not None and (self.recurrent or self.transfer)
+            recurrent = ctx["network"].recurrent
+            keep = out is not None and (recurrent or self.transfer)
             enhanced = _as_samples(out, ctx) if keep else None
-            kept = enhanced if enhanced is not None and self.recurrent else p.cur
+            kept = enhanced if enhanced is not None and recurrent else p.cur
             new = _Anchor(frame.index, p.cur, kept, frame.side.qp, enhanced)
             while waiting:
                 yield self._run_one(waiting.popleft(), [anchor, new], info, ctx)

@@ -442,6 +442,8 @@ def export(work: Path, val_set, args, log) -> Path:
     A fine-tune keeps its ``--init`` file's output-rate tables (enhancer.output_rate):
     they were measured for weights that gain nearly the same, and without them the
     pipeline would fall back to vqe-v1's table. Re-run rate_calibration to refresh them.
+    It keeps the file's ``references`` too (what the engine hands the network from its
+    anchors, decided by bench/ablation.py for those weights).
     """
     ck = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
     model, est = VQENet(ModelConfig.from_dict(ck["config"])), QPEstimator()
@@ -473,6 +475,8 @@ def export(work: Path, val_set, args, log) -> Path:
         "recipe": vars(args) | {"work": str(work)},
         "validation": {str(k): v for k, v in res["crf"].items()},
     }
+    if init is not None and "references" in init.meta:
+        meta["references"] = init.meta["references"]
     if init is not None and "output_rate" in init.meta:
         meta["output_rate"] = init.meta["output_rate"]
         meta["output_rate_source"] = f"{args.init} (kept at export)"

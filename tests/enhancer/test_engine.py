@@ -171,6 +171,39 @@ def test_engine_recurrence_borrows_the_enhanced_anchors(h264, weights):
     assert all(equal_frames(a, b))
 
 
+def test_engine_hands_the_network_the_references_its_model_file_names(h264, tmp_path):
+    """meta "references": "enhanced" makes the engine recurrent by default (what such a
+    network was trained and measured with); "decoded" or none, not; an explicit
+    ``recurrent`` wins; an unknown value is refused."""
+    info, frames = h264
+    plain = load_model(write_weights(tmp_path / "plain.pt", tiny_policy()))
+    for refs in ("enhanced", "decoded", "sideways"):
+        replace(plain, meta=plain.meta | {"references": refs}).save(tmp_path / f"{refs}.pt")
+    assert Engine(tmp_path / "enhanced.pt", device="cpu").recurrent
+    assert not Engine(tmp_path / "decoded.pt", device="cpu").recurrent
+    assert not Engine(tmp_path / "plain.pt", device="cpu").recurrent
+    assert not Engine(tmp_path / "enhanced.pt", device="cpu", recurrent=False).recurrent
+    by_file = enhance(Engine(tmp_path / "enhanced.pt", device="cpu"), info, frames, stages=3)
+    asked = enhance(
+        Engine(tmp_path / "plain.pt", device="cpu", recurrent=True), info, frames, stages=3
+    )
+    assert all(equal_frames(by_file, asked))
+    decoded = enhance(Engine(tmp_path / "decoded.pt", device="cpu"), info, frames, stages=3)
+    assert not all(equal_frames(by_file, decoded))
+    with pytest.raises(ValueError, match="references must be one of"):
+        Engine(tmp_path / "sideways.pt", device="cpu")
+    # A codec's own network says its own.
+    other = load_model(write_weights(tmp_path / "other.pt", tiny_policy(), seed=2))
+    meta = plain.meta | {"references": "enhanced", "hevc_references": "decoded"}
+    networks = {"hevc": (other.network, other.estimator)}
+    replace(plain, meta=meta, codec_networks=networks).save(tmp_path / "both.pt")
+    both = Engine(tmp_path / "both.pt", device="cpu")
+    assert both.recurrent and not both.codec_networks["hevc"].recurrent
+    assert (
+        Engine(tmp_path / "both.pt", device="cpu", recurrent=True).codec_networks["hevc"].recurrent
+    )
+
+
 def test_engine_rejects_bad_settings(weights, tmp_path):
     engine = Engine(weights, device="cpu")
     # Per-call options are refused when called, before any frame is pulled.

@@ -409,20 +409,23 @@ def test_train_on_one_codecs_sequences(trained, tmp_path):
 
 
 def test_export_keeps_the_init_files_output_rate(trained, tmp_path):
-    """A fine-tune's export keeps the rate tables of the model file it started from."""
+    """A fine-tune's export keeps the rate tables of the model file it started from, and
+    what its engine hands the network from the anchors."""
     _, footage, work = trained
     init = load_model(work / "tiny.pt")
     table = {"balanced": {"22": {"margin": 4}}, "calibrated": "test"}
     init.meta["output_rate"] = table
+    init.meta["references"] = "enhanced"
     init.save(tmp_path / "init.pt")
     work2 = fork_work(work, tmp_path / "w")
     args = train_args(footage, work2, 6, "--export-only", "--skip-build")
     assert train.main([*args, "--init", str(tmp_path / "init.pt")]) == 0
     meta = load_model(work2 / "tiny.pt").meta
-    assert meta["output_rate"] == table
+    assert meta["output_rate"] == table and meta["references"] == "enhanced"
     assert meta["output_rate_source"].startswith(str(tmp_path / "init.pt"))
     assert train.main(train_args(footage, work2, 6, "--export-only", "--skip-build")) == 0
-    assert "output_rate" not in load_model(work2 / "tiny.pt").meta  # nothing to keep
+    meta = load_model(work2 / "tiny.pt").meta
+    assert "output_rate" not in meta and "references" not in meta  # nothing to keep
 
 
 @pytest.mark.parametrize("source", ["exported", "checkpoint"])

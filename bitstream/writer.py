@@ -42,6 +42,7 @@ import av.error
 import numpy as np
 
 from bitstream.errors import BitstreamError, UnsupportedInput, UnsupportedOutput
+from bitstream.reader import side_data
 from bitstream.splice import Avcc, GopScan, annexb_nal_units, length_prefixed
 from bitstream.types import DecodedFrame, SequenceInfo
 
@@ -411,7 +412,7 @@ def _display_matrix(av_frame: Any) -> list[int] | None:
     """The 9 int32 of the frame's DISPLAYMATRIX side data (rotation and flips), if any."""
     if av_frame is None:
         return None
-    for sd in getattr(av_frame, "side_data", ()):
+    for sd in side_data(av_frame):
         if sd.type.name == "DISPLAYMATRIX":
             raw = bytes(sd)
             if len(raw) == 36:

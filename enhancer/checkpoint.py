@@ -31,6 +31,7 @@ FORMAT = f"{FORMAT_NAME}/{FORMAT_VERSION}"
 OLDEST_VERSION = 2  # vqe-v3.pt
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v5.pt"
+REFERENCES = ("decoded", "enhanced")  # what a network borrows from its anchors (meta)
 
 
 Networks = tuple[VQENet, QPEstimator]
@@ -49,6 +50,15 @@ class ModelFile:
     pixel_qp: PixelQP = field(default_factory=PixelQP)
     # codec ("hevc") -> the network and estimator its streams get on the codec-aware path
     codec_networks: dict[str, Networks] = field(default_factory=dict)
+
+    def references(self, codec: str = "") -> str:
+        """What the main network (or ``codec``'s own) borrows from its anchors: meta
+        ``references`` (``<codec>_references``), "decoded" where the file says nothing."""
+        key = f"{codec}_references" if codec else "references"
+        refs = self.meta.get(key, "decoded")
+        if refs not in REFERENCES:
+            raise ValueError(f"model file: {key} must be one of {REFERENCES}, not {refs!r}")
+        return refs
 
     def save(self, path: str | Path) -> None:
         """Write it back (as ``save_model``, in the current format)."""

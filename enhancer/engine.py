@@ -52,7 +52,6 @@ from enhancer.references import ANCHOR_TYPES, MAX_PENDING, align_reference, inpu
 from enhancer.regions import run_regions
 
 PRECISIONS = ("auto", "bf16", "fp32")
-REFERENCES = ("decoded", "enhanced")  # a model file's meta "references"
 # Transfer (after FAST, Zhang and Sze 2017): where a block's decode matches its aligned
 # anchor this closely (mean absolute luma difference, 0..1; the cost is blended with the
 # neighbours', so the whole neighbourhood must match), the encoder copied it (skipped, no
@@ -229,17 +228,6 @@ def _weaken(x: torch.Tensor, out: torch.Tensor, strength: float) -> torch.Tensor
     return x.float() + strength * (out - x.float())
 
 
-def references_of(meta: dict, prefix: str = "") -> str:
-    """What a model file's network (``prefix``: "hevc_" for HEVC's own) borrows from its
-    anchors: "enhanced" or "decoded"."""
-    refs = meta.get(f"{prefix}references", "decoded")
-    if refs not in REFERENCES:
-        raise ValueError(
-            f"model file: {prefix}references must be one of {REFERENCES}, not {refs!r}"
-        )
-    return refs
-
-
 class _Network(NamedTuple):
     model: torch.nn.Module
     estimator: torch.nn.Module
@@ -291,24 +279,22 @@ class Engine:
             self.autocast = True
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         self.precision = "bf16" if self.autocast else names[self.dtype]
-        main = self._placed((loaded.network, loaded.estimator), recurrent, loaded.meta, "")
-        self.model, self.estimator, self.recurrent = main
+        main = self._placed((loaded.network, loaded.estimator), recurrent, loaded.references())
         self.network = main
+        self.model, self.estimator, self.recurrent = main
         # codec -> its own network (the codec-aware path), where the file has one
         self.codec_networks = {
-            c: self._placed(n, recurrent, loaded.meta, f"{c}_")
+            c: self._placed(n, recurrent, loaded.references(c))
             for c, n in loaded.codec_networks.items()
         }
 
-    def _placed(
-        self, networks: Networks, recurrent: bool | None, meta: dict, prefix: str
-    ) -> _Network:
+    def _placed(self, networks: Networks, recurrent: bool | None, references: str) -> _Network:
         """A network and its estimator on this engine's device and dtype, recurrent as asked
-        or (None) as the model file's ``<prefix>references`` says."""
+        or (None) as the model file says (``references``)."""
         model, est = networks
         model = model.to(self.device, self.dtype).to(memory_format=torch.channels_last)
         if recurrent is None:
-            recurrent = references_of(meta, prefix) == "enhanced"
+            recurrent = references == "enhanced"
         return _Network(model, est.to(self.device, self.dtype), recurrent)
 
     def check(self, stages: str | int = "auto", side_info: str = "auto") -> str | int:

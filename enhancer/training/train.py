@@ -475,10 +475,10 @@ def export(work: Path, val_set, args, log) -> Path:
         "recipe": vars(args) | {"work": str(work)},
         "validation": {str(k): v for k, v in res["crf"].items()},
     }
-    if init is not None and "references" in init.meta:
-        meta["references"] = init.meta["references"]
-    if init is not None and "output_rate" in init.meta:
-        meta["output_rate"] = init.meta["output_rate"]
+    for key in ("references", "output_rate"):
+        if init is not None and key in init.meta:
+            meta[key] = init.meta[key]
+    if "output_rate" in meta:
         meta["output_rate_source"] = f"{args.init} (kept at export)"
     out = work / f"{args.version}.pt"
     save_model(out, model.cpu(), est.cpu(), policy, meta, pixel_qp)

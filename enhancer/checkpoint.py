@@ -5,9 +5,11 @@ is ``vqe-model/<version>``. Version 3 holds ``config``, ``model`` and
 ``estimator`` (the network's config and the fp16 state dicts of it and its
 QP-map estimator), ``policy`` (ExitPolicy.to_dict, or None), ``pixel_qp``
 (the pixel CRF estimate's config and fp16 state dict, or None) and ``meta``;
-optionally ``<codec>_model`` and ``<codec>_estimator`` (vqe-v5.pt: ``hevc_``): a
-network of the same config for that codec's streams on the codec-aware path (a
-vqe that does not know them uses the one network for every stream).
+optionally ``<route>_model`` and ``<route>_estimator``: a network of the same
+config for one route through the engine (ROUTES: "hevc", HEVC streams on the
+codec-aware path, in vqe-v5.pt; "blind", the blind path), where a network of
+its own gains more than the main one (a vqe that does not know them uses the
+one network for every stream).
 Version 2 (vqe-v3.pt) kept the pixel CRF estimate base64 inside the policy's
 flat layout: ``load_model`` reads both, ``save_model`` writes version 3, and a
 file of a newer version is refused.
@@ -32,6 +34,9 @@ OLDEST_VERSION = 2  # vqe-v3.pt
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "vqe-v5.pt"
 REFERENCES = ("decoded", "enhanced")  # what a network borrows from its anchors (meta)
+# Routes through the engine that may have a network of their own: HEVC streams on the
+# codec-aware path (the codec's name as the reader gives it), and the blind path.
+ROUTES = ("hevc", "blind")
 
 
 Networks = tuple[VQENet, QPEstimator]
@@ -41,20 +46,20 @@ Networks = tuple[VQENet, QPEstimator]
 class ModelFile:
     """What a model file holds: the network, the QP-map estimator, the exit policy, meta,
     the pixel CRF estimate of the blind path (empty where the file has none) and the
-    networks of codecs that have their own (``codec_networks``)."""
+    networks of the routes that have their own (``own_networks``)."""
 
     network: VQENet
     estimator: QPEstimator
     policy: ExitPolicy | None = None
     meta: dict = field(default_factory=dict)
     pixel_qp: PixelQP = field(default_factory=PixelQP)
-    # codec ("hevc") -> the network and estimator its streams get on the codec-aware path
-    codec_networks: dict[str, Networks] = field(default_factory=dict)
+    # route (of ROUTES) -> the network and estimator its frames get
+    own_networks: dict[str, Networks] = field(default_factory=dict)
 
-    def references(self, codec: str = "") -> str:
-        """What the main network (or ``codec``'s own) borrows from its anchors: meta
-        ``references`` (``<codec>_references``), "decoded" where the file says nothing."""
-        key = f"{codec}_references" if codec else "references"
+    def references(self, route: str = "") -> str:
+        """What the main network (or ``route``'s own) borrows from its anchors: meta
+        ``references`` (``<route>_references``), "decoded" where the file says nothing."""
+        key = f"{route}_references" if route else "references"
         refs = self.meta.get(key, "decoded")
         if refs not in REFERENCES:
             raise ValueError(f"model file: {key} must be one of {REFERENCES}, not {refs!r}")
@@ -69,7 +74,7 @@ class ModelFile:
             self.policy,
             self.meta,
             self.pixel_qp,
-            self.codec_networks,
+            self.own_networks,
         )
 
 
@@ -80,11 +85,10 @@ def save_model(
     policy: ExitPolicy | None,
     meta: dict,
     pixel_qp: PixelQP | None = None,
-    codec_networks: dict[str, Networks] | None = None,
+    own_networks: dict[str, Networks] | None = None,
 ) -> None:
-    """Write a self-describing model file (fp16 weights keep it small); ``codec_networks``:
-    codec -> the network and estimator its streams get on the codec-aware path (of
-    ``model``'s config)."""
+    """Write a self-describing model file (fp16 weights keep it small); ``own_networks``:
+    route (of ROUTES) -> the network and estimator its frames get (of ``model``'s config)."""
     half = lambda sd: {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
     blob = {
         "format": FORMAT,
@@ -95,10 +99,12 @@ def save_model(
         "pixel_qp": pixel_qp.to_state() if pixel_qp else None,
         "meta": meta,
     }
-    for codec, (network, est) in (codec_networks or {}).items():
+    for route, (network, est) in (own_networks or {}).items():
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r} for a network (one of {ROUTES})")
         if network.cfg != model.cfg:
-            raise ValueError(f"the {codec} network must have the main network's config")
-        blob[f"{codec}_model"], blob[f"{codec}_estimator"] = (
+            raise ValueError(f"the {route} network must have the main network's config")
+        blob[f"{route}_model"], blob[f"{route}_estimator"] = (
             half(network.state_dict()),
             half(est.state_dict()),
         )
@@ -152,14 +158,14 @@ def load_model(path: str | Path | None = None, map_location: str = "cpu") -> Mod
     else:  # format 2: base64 in the policy
         pixel_qp = PixelQP.from_dict(policy.pop("blind_qp", None))
     policy = ExitPolicy.from_dict(policy) if policy else None
-    codecs = [k.removesuffix("_model") for k in blob if k.endswith("_model")]
+    routes = [r for r in ROUTES if f"{r}_model" in blob]
     return ModelFile(
         model,
         est,
         policy,
         blob.get("meta", {}),
         pixel_qp,
-        {codec: _networks(cfg, blob, f"{codec}_") for codec in codecs},
+        {route: _networks(cfg, blob, f"{route}_") for route in routes},
     )
 
 

@@ -11,7 +11,8 @@ aligned per 8x8 block by matching (align.py), seeded by the bitstream's
 motion vectors where the stream has them. The network borrows either the
 anchors' decoded pictures or (recurrent) their enhanced outputs: what it was
 measured best with, which its model file says (meta "references", and
-"hevc_references" for HEVC's own network: "enhanced" or "decoded", the
+"<route>_references" for a route's own network, checkpoint.ROUTES: HEVC on
+the codec-aware path, the blind path: "enhanced" or "decoded", the
 default; vqe-v5's main network gains 0.02-0.05 dB more with its enhanced
 anchors, its HEVC network and vqe-v3 do not: bench/ablation.py). Either way,
 blocks the encoder copied from an anchor take the anchor's enhanced pixels
@@ -282,10 +283,11 @@ class Engine:
         main = self._placed((loaded.network, loaded.estimator), recurrent, loaded.references())
         self.network = main
         self.model, self.estimator, self.recurrent = main
-        # codec -> its own network (the codec-aware path), where the file has one
-        self.codec_networks = {
+        # route ("hevc" on the codec-aware path, "blind") -> its own network, where the file
+        # has one
+        self.own_networks = {
             c: self._placed(n, recurrent, loaded.references(c))
-            for c, n in loaded.codec_networks.items()
+            for c, n in loaded.own_networks.items()
         }
 
     def _placed(self, networks: Networks, recurrent: bool | None, references: str) -> _Network:
@@ -589,9 +591,9 @@ class Engine:
             "seq_qp": seq_qp,
             "seq_known": seq_qp is not None,
             "codec": info.codec,
-            # The codec's own network on the codec-aware path, where the model file has one.
-            "network": self.codec_networks.get(
-                info.codec if side_info != "blind" else "", self.network
+            # The route's own network, where the model file has one.
+            "network": self.own_networks.get(
+                "blind" if side_info == "blind" else info.codec, self.network
             ),
             "qp_sum": 0.0,
             "qp_n": 0,

@@ -120,9 +120,12 @@ def estimator_spread(result: dict) -> float | None:
     return float(max(est) - min(est)) if len(est) >= 2 else None
 
 
-def score(result: dict, stages: int) -> float:
-    """Model-selection score: mean ΔPSNR-Y of both paths at full depth, losses counted double."""
+def score(result: dict, stages: int, paths: tuple[str, ...] | None = None) -> float:
+    """Model-selection score: mean ΔPSNR-Y of both paths at full depth, losses counted double
+    (``paths``: of "aware" and "blind", only those)."""
+    paths = paths or ("aware", "blind")
     vals = []
     for row in result["crf"].values():
-        vals += [row[f"s{stages}"]] + ([row["blind"]] if "blind" in row else [])
+        vals += [row[f"s{stages}"]] if "aware" in paths else []
+        vals += [row["blind"]] if "blind" in row and "blind" in paths else []
     return float(np.mean([v if v >= 0 else 2 * v for v in vals]))

@@ -231,6 +231,9 @@ def train(args) -> Path:
         if args.codec == "libx265":
             val_set = load_cache(work / "cache" / "val-hevc")
         log(f"--codec {args.codec}: its training sequences only, selected on its validation")
+    if args.blind_only:
+        args.blind_p, args.enhanced_p, args.truth_guidance = 1.0, 0.0, 0.0
+        log("--blind-only: every sample blind, selected on the blind column")
     log(
         f"loaded {len(train_set)} train / {len(val_set)} validation samples; "
         f"device {device}, bf16 {bf16}"
@@ -373,7 +376,7 @@ def train(args) -> Path:
             res = validate(
                 shipped, est, val_set, max_frames=args.val_frames, bf16=bf16, enhanced=True
             )
-            sc = score(res, cfg.stages)
+            sc = score(res, cfg.stages, paths=("blind",) if args.blind_only else None)
             log(
                 f"validation at step {step} (ΔPSNR-Y dB vs input, held-out sources), "
                 f"score {sc:+.4f}\n" + format_table(res, cfg.stages)
@@ -503,6 +506,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["libx264", "libx265"],
         help="train on this codec's sequences only and select on its validation set "
         "(weights of a codec's own)",
+    )
+    p.add_argument(
+        "--blind-only",
+        action="store_true",
+        help="train the blind path alone (every sample blind) and select on its validation "
+        "column (weights of the blind path's own)",
     )
     p.add_argument("--steps", type=int, default=30000)
     p.add_argument("--batch", type=int, default=16)

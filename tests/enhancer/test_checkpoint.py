@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from enhancer.checkpoint import FORMAT, load_model
+from enhancer.checkpoint import FORMAT, load_model, save_model
 from enhancer.network import QPEstimator
 from enhancer.pixel_qp import PixelQP, PixelQPNet
 from enhancer.policy import KINDS, calibrate
+from enhancer.training import own_network
 from tests.enhancer.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -72,3 +73,27 @@ def test_a_format_2_file_loads_and_saves_as_the_current_format(tmp_path):
     for kind in KINDS:
         for qp in (None, 20.0, 35.0, 45.0):
             assert again.policy.stages_for(qp, kind) == policy.stages_for(qp, kind)
+
+
+def test_own_network_puts_a_trained_network_on_a_route(tmp_path):
+    """training.own_network: the network of one exported file becomes a route's own in
+    another, with what it borrows; the main network and the tables stay; another config or
+    an unknown route is refused."""
+    est = QPEstimator().eval()
+    save_model(tmp_path / "into.pt", tiny_model(seed=1), est, None, {"version": "main"})
+    save_model(tmp_path / "blind.pt", tiny_model(seed=2), est, None, {"version": "b"})
+    args = ["--into", str(tmp_path / "into.pt"), "--network", str(tmp_path / "blind.pt")]
+    assert own_network.main([*args, "--route", "blind", "--write", str(tmp_path / "o.pt")]) == 0
+    out, into = load_model(tmp_path / "o.pt"), load_model(tmp_path / "into.pt")
+    blind = load_model(tmp_path / "blind.pt").network.state_dict()
+    assert set(out.own_networks) == {"blind"} and out.references("blind") == "decoded"
+    assert out.meta["blind_network"] == "b" and out.meta["version"] == "main"
+    for k, v in out.own_networks["blind"][0].state_dict().items():
+        assert torch.equal(v, blind[k])
+    for k, v in out.network.state_dict().items():
+        assert torch.equal(v, into.network.state_dict()[k])
+    save_model(tmp_path / "wide.pt", tiny_model(seed=2, partitions=False), est, None, {})
+    with pytest.raises(ValueError, match="main network's config"):
+        own_network.with_own_network(into, "blind", load_model(tmp_path / "wide.pt"), "decoded")
+    with pytest.raises(SystemExit):
+        own_network.main([*args, "--route", "av1", "--write", str(tmp_path / "x.pt")])

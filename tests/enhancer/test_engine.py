@@ -196,12 +196,10 @@ def test_engine_hands_the_network_the_references_its_model_file_names(h264, tmp_
     other = load_model(write_weights(tmp_path / "other.pt", tiny_policy(), seed=2))
     meta = plain.meta | {"references": "enhanced", "hevc_references": "decoded"}
     networks = {"hevc": (other.network, other.estimator)}
-    replace(plain, meta=meta, codec_networks=networks).save(tmp_path / "both.pt")
+    replace(plain, meta=meta, own_networks=networks).save(tmp_path / "both.pt")
     both = Engine(tmp_path / "both.pt", device="cpu")
-    assert both.recurrent and not both.codec_networks["hevc"].recurrent
-    assert (
-        Engine(tmp_path / "both.pt", device="cpu", recurrent=True).codec_networks["hevc"].recurrent
-    )
+    assert both.recurrent and not both.own_networks["hevc"].recurrent
+    assert Engine(tmp_path / "both.pt", device="cpu", recurrent=True).own_networks["hevc"].recurrent
 
 
 def test_engine_rejects_bad_settings(weights, tmp_path):
@@ -287,28 +285,37 @@ def test_engine_blind_uses_adjacent_frames_and_reports_estimated(h264, weights, 
     assert equal_frames(changed, blind) == [True, True, True, False, False, False, True, True]
 
 
-def test_engine_gives_hevc_streams_the_files_hevc_network(clip, h264, tmp_path):
-    """A model file with a network of HEVC's own: HEVC streams on the codec-aware path run
-    it (as if it were the file's only network), H.264 streams and the blind path the main one."""
+def test_engine_gives_each_route_the_files_network_for_it(clip, h264, tmp_path):
+    """A model file with networks of their own for HEVC and for the blind path: HEVC streams
+    on the codec-aware path run HEVC's (as if it were the file's only network), every stream
+    on the blind path the blind one, H.264 streams on the codec-aware path the main one."""
     main = load_model(write_weights(tmp_path / "main.pt", tiny_policy(), seed=1))
-    other = load_model(write_weights(tmp_path / "other.pt", tiny_policy(), seed=2))
+    nets = {
+        name: load_model(write_weights(tmp_path / f"{name}.pt", tiny_policy(), seed=seed))
+        for name, seed in (("hevc", 2), ("blind", 3))
+    }
     both = tmp_path / "both.pt"
-    replace(main, codec_networks={"hevc": (other.network, other.estimator)}).save(both)
+    own = {name: (m.network, m.estimator) for name, m in nets.items()}
+    replace(main, own_networks=own).save(both)
     path = clip("h27.mp4", codec="libx265", size=(64, 48), frames=6,
                 options={"crf": "27", "x265-params": "log-level=none"})  # fmt: skip
     hevc = decode(path)
-    engines = {name: Engine(tmp_path / f"{name}.pt", device="cpu") for name in ("main", "other")}
+    engines = {name: Engine(tmp_path / f"{name}.pt", device="cpu") for name in ("main", *nets)}
     combined = Engine(both, device="cpu")
-    assert set(combined.codec_networks) == {"hevc"} and engines["main"].codec_networks == {}
+    assert set(combined.own_networks) == {"hevc", "blind"} and engines["main"].own_networks == {}
     for (info, frames), opts, same_as in (
-        (hevc, {"stages": 3}, "other"),
-        (hevc, {"stages": 3, "side_info": "blind"}, "main"),
+        (hevc, {"stages": 3}, "hevc"),
+        (hevc, {"stages": 3, "side_info": "blind"}, "blind"),
         (h264, {"stages": 3}, "main"),
+        (h264, {"stages": 3, "side_info": "blind"}, "blind"),
     ):
         got = enhance(combined, info, frames, **opts)
         assert all(equal_frames(got, enhance(engines[same_as], info, frames, **opts)))
     assert not all(equal_frames(enhance(engines["main"], *hevc, stages=3),
-                                enhance(engines["other"], *hevc, stages=3)))  # fmt: skip
+                                enhance(engines["hevc"], *hevc, stages=3)))  # fmt: skip
+    blind = {"stages": 3, "side_info": "blind"}
+    assert not all(equal_frames(enhance(engines["main"], *h264, **blind),
+                                enhance(engines["blind"], *h264, **blind)))  # fmt: skip
 
 
 def test_engine_hevc_takes_the_peaks_plan_with_header_qp(clip, weights, monkeypatch):

@@ -549,24 +549,26 @@ def test_save_and_load_model_round_trip(tmp_path):
     assert load_model(path).policy is None and not load_model(path).pixel_qp
 
 
-def test_model_file_round_trips_a_network_for_hevc(tmp_path):
+def test_model_file_round_trips_a_network_of_a_routes_own(tmp_path):
     model, other, est = tiny_model(seed=5), tiny_model(seed=6), QPEstimator().eval()
     path = tmp_path / "m.pt"
-    save_model(path, model, est, None, {}, codec_networks={"hevc": (other, est)})
+    save_model(path, model, est, None, {}, own_networks={"hevc": (other, est)})
     assert "hevc_model" in torch.load(path, weights_only=True)  # vqe-v5.pt's keys
     loaded = load_model(path)
-    assert set(loaded.codec_networks) == {"hevc"}
-    network, estimator = loaded.codec_networks["hevc"]
+    assert set(loaded.own_networks) == {"hevc"}
+    network, estimator = loaded.own_networks["hevc"]
     for k, v in other.state_dict().items():
         assert torch.equal(network.state_dict()[k], v.half().float())
     assert network.cfg == model.cfg and not network.training and not estimator.training
     loaded.save(tmp_path / "again.pt")  # kept on the way back
-    assert set(load_model(tmp_path / "again.pt").codec_networks) == {"hevc"}
+    assert set(load_model(tmp_path / "again.pt").own_networks) == {"hevc"}
     save_model(path, model, est, None, {})
-    assert load_model(path).codec_networks == {}
+    assert load_model(path).own_networks == {}
     wider = tiny_model(seed=6, partitions=False)  # another config
     with pytest.raises(ValueError, match="main network's config"):
-        save_model(path, model, est, None, {}, codec_networks={"hevc": (wider, est)})
+        save_model(path, model, est, None, {}, own_networks={"hevc": (wider, est)})
+    with pytest.raises(ValueError, match="unknown route 'av1'"):
+        save_model(path, model, est, None, {}, own_networks={"av1": (other, est)})
 
 
 def test_load_model_rejects_missing_and_foreign_files(tmp_path):
@@ -604,9 +606,9 @@ def test_shipped_model_file_saves_and_loads_unchanged(tmp_path):
     again = load_model(tmp_path / "again.pt")
     assert again.policy == shipped.policy and again.meta == shipped.meta
     pairs = [(shipped.network, again.network), (shipped.estimator, again.estimator)]
-    assert set(again.codec_networks) == set(shipped.codec_networks)
-    for codec, networks in shipped.codec_networks.items():
-        pairs += zip(networks, again.codec_networks[codec], strict=True)
+    assert set(again.own_networks) == set(shipped.own_networks)
+    for codec, networks in shipped.own_networks.items():
+        pairs += zip(networks, again.own_networks[codec], strict=True)
     for a, b in pairs:
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     if shipped.policy is not None:

@@ -115,6 +115,8 @@ def test_psnr_y_score_and_table():
                       42.0: {"input": 25.0, "s1": 0.2, "s2": 0.3, "blind": 0.1}}}  # fmt: skip
     # Mean of both paths at full depth, losses counted double: (0.2 - 0.2 + 0.3 + 0.1) / 4.
     assert score(result, 2) == pytest.approx(0.1)
+    assert score(result, 2, paths=("blind",)) == pytest.approx((-0.2 + 0.1) / 2)
+    assert score(result, 2, paths=("aware",)) == pytest.approx(0.25)
     table = format_table(result, 2).splitlines()
     assert table[0].split() == ["CRF", "input", "s1", "s2", "blind"]
     assert table[1].split() == ["27", "30.00", "+0.100", "+0.200", "-0.100"]
@@ -406,6 +408,32 @@ def test_train_on_one_codecs_sequences(trained, tmp_path):
     args = [*train_args(footage, only, 6, "--skip-build"), "--codec", "libx265"]
     with pytest.raises(SystemExit, match="--codec libx265: no training sequence"):
         train.main(args)
+
+
+def test_train_the_blind_path_alone(trained, tmp_path, monkeypatch):
+    """--blind-only: every sample blind, no anchor refresh, selected on the blind column."""
+    _, footage, work = trained
+    work2 = fork_work(work, tmp_path / "blind")
+    asked = []
+
+    def scored(result, stages, paths=None):  # the trainer's own score, paths recorded
+        asked.append(paths)
+        return score(result, stages, paths)
+
+    monkeypatch.setattr(train, "score", scored)
+    real_batch = train.PatchSampler.batch
+    blind_flags = []
+
+    def batch(self, n):
+        blind_flags.append(self.blind_p)
+        return real_batch(self, n)
+
+    monkeypatch.setattr(train.PatchSampler, "batch", batch)
+    assert train.main([*train_args(footage, work2, 8, "--skip-build"), "--blind-only"]) == 0
+    log = log_after(work2 / "train.log")[len((work / "train.log").read_text()) :]
+    assert "--blind-only: every sample blind" in log
+    assert "enhanced the anchors" not in log
+    assert asked and set(asked) == {("blind",)} and blind_flags and set(blind_flags) == {1.0}
 
 
 def test_export_keeps_the_init_files_output_rate(trained, tmp_path):

@@ -144,9 +144,20 @@ def frame_inputs(
         else float(sample["crf"]),
         seq_known=True,
     )
-    qmap_arr = sample["qp_map"][t]
-    if plan.qp_map and not np.isnan(qmap_arr).any():
+    if plan.qp_map and (qmap := true_qp_map(sample, t, (y0, x0, ch, cw))) is not None:
         m0, m1, mh, mw = y0 // 16, x0 // 16, -(-ch // 16), -(-cw // 16)
-        item.qmap = qp_plane(qmap_arr[m0 : m0 + mh, m1 : m1 + mw], hh, ww)
+        item.qmap = qmap
         item.parts = partition_planes(sample["partition"][t][m0 : m0 + mh, m1 : m1 + mw], hh, ww)
     return item, target
+
+
+def true_qp_map(sample: dict, t: int, box: tuple[int, int, int, int]) -> torch.Tensor | None:
+    """Frame ``t``'s QP map as the network gets it, over ``box`` = (y0, x0, height, width)
+    in luma pixels; None where the stream exports none (HEVC). The QP estimator's target,
+    on the blind path too, where the network is not given it."""
+    y0, x0, ch, cw = box
+    qmap_arr = sample["qp_map"][t]
+    if np.isnan(qmap_arr).any():
+        return None
+    m0, m1, mh, mw = y0 // 16, x0 // 16, -(-ch // 16), -(-cw // 16)
+    return qp_plane(qmap_arr[m0 : m0 + mh, m1 : m1 + mw], ch // 2, cw // 2)

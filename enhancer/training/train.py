@@ -51,7 +51,7 @@ from enhancer.training.evaluate import (
     score,
     validate,
 )
-from enhancer.training.samples import attach_pixel_crf, frame_inputs
+from enhancer.training.samples import attach_pixel_crf, frame_inputs, true_qp_map
 
 CHANNEL_WEIGHTS = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.5, 0.5]).view(1, 6, 1, 1)
 ABLATIONS = ("references", "qp_map", "partitions", "phase", "frame_cond")
@@ -102,7 +102,9 @@ class PatchSampler:
         self.truth_p = truth_p  # share of samples whose references are clean (truth guidance)
 
     def batch(self, n: int):
-        items, targets = [], []
+        """``n`` items and their clean targets; ``self.qmaps`` holds each item's true QP map
+        (None where its stream has none), the QP estimator's target on either path."""
+        items, targets, self.qmaps = [], [], []
         for _ in range(n):
             s = self.samples[self.rng.integers(len(self.samples))]
             t = int(self.rng.integers(len(s["dec"])))
@@ -124,6 +126,7 @@ class PatchSampler:
             if hide and not (blind and "pixel_crf" in s):
                 item.seq_qp, item.seq_known = None, False
             k = int(self.rng.integers(8))
+            self.qmaps.append(_dihedral(true_qp_map(s, t, (y0, x0, self.patch, self.patch)), k))
             items.append(_augment(item, k))
             targets.append(_dihedral(target, k))
         return items, torch.stack(targets)
@@ -344,12 +347,13 @@ def train(args) -> Path:
         with torch.no_grad():
             stage_losses = [(c / base).mean() for c in per_stage]
             gain = (10 * torch.log10(_mse(x, target) / _mse(outs[-1], target))).mean()
-        known = [i for i, it in enumerate(items) if it.qmap is not None]
+        # The estimator learns the true map on blind samples too: it is their QP map.
+        known = [i for i, q in enumerate(sampler.qmaps) if q is not None]
         est_loss = torch.zeros((), device=device)
         if known:
             with autocast(device.type, enabled=bf16):
                 pred = est(x[known], phase)
-            truth = torch.stack([items[i].qmap[:, ::8, ::8] for i in known]).to(device)
+            truth = torch.stack([sampler.qmaps[i][:, ::8, ::8] for i in known]).to(device)
             est_loss = (pred.float() - truth).abs().mean()
         opt.zero_grad(set_to_none=True)
         (loss + est_loss).backward()

@@ -25,7 +25,7 @@ from enhancer.references import input_plan, reference_indices
 from enhancer.training import data, train
 from enhancer.training.anchors import attach_all
 from enhancer.training.evaluate import estimator_spread, format_table, luma, psnr_y, score
-from enhancer.training.samples import attach_pixel_crf, frame_inputs
+from enhancer.training.samples import attach_pixel_crf, frame_inputs, true_qp_map
 from enhancer.training.sources import (
     VALIDATION_SOURCES,
     clean_sequence,
@@ -350,6 +350,24 @@ def test_patch_sampler_is_seeded_and_fits(trained):
             assert r is None or (r.pixels.shape == (6, 16, 16) and r.cost.shape == (1, 16, 16))
     with pytest.raises(SystemExit, match="--patch 144 is larger than every training sample"):
         train.PatchSampler(samples, 144, 0, 0.0, 0.0)  # 128 px samples: no 144 patch
+
+
+def test_patch_sampler_gives_the_estimator_the_true_map_on_either_path(trained):
+    """The QP estimator's target is the stream's QP map on blind samples too, where the
+    network is not given it: the map the same crop has on the codec-aware path."""
+    _, _, work = trained
+    samples = [s for s in data.load_cache(work / "cache" / "train") if s["codec"] == "libx264"]
+    sample, crop = samples[0], (16, 16, 32)
+    aware, _ = frame_inputs(sample, 2, crop)
+    blind, _ = frame_inputs(sample, 2, crop, blind=True)
+    assert blind.qmap is None and aware.qmap is not None
+    assert torch.equal(true_qp_map(sample, 2, (16, 16, 32, 32)), aware.qmap)
+    sampler = train.PatchSampler(samples, 32, seed=3, blind_p=0.5, drop_ref_p=0.0)
+    items, _ = sampler.batch(16)
+    assert any(it.qmap is None for it in items) and any(it.qmap is not None for it in items)
+    for it, truth in zip(items, sampler.qmaps, strict=True):
+        assert truth.shape == (1, 16, 16)
+        assert it.qmap is None or torch.equal(it.qmap, truth)
 
 
 def test_train_resumes_from_last_checkpoint(trained, tmp_path):

@@ -352,14 +352,15 @@ class Engine:
         self, qp: float, codec: str, seq_qp: float | None, pixel_crf: float | None = None
     ) -> tuple[float, str]:
         """(level, table kind): HEVC is calibrated by the stream's CRF (when x265 wrote it),
-        H.264 by frame QP, and the blind path and streams that give neither by the CRF
-        estimated from the pixels (H.264 and HEVC apart)."""
+        H.264 by frame QP (coarsely coded streams in a table of their own), and the blind
+        path and streams that give neither by the CRF estimated from the pixels (H.264 and
+        HEVC apart)."""
         if pixel_crf is not None:
             hevc = codec == "hevc" and self.policy.has("blind_hevc")
             return pixel_crf, "blind_hevc" if hevc else "blind"
         if codec == "hevc" and self.policy.has("hevc"):
             return (seq_qp if seq_qp is not None else qp), "hevc"
-        return qp, "h264"
+        return qp, self.policy.h264_kind(seq_qp)
 
     def _amp(self):
         return autocast("cpu", enabled=self.autocast)

@@ -72,7 +72,11 @@ GRAIN_LIMIT = 0.55
 # The kinds that get a "_clean" table. Not the blind path on HEVC: its estimated CRF is the
 # least reliable level (x265 CRF 22 reads 32-36 on some sources), and a clean table fitted on
 # its fewer frames lost 0.055 dB on one source (Kite, x265 CRF 22) on bench/quality's crops.
-CLEAN_KINDS = ("h264", "hevc", "blind")
+CLEAN_KINDS = ("h264", "h264_coarse", "hevc", "blind")
+# H.264 streams of at least this CRF get the "h264_coarse" tables, fitted on such streams
+# alone and outside the early-exit budget (policy.py): on the records, with the budget's
+# "h264" table CRF 25 / 27 gain +0.312 / +0.382, with a table of their own +0.369 / +0.408.
+COARSE_CRF = 25.0
 # The tables of the blind path (with their "_clean" twins).
 BLIND_KINDS = tuple(k for k in KINDS if k.startswith("blind"))
 # Per path measured: the engine's side_info, codecs.
@@ -226,7 +230,9 @@ def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
 
     def mean_cost(crf: int) -> float:
         c = [
-            costs[k - 1] if (k := policy.stages_for(r["qp"], "h264", r.get("grain"))) else 0.0
+            costs[k - 1]
+            if (k := policy.stages_for(r["qp"], _kind(policy, r), r.get("grain")))
+            else 0.0
             for r in _aware(records)
             if r["codec"] == "libx264" and r["crf"] == crf
         ]
@@ -240,10 +246,19 @@ def mean_gain(records: list[dict], policy) -> float:
     """Mean ΔPSNR-Y of the x264 records under ``policy`` (its stages and strengths)."""
     total, rows = 0.0, _h264_rows(records)
     for r in rows:
-        qp, grain = r["qp"], r.get("grain")
-        if k := policy.stages_for(qp, "h264", grain):
-            total += r["deltas"][SCALES.index(policy.strength_for(qp, "h264", grain))][k - 1]
+        qp, grain, kind = r["qp"], r.get("grain"), _kind(policy, r)
+        if k := policy.stages_for(qp, kind, grain):
+            total += r["deltas"][SCALES.index(policy.strength_for(qp, kind, grain))][k - 1]
     return total / max(1, len(rows))
+
+
+def _stages(policy, r: dict) -> int:
+    return policy.stages_for(r["qp"], _kind(policy, r), r.get("grain"))
+
+
+def _kind(policy, r: dict) -> str:
+    """The table an x264 record's stream uses (its CRF is in the stream's options SEI)."""
+    return policy.h264_kind(float(r["crf"]))
 
 
 def budgeted_policy(
@@ -264,13 +279,25 @@ def budgeted_policy(
         if kind != "h264":
             policy.set_table(kind, clean)
         _fit_budget(records, max_stages, policy, kind, costs, price, budget)
-        if log is not None:
-            ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
-            log(
-                f"{kind}: stages {policy.table(kind).stages}, early-exit ratio {ratio:.2f}, "
-                f"mean gain {gain:.3f}"
-            )
+        _log_kind(log, records, policy, kind, costs)
+    # Then streams that say a CRF of COARSE_CRF or more, on their own (the budget binds at
+    # CRF 22, below it): "h264" stays the table of every other H.264 stream.
+    coarse = [r for r in _h264_rows(records) if r["crf"] >= COARSE_CRF]
+    fit = lambda rows: _fit(rows, _frame_qp, max_stages, tolerance=TOLERANCE, price=price)  # noqa: E731
+    _set_fitted(policy, "h264_coarse", coarse, fit)
+    if coarse:
+        policy.coarse_crf = COARSE_CRF
+        _log_kind(log, records, policy, "h264_coarse", costs)
     return policy
+
+
+def _log_kind(log, records, policy, kind: str, costs) -> None:
+    if log is not None:
+        ratio, gain = exit_ratio(records, policy, costs), mean_gain(records, policy)
+        log(
+            f"{kind}: stages {policy.table(kind).stages}, early-exit ratio {ratio:.2f}, "
+            f"mean gain {gain:.3f}"
+        )
 
 
 def _fit_budget(records, max_stages, policy, kind, costs, price, budget) -> None:
@@ -388,7 +415,13 @@ def main(argv: list[str] | None = None) -> int:
         policy = old or ExitPolicy(max_stages=stages)
         blind_policy(records, stages, policy, tolerance=TOLERANCE, price=args.price)
     print(f"H.264 by QP, edges {policy.table('h264').edges}")
-    by = {"h264": "QP", "hevc": "CRF", "blind": "estimated CRF", "blind_hevc": "estimated CRF"}
+    by = {
+        "h264": "QP",
+        "h264_coarse": "QP",
+        "hevc": "CRF",
+        "blind": "estimated CRF",
+        "blind_hevc": "estimated CRF",
+    }
     if policy.grain_limit is not None:
         print(f"frames of grain level <= {policy.grain_limit} use the _clean tables")
     for kind in KINDS:

@@ -23,6 +23,7 @@ from enhancer.references import ANCHOR_TYPES, MAX_PENDING, input_plan, reference
 from enhancer.training.data import EncodeSettings, encode_planes
 from tests.enhancer.tiny import (
     HEVC_STAGES,
+    POLICY_STAGES,
     constant_pixel_qp,
     decode,
     same_planes,
@@ -242,6 +243,26 @@ def test_engine_without_a_policy_runs_every_stage(h264, tmp_path):
     reports = [r for _, r in enhance(engine, info, frames[:3])]
     assert [r.stages for r in reports] == [3, 3, 3]
     assert engine.plan_stages(frames[0].side, info) == 3
+
+
+def test_engine_gives_streams_of_a_coarse_crf_their_table(h264, tmp_path):
+    """An H.264 stream that says a CRF of at least the policy's ``coarse_crf`` is looked up
+    in "h264_coarse"; one below it, or one that says none, in "h264"."""
+    info, frames = h264
+    assert info.sequence_qp is not None  # x264's options SEI
+    side = frames[0].side
+    for coarse_crf, kind in ((info.sequence_qp, "h264_coarse"), (info.sequence_qp + 1, "h264")):
+        policy = tiny_policy(h264_coarse=ExitTable(stages=[2] * 9))
+        policy.coarse_crf = coarse_crf
+        engine = Engine(write_weights(tmp_path / f"{kind}.pt", policy), device="cpu")
+        want = policy.stages_for(side.qp, kind)
+        assert engine.plan_stages(side, info) == want
+        assert [r.stages for _, r in enhance(engine, info, frames[:1])] == [want]
+    assert want == POLICY_STAGES[ExitTable().bin(side.qp)] != 2
+    nocrf = replace(info, rate_control=replace(info.rate_control, crf=None, qp=None))
+    policy.coarse_crf = 0.0
+    engine = Engine(write_weights(tmp_path / "any.pt", policy), device="cpu")
+    assert engine.plan_stages(side, info) == 2 and engine.plan_stages(side, nocrf) == want
 
 
 # ---------------------------------------------------------------- side information

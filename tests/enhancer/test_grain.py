@@ -56,9 +56,8 @@ def test_policy_looks_a_frame_up_by_its_grain():
         },
         grain_limit=0.5,
     )
-    assert set(KINDS) == {"h264", "hevc", "blind", "blind_hevc"} | {
-        k + CLEAN for k in ("h264", "hevc", "blind", "blind_hevc")
-    }
+    base = ("h264", "h264_coarse", "hevc", "blind", "blind_hevc")
+    assert set(KINDS) == set(base) | {k + CLEAN for k in base}
     assert pol.stages_for(30.0, "h264", 0.4) == 2 and pol.strength_for(30.0, "h264", 0.4) == 0.75
     assert pol.stages_for(30.0, "h264", 0.6) == 0 and pol.strength_for(30.0, "h264", 0.6) == 1.0
     assert pol.stages_for(30.0) == 0  # grain not measured: the kind's own table

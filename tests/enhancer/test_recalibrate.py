@@ -63,6 +63,25 @@ def test_stages_go_where_early_exit_costs_least_until_it_fits_the_budget():
     assert mean_gain(records, policy) == pytest.approx((0.10 + 1.0) / 2)
 
 
+def test_coarsely_coded_streams_get_a_table_outside_the_budget():
+    """CRF 27 streams' frames at QP 26 share a bin with CRF 22's, where the budget takes
+    stages away: streams that say CRF 25 or more get "h264_coarse", fitted on them alone."""
+    records = [_rec("libx264", 22, 26.0, s, [0.10, 0.18, 0.26]) for s in "ab" * 4]
+    records += [_rec("libx264", 27, 26.0, s, [0.10, 0.18, 0.26]) for s in "ab" * 4]
+    records += [_rec("libx264", 37, 38.0, s, [0.5, 0.8, 1.0]) for s in "ab" * 4]
+    costs = _mean_costs(records, 3)
+    policy = budgeted_policy(records, 3)
+    assert policy.coarse_crf == recalibrate.COARSE_CRF == 25.0
+    assert policy.stages_for(26.0, policy.h264_kind(22.0)) == 1  # under the budget
+    assert policy.stages_for(26.0, policy.h264_kind(27.0)) == 3
+    assert policy.stages_for(26.0, policy.h264_kind(None)) == 1  # a stream that says no CRF
+    assert exit_ratio(records, policy, costs) <= EXIT_BUDGET
+    assert mean_gain(records, policy) == pytest.approx((0.10 + 0.26 + 1.0) / 3)
+    # Without coarse records the table is not made and every stream keeps "h264".
+    fine = budgeted_policy([r for r in records if r["crf"] < 25], 3)
+    assert fine.coarse_crf is None and fine.h264_kind(37.0) == "h264"
+
+
 def test_blind_records_get_their_own_table_by_the_pixel_estimate():
     """Blind records are binned by the CRF the engine estimated from the pixels (their
     "qp") and never feed the aware tables: where a source loses on the blind path its bin

@@ -19,13 +19,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from enhancer.checkpoint import ROUTES, ModelFile, load_model
+from enhancer.checkpoint import REFERENCES, ROUTES, ModelFile, load_model
 
 
 def with_own_network(into: ModelFile, route: str, network: ModelFile, references: str) -> ModelFile:
-    """``into`` with ``network``'s main network as ``route``'s own, borrowing ``references``."""
-    if network.network.cfg != into.network.cfg:
-        raise ValueError(f"the {route} network must have the main network's config")
+    """``into`` with ``network``'s main network as ``route``'s own, borrowing ``references``
+    (saving it refuses a network of another config)."""
     meta = into.meta | {
         f"{route}_references": references,
         f"{route}_network": network.meta.get("version", "?"),
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--into", type=Path, required=True, help="the model file to add it to")
     ap.add_argument("--route", choices=ROUTES, required=True)
     ap.add_argument("--network", type=Path, required=True, help="exported model file")
-    ap.add_argument("--references", choices=("decoded", "enhanced"), default="decoded")
+    ap.add_argument("--references", choices=REFERENCES, default="decoded")
     ap.add_argument("--write", type=Path, required=True)
     args = ap.parse_args(argv)
     merged = with_own_network(

@@ -230,9 +230,7 @@ def exit_ratio(records: list[dict], policy, costs: list[float]) -> float:
 
     def mean_cost(crf: int) -> float:
         c = [
-            costs[k - 1]
-            if (k := policy.stages_for(r["qp"], _kind(policy, r), r.get("grain")))
-            else 0.0
+            costs[k - 1] if (k := _stages(policy, r)) else 0.0
             for r in _aware(records)
             if r["codec"] == "libx264" and r["crf"] == crf
         ]
@@ -253,6 +251,7 @@ def mean_gain(records: list[dict], policy) -> float:
 
 
 def _stages(policy, r: dict) -> int:
+    """The stages an x264 record's frame runs under ``policy``."""
     return policy.stages_for(r["qp"], _kind(policy, r), r.get("grain"))
 
 

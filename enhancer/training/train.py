@@ -126,8 +126,12 @@ class PatchSampler:
             if hide and not (blind and "pixel_crf" in s):
                 item.seq_qp, item.seq_known = None, False
             k = int(self.rng.integers(8))
-            self.qmaps.append(_dihedral(true_qp_map(s, t, (y0, x0, self.patch, self.patch)), k))
             items.append(_augment(item, k))
+            # The inputs' own map where they carry it; else the map they were not given.
+            if item.qmap is None:
+                self.qmaps.append(_dihedral(true_qp_map(s, t, (y0, x0, self.patch, self.patch)), k))
+            else:
+                self.qmaps.append(item.qmap)
             targets.append(_dihedral(target, k))
         return items, torch.stack(targets)
 

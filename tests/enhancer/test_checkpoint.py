@@ -94,6 +94,7 @@ def test_own_network_puts_a_trained_network_on_a_route(tmp_path):
         assert torch.equal(v, into.network.state_dict()[k])
     save_model(tmp_path / "wide.pt", tiny_model(seed=2, partitions=False), est, None, {})
     with pytest.raises(ValueError, match="main network's config"):
-        own_network.with_own_network(into, "blind", load_model(tmp_path / "wide.pt"), "decoded")
+        wide = load_model(tmp_path / "wide.pt")
+        own_network.with_own_network(into, "blind", wide, "decoded").save(tmp_path / "x.pt")
     with pytest.raises(SystemExit):
         own_network.main([*args, "--route", "av1", "--write", str(tmp_path / "x.pt")])

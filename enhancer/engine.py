@@ -645,6 +645,10 @@ class Engine:
             recurrent = ctx["network"].recurrent
             keep = out is not None and (recurrent or self.transfer)
             enhanced = _as_samples(out, ctx) if keep else None
+            if out is None and self.transfer:
+                # Passed through, the anchor's output is its decode: blocks that match it
+                # are passed through too, as the policy judged its frame, not computed.
+                enhanced = p.cur
             kept = enhanced if enhanced is not None and recurrent else p.cur
             new = _Anchor(frame.index, p.cur, kept, frame.side.qp, enhanced)
             while waiting:

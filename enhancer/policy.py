@@ -34,11 +34,15 @@ Coarsely coded H.264 streams: the early-exit budget binds at CRF 22, where
 frames of QP 24-28 are B-frames, and took stages from the I- and P-frames of
 CRF 25-27 streams in the same bins. H.264 streams that say their CRF (or
 constant QP) and say at least ``coarse_crf`` use the "h264_coarse" table,
-fitted on such streams alone and outside the budget; streams that say
-nothing, or a lower CRF, keep "h264".
+fitted on such streams alone and outside the budget. Finely coded ones (a
+CRF below ``coarse_crf``) use "h264_fine", fitted to the budget on their own
+frames: in the budgeted "h264" table the frames of coarser streams in the
+same QP bins weighed on where CRF 22 spends its budget. Streams that say no
+CRF keep "h264", fitted on every stream's frames.
 
 A policy is data: ``tables`` maps a kind (KINDS: "h264" by frame QP,
-"h264_coarse" by frame QP for streams of CRF ``coarse_crf`` and up, "hevc"
+"h264_coarse" by frame QP for streams of CRF ``coarse_crf`` and up,
+"h264_fine" by frame QP for streams of a lower CRF, "hevc"
 by CRF, "blind" and "blind_hevc" by the pixel estimate, on H.264 and HEVC
 streams, and their "_clean" tables) to its ExitTable. A kind without a
 calibrated table falls back to "h264". ``to_dict`` writes that layout;
@@ -54,7 +58,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 DEFAULT_EDGES = [0.0, 20.0, 24.0, 28.0, 32.0, 36.0, 40.0, 44.0, 48.0, 99.0]
-BASE_KINDS = ("h264", "h264_coarse", "hevc", "blind", "blind_hevc")
+BASE_KINDS = ("h264", "h264_coarse", "h264_fine", "hevc", "blind", "blind_hevc")
 CLEAN = "_clean"
 KINDS = BASE_KINDS + tuple(kind + CLEAN for kind in BASE_KINDS)
 
@@ -117,7 +121,8 @@ class ExitPolicy:
     tolerance: float = 0.05
     max_stages: int = 3
     grain_limit: float | None = None  # frames at most this grainy use the "_clean" tables
-    coarse_crf: float | None = None  # H.264 streams of at least this CRF use "h264_coarse"
+    # H.264 streams of at least this CRF use "h264_coarse", those of a lower one "h264_fine"
+    coarse_crf: float | None = None
 
     def __post_init__(self) -> None:
         _check_kinds(self.tables)
@@ -141,9 +146,10 @@ class ExitPolicy:
 
     def h264_kind(self, crf: float | None) -> str:
         """The table of an H.264 stream that says ``crf`` (None: says none)."""
-        if crf is None or self.coarse_crf is None or not self.has("h264_coarse"):
+        if crf is None or self.coarse_crf is None:
             return "h264"
-        return "h264_coarse" if crf >= self.coarse_crf else "h264"
+        kind = "h264_coarse" if crf >= self.coarse_crf else "h264_fine"
+        return kind if self.has(kind) else "h264"
 
     def kind_for(self, kind: str, grain: float | None) -> str:
         """The table a frame of ``kind`` is looked up in, given its grain level (None:

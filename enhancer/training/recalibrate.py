@@ -72,7 +72,7 @@ GRAIN_LIMIT = 0.55
 # The kinds that get a "_clean" table. Not the blind path on HEVC: its estimated CRF is the
 # least reliable level (x265 CRF 22 reads 32-36 on some sources), and a clean table fitted on
 # its fewer frames lost 0.055 dB on one source (Kite, x265 CRF 22) on bench/quality's crops.
-CLEAN_KINDS = ("h264", "h264_coarse", "hevc", "blind")
+CLEAN_KINDS = ("h264", "h264_coarse", "h264_fine", "hevc", "blind")
 # H.264 streams of at least this CRF get the "h264_coarse" tables, fitted on such streams
 # alone and outside the early-exit budget (policy.py): on the records, with the budget's
 # "h264" table CRF 25 / 27 gain +0.312 / +0.382, with a table of their own +0.369 / +0.408.
@@ -168,7 +168,14 @@ def _clean(rows: list[dict]) -> list[dict]:
 
 
 def _h264_rows(records: list[dict], kind: str = "h264") -> list[dict]:
+    """The x264 records ``kind``'s table is fitted on: every stream's for "h264", those of
+    CRF COARSE_CRF and up for "h264_coarse", of a lower CRF for "h264_fine"."""
     rows = [r for r in _aware(records) if r["codec"] == "libx264"]
+    base = kind.removesuffix(CLEAN)
+    if base == "h264_coarse":
+        rows = [r for r in rows if r["crf"] >= COARSE_CRF]
+    elif base == "h264_fine":
+        rows = [r for r in rows if r["crf"] < COARSE_CRF]
     return _clean(rows) if kind.endswith(CLEAN) else rows
 
 
@@ -244,9 +251,8 @@ def mean_gain(records: list[dict], policy) -> float:
     """Mean ΔPSNR-Y of the x264 records under ``policy`` (its stages and strengths)."""
     total, rows = 0.0, _h264_rows(records)
     for r in rows:
-        qp, grain, kind = r["qp"], r.get("grain"), _kind(policy, r)
-        if k := policy.stages_for(qp, kind, grain):
-            total += r["deltas"][SCALES.index(policy.strength_for(qp, kind, grain))][k - 1]
+        if k := _stages(policy, r):
+            total += r["deltas"][SCALES.index(_strength(policy, r))][k - 1]
     return total / max(1, len(rows))
 
 
@@ -255,8 +261,12 @@ def _stages(policy, r: dict) -> int:
     return policy.stages_for(r["qp"], _kind(policy, r), r.get("grain"))
 
 
+def _strength(policy, r: dict) -> float:
+    return policy.strength_for(r["qp"], _kind(policy, r), r.get("grain"))
+
+
 def _kind(policy, r: dict) -> str:
-    """The table an x264 record's stream uses (its CRF is in the stream's options SEI)."""
+    """The kind an x264 record's stream uses (its CRF is in the stream's options SEI)."""
     return policy.h264_kind(float(r["crf"]))
 
 
@@ -269,25 +279,53 @@ def budgeted_policy(
 ):
     """``policy_from`` at ``price``, then per bin the stage counts (at most what it chose)
     of most mean gain whose early-exit ratio fits ``budget``: for the H.264 table as if
-    every frame used it, then for its "_clean" table, if any, with each frame in its own
-    table."""
+    every frame used it (streams that say no CRF), then the "h264_coarse" tables outside
+    the budget and the "h264_fine" ones within it (``_fit_budgeted``)."""
     costs = _mean_costs(_h264_rows(records), max_stages)
     policy = policy_from(records, max_stages, tolerance=TOLERANCE, price=price)
-    clean = policy.tables.pop("h264" + CLEAN, None)
-    for kind in ("h264",) + ((("h264" + CLEAN),) if clean is not None else ()):
-        if kind != "h264":
-            policy.set_table(kind, clean)
-        _fit_budget(records, max_stages, policy, kind, costs, price, budget)
-        _log_kind(log, records, policy, kind, costs)
+    _fit_budgeted(records, max_stages, policy, "h264", costs, price, budget, log)
     # Then streams that say a CRF of COARSE_CRF or more, on their own (the budget binds at
-    # CRF 22, below it): "h264" stays the table of every other H.264 stream.
-    coarse = [r for r in _h264_rows(records) if r["crf"] >= COARSE_CRF]
+    # CRF 22, below it), and those of a lower CRF, on their own frames within the budget.
+    coarse = _h264_rows(records, "h264_coarse")
+    if not coarse:
+        return policy
     fit = lambda rows: _fit(rows, _frame_qp, max_stages, tolerance=TOLERANCE, price=price)  # noqa: E731
     _set_fitted(policy, "h264_coarse", coarse, fit)
-    if coarse:
-        policy.coarse_crf = COARSE_CRF
-        _log_kind(log, records, policy, "h264_coarse", costs)
+    policy.coarse_crf = COARSE_CRF
+    _log_kind(log, records, policy, "h264_coarse", costs)
+    if fine := _h264_rows(records, "h264_fine"):
+        _set_fitted(policy, "h264_fine", fine, fit)
+        _fit_budgeted(records, max_stages, policy, "h264_fine", costs, price, budget, log)
+        for kind in ("h264_fine", "h264_fine" + CLEAN):
+            if policy.has(kind):
+                _borrow_unmeasured(policy, kind, kind.replace("h264_fine", "h264"))
     return policy
+
+
+def _borrow_unmeasured(policy, kind: str, lender: str) -> None:
+    """Bins of ``kind`` that no record of its streams fell in take ``lender``'s stages and
+    strength there (measured on other streams' frames at those QPs), not the nearest
+    measured bin's: a finely coded stream's rare frame at QP 40 is compressed as hard as a
+    coarse stream's."""
+    table, other = policy.table(kind), policy.table(lender)
+    stages, strengths = list(table.stages), list(table.strengths)
+    for b, gains in enumerate(table.gains):
+        if not gains:
+            stages[b] = other.stages[b]
+            if strengths:
+                strengths[b] = other.strengths[b] if other.strengths else 1.0
+    policy.set_table(kind, replace(table, stages=stages, strengths=strengths))
+
+
+def _fit_budgeted(records, max_stages, policy, kind, costs, price, budget, log) -> None:
+    """Fit ``kind``'s table to the budget as if every frame of its streams used it, then
+    its "_clean" table, if any, with each frame in its own table."""
+    clean = policy.tables.pop(kind + CLEAN, None)
+    for k in (kind,) + ((kind + CLEAN,) if clean is not None else ()):
+        if k != kind:
+            policy.set_table(k, clean)
+        _fit_budget(records, max_stages, policy, k, costs, price, budget)
+        _log_kind(log, records, policy, k, costs)
 
 
 def _log_kind(log, records, policy, kind: str, costs) -> None:
@@ -318,9 +356,8 @@ def _fit_budget(records, max_stages, policy, kind, costs, price, budget) -> None
     count = {crf: sum(r["crf"] == crf for r in rows) for crf in (22, 37)}
     for r in rows:
         qp, grain = r["qp"], r.get("grain")
-        if policy.kind_for("h264", grain) != kind:
-            k = policy.stages_for(qp, "h264", grain)
-            a = SCALES.index(policy.strength_for(qp, "h264", grain))
+        if policy.kind_for(_kind(policy, r), grain) != kind:
+            k, a = _stages(policy, r), SCALES.index(_strength(policy, r))
             fixed["gain"] += r["deltas"][a][k - 1] if k else 0.0
             if r["crf"] in cost:
                 fixed[r["crf"]] += costs[k - 1] if k else 0.0
@@ -417,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     by = {
         "h264": "QP",
         "h264_coarse": "QP",
+        "h264_fine": "QP",
         "hevc": "CRF",
         "blind": "estimated CRF",
         "blind_hevc": "estimated CRF",

@@ -247,18 +247,25 @@ def test_engine_without_a_policy_runs_every_stage(h264, tmp_path):
 
 def test_engine_gives_streams_of_a_coarse_crf_their_table(h264, tmp_path):
     """An H.264 stream that says a CRF of at least the policy's ``coarse_crf`` is looked up
-    in "h264_coarse"; one below it, or one that says none, in "h264"."""
+    in "h264_coarse", one below it in "h264_fine" (in "h264" where the file has none), one
+    that says none in "h264"."""
     info, frames = h264
     assert info.sequence_qp is not None  # x264's options SEI
     side = frames[0].side
-    for coarse_crf, kind in ((info.sequence_qp, "h264_coarse"), (info.sequence_qp + 1, "h264")):
-        policy = tiny_policy(h264_coarse=ExitTable(stages=[2] * 9))
+    below = info.sequence_qp + 1
+    fine = {"h264_fine": ExitTable(stages=[3] * 9)}
+    for coarse_crf, kind, more in (
+        (info.sequence_qp, "h264_coarse", fine),
+        (below, "h264_fine", fine),
+        (below, "h264", {}),
+    ):
+        policy = tiny_policy(h264_coarse=ExitTable(stages=[2] * 9), **more)
         policy.coarse_crf = coarse_crf
         engine = Engine(write_weights(tmp_path / f"{kind}.pt", policy), device="cpu")
         want = policy.stages_for(side.qp, kind)
         assert engine.plan_stages(side, info) == want
         assert [r.stages for _, r in enhance(engine, info, frames[:1])] == [want]
-    assert want == POLICY_STAGES[ExitTable().bin(side.qp)] != 2
+    assert want == POLICY_STAGES[ExitTable().bin(side.qp)] not in (2, 3)
     nocrf = replace(info, rate_control=replace(info.rate_control, crf=None, qp=None))
     policy.coarse_crf = 0.0
     engine = Engine(write_weights(tmp_path / "any.pt", policy), device="cpu")
@@ -440,19 +447,28 @@ def test_engine_ten_bit_odd_size(clip, weights):
         assert np.abs(out.planes[0].astype(int) - src.planes[0].astype(int)).mean() < 60
 
 
-def test_engine_transfers_what_the_encoder_copied(tmp_path, weights):
-    """A static background: its blocks take the enhanced anchor's pixels; only changed tiles run."""
+def _static_clip(tmp_path):
+    """Eight frames of a still background where one square moves in the top-left corner."""
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (12, 16), dtype=np.uint8).repeat(16, 0).repeat(16, 1)
     chroma = np.full((96, 128), 128, np.uint8)
     planes = []
-    for t in range(8):  # one square moves in the top-left corner; the rest never changes
+    for t in range(8):
         y = base.copy()
         y[16:48, 8 + 4 * t : 40 + 4 * t] = 255
         planes.append((y, chroma, chroma))
     path = tmp_path / "static.mp4"
     path.write_bytes(encode_planes(planes, EncodeSettings(crf=30)))
-    info, frames = decode(path)
+    return decode(path)
+
+
+# The still region of _static_clip: far from the square and its context.
+STILL = (slice(96, None), slice(128, None))
+
+
+def test_engine_transfers_what_the_encoder_copied(tmp_path, weights):
+    """A static background: its blocks take the enhanced anchor's pixels; only changed tiles run."""
+    info, frames = _static_clip(tmp_path)
     computed = {}
 
     def counting(engine, key):
@@ -472,11 +488,32 @@ def test_engine_transfers_what_the_encoder_copied(tmp_path, weights):
     assert all(r.transferred > 0.5 for _, r in fast[1:])
     assert all(r.transferred == 0 for _, r in full)
     assert computed["transfer"] < 0.6 * computed["full"]
-    still = (slice(96, None), slice(128, None))  # far from the square and its context
-    first = fast[0][0].planes[0][still]
+    first = fast[0][0].planes[0][STILL]
     for (f, _), (g, _) in zip(fast[1:], full[1:], strict=True):
-        assert np.array_equal(f.planes[0][still], first)  # the enhanced anchor, carried on
-        assert not np.array_equal(g.planes[0][still], first)  # enhanced again from the decode
+        assert np.array_equal(f.planes[0][STILL], first)  # the enhanced anchor, carried on
+        assert not np.array_equal(g.planes[0][STILL], first)  # enhanced again from the decode
+
+
+def test_engine_transfers_from_anchors_the_policy_passed_through(tmp_path):
+    """Where the policy passes the anchors through and runs the B-frames between them, the
+    B-frames' blocks that match an anchor take its output, its decode, as the policy judged
+    the anchor's frame: they are not computed (without this they all were, and such a
+    stream cost 3x the network time of one whose every frame ran)."""
+    info, frames = _static_clip(tmp_path)
+    side = [f.side for f in frames]
+    anchor_qps = [s.qp for s in side if s.pict_type in ANCHOR_TYPES]
+    b_qps = [s.qp for s in side if s.pict_type == "B"]
+    lo, hi = min(b_qps) - 0.5, max(b_qps) + 0.5
+    assert b_qps and not any(lo <= q < hi for q in anchor_qps)
+    policy = ExitPolicy({"h264": ExitTable([0.0, lo, hi, 99.0], [0, 3, 0])}, max_stages=3)
+    engine = Engine(write_weights(tmp_path / "b.pt", policy), device="cpu")
+    results = enhance(engine, info, frames)
+    for (out, r), src in zip(results, frames, strict=True):
+        if src.side.pict_type == "B":
+            assert r.stages == 3 and r.transferred > 0.5
+            assert np.array_equal(out.planes[0][STILL], src.planes[0][STILL])
+        else:
+            assert r.stages == 0 and same_planes(out.planes, src.planes)
 
 
 def test_engine_weakens_the_correction_by_the_policy_strength(h264, tmp_path):

@@ -56,7 +56,7 @@ def test_policy_looks_a_frame_up_by_its_grain():
         },
         grain_limit=0.5,
     )
-    base = ("h264", "h264_coarse", "hevc", "blind", "blind_hevc")
+    base = ("h264", "h264_coarse", "h264_fine", "hevc", "blind", "blind_hevc")
     assert set(KINDS) == set(base) | {k + CLEAN for k in base}
     assert pol.stages_for(30.0, "h264", 0.4) == 2 and pol.strength_for(30.0, "h264", 0.4) == 0.75
     assert pol.stages_for(30.0, "h264", 0.6) == 0 and pol.strength_for(30.0, "h264", 0.6) == 1.0

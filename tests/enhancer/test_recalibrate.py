@@ -82,6 +82,26 @@ def test_coarsely_coded_streams_get_a_table_outside_the_budget():
     assert fine.coarse_crf is None and fine.h264_kind(37.0) == "h264"
 
 
+def test_finely_coded_streams_spend_the_budget_on_their_own_frames():
+    """In the table of every stream, CRF 27's frames at QP 26 (which gain most from depth)
+    win CRF 22's budget for that bin; "h264_fine", fitted on CRF 22's frames alone within the
+    same budget, spends it where those gain most (QP 30). Bins none of its frames fall in
+    take the every-stream table's counts, not the nearest measured bin's."""
+    records = [_rec("libx264", 22, 26.0, s, [0.05, 0.10, 0.15]) for s in "ab" * 2]
+    records += [_rec("libx264", 22, 30.0, s, [0.10, 0.30, 0.50]) for s in "ab" * 2]
+    records += [_rec("libx264", 27, 26.0, s, [0.30, 0.60, 0.90]) for s in "ab" * 2]
+    records += [_rec("libx264", 37, 38.0, s, [0.5, 0.8, 1.0]) for s in "ab" * 2]
+    costs = _mean_costs(records, 3)
+    policy = budgeted_policy(records, 3)
+    fine, nocrf = policy.h264_kind(22.0), policy.h264_kind(None)
+    assert (fine, nocrf, policy.h264_kind(27.0)) == ("h264_fine", "h264", "h264_coarse")
+    assert [policy.stages_for(q, nocrf) for q in (26.0, 30.0)] == [3, 0]
+    assert [policy.stages_for(q, fine) for q in (26.0, 30.0)] == [0, 3]
+    assert policy.stages_for(15.0, fine) == policy.stages_for(15.0, nocrf) == 3
+    assert exit_ratio(records, policy, costs) <= EXIT_BUDGET
+    assert mean_gain(records, policy) == pytest.approx((2 * 0.50 + 2 * 0.90 + 2 * 1.0) / 8)
+
+
 def test_blind_records_get_their_own_table_by_the_pixel_estimate():
     """Blind records are binned by the CRF the engine estimated from the pixels (their
     "qp") and never feed the aware tables: where a source loses on the blind path its bin

@@ -74,6 +74,13 @@ def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a.float() - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
 
 
+def log_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample log of the channel-weighted squared error, (B,): its mean over samples
+    is, up to a constant, minus their mean PSNR, the measure bench/quality averages."""
+    d = ((a.float() - b) ** 2) * CHANNEL_WEIGHTS.to(b)
+    return torch.log(d.flatten(1).mean(1) + 1e-8)
+
+
 class PatchSampler:
     """Random MB-aligned patches with dihedral augmentation and side-info dropout."""
 
@@ -345,9 +352,14 @@ def train(args) -> Path:
             outs = model(batch.x, inputs, batch.seq_cond, batch.frame_cond)
         x = batch.x.float()
         base = charbonnier(x, target, args.charb_eps).detach() + 1e-4
-        weight = qp_weight(batch.frame_qp) * 30.0
-        per_stage = [charbonnier(o, target, args.charb_eps) for o in outs]
-        loss = sum((c * weight).mean() for c in per_stage) / len(per_stage)
+        if args.loss == "psnr":
+            per_stage = [log_mse(o, target) for o in outs]
+            loss = sum(c.mean() for c in per_stage) / len(per_stage)
+            per_stage = [charbonnier(o, target, args.charb_eps).detach() for o in outs]
+        else:
+            weight = qp_weight(batch.frame_qp) * 30.0
+            per_stage = [charbonnier(o, target, args.charb_eps) for o in outs]
+            loss = sum((c * weight).mean() for c in per_stage) / len(per_stage)
         with torch.no_grad():
             stage_losses = [(c / base).mean() for c in per_stage]
             gain = (10 * torch.log10(_mse(x, target) / _mse(outs[-1], target))).mean()
@@ -543,6 +555,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1e-2,
         help="Charbonnier epsilon (pixel scale 0-1): errors below it are penalised "
         "quadratically (mean-seeking), above it linearly (median-seeking)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=["charbonnier", "psnr"],
+        default="charbonnier",
+        help="charbonnier: QP-weighted Charbonnier distance; psnr: the log of each "
+        "patch's squared error, so that the mean PSNR gain itself is what is optimised",
     )
     p.add_argument(
         "--ema",

@@ -454,6 +454,33 @@ def test_train_the_blind_path_alone(trained, tmp_path, monkeypatch):
     assert asked and set(asked) == {("blind",)} and blind_flags and set(blind_flags) == {1.0}
 
 
+def test_log_mse_loss_measures_what_the_psnr_gain_averages():
+    """Doubling a patch's error costs log 4, whatever its scale: each sample's PSNR counts
+    alike (the Charbonnier distance weighs large errors more)."""
+    torch.manual_seed(0)
+    target = torch.rand(2, 6, 8, 8)
+    err = torch.randn(2, 6, 8, 8) * torch.tensor([0.01, 0.1]).view(2, 1, 1, 1)
+    step = train.log_mse(target + 2 * err, target) - train.log_mse(target + err, target)
+    assert torch.allclose(step, torch.full((2,), float(np.log(4.0))), atol=1e-4)
+
+
+def test_train_with_the_psnr_loss(trained, tmp_path, monkeypatch):
+    """--loss psnr: what is minimised is the log squared error of every stage's output."""
+    _, footage, work = trained
+    work2 = fork_work(work, tmp_path / "psnr")
+    calls = []
+    real = train.log_mse
+
+    def spied(a, b):
+        calls.append(a.requires_grad)
+        return real(a, b)
+
+    monkeypatch.setattr(train, "log_mse", spied)
+    assert train.main([*train_args(footage, work2, 6, "--skip-build"), "--loss", "psnr"]) == 0
+    assert len(calls) == 2 * 2 and all(calls)  # two steps, two stages, with gradients
+    assert "resumed from step 4" in log_after(work2 / "train.log")
+
+
 def test_export_keeps_the_init_files_output_rate(trained, tmp_path):
     """A fine-tune's export keeps the rate tables of the model file it started from, and
     what its engine hands the network from the anchors."""

@@ -362,6 +362,12 @@ class Engine:
             return (seq_qp if seq_qp is not None else qp), "hevc"
         return qp, self.policy.h264_kind(seq_qp)
 
+    def _told_offset(self, p: _Pending) -> float:
+        """What the policy adds to a frame's estimated CRF before the network is told it."""
+        if not self.policy or p.level is None:
+            return 0.0
+        return self.policy.offset_for(*p.level, p.grain)
+
     def _amp(self):
         return autocast("cpu", enabled=self.autocast)
 
@@ -436,8 +442,9 @@ class Engine:
             refs=references,
             frame_qp=frame_qp,
             pict_type=pict,
-            # Without a CRF in the stream, the one estimated from the pixels, as if it said so.
-            seq_qp=seq_qp if p.pixel_crf is None else p.pixel_crf,
+            # Without a CRF in the stream, the one estimated from the pixels, as if it said so
+            # (plus the policy's offset for that estimate).
+            seq_qp=seq_qp if p.pixel_crf is None else p.pixel_crf + self._told_offset(p),
             seq_known=ctx["seq_known"] or p.pixel_crf is not None,
         )
         if use_bits:

@@ -12,11 +12,13 @@ cost CRF 22 most until early exit fits its budget; the result is written into
 the model file. The blind path (``--side-info blind``: pixels only, no CRF) is measured the
 same way and gets tables of its own ("blind" for x264, "blind_hevc" for x265,
 binned by the CRF estimated from the pixels that the engine tells the
-network: enhancer.pixel_qp; fit it first with enhancer.training.fit_pixel_qp).
+network: enhancer.pixel_qp; fit it first with enhancer.training.fit_pixel_qp),
+measured at full depth told the estimate plus each of BLIND_OFFSETS too, so
+that each bin also picks the offset of the CRF the network is told.
 ``--paths`` measures only some of the paths; the tables of paths not
 measured are kept as the model file has them. The sequences are other crops
 than bench/quality.py's (another seed).
-About 11 minutes per path on 2 cores in bf16.
+About 11 minutes for the codec-aware path on 2 cores in bf16, 22 for the blind one.
 
     python -m enhancer.training.recalibrate --footage ../shared/footage \
         --records runs/recalibrate.json [--write enhancer/weights/vqe-v5.pt]
@@ -30,6 +32,7 @@ import itertools
 import json
 import sys
 import time
+from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +44,7 @@ from enhancer.checkpoint import load_model
 from enhancer.engine import Engine
 from enhancer.grain import grain_level
 from enhancer.metrics import psnr
-from enhancer.policy import CLEAN, KINDS, ExitPolicy, calibrate
+from enhancer.policy import CLEAN, DEFAULT_EDGES, KINDS, ExitPolicy, ExitTable, calibrate
 from enhancer.training.data import EncodeSettings, encode_planes
 from enhancer.training.sources import clean_sequence, footage_sources, split_sources
 
@@ -79,6 +82,15 @@ CLEAN_KINDS = ("h264", "h264_coarse", "h264_fine", "hevc", "blind")
 COARSE_CRF = 25.0
 # The tables of the blind path (with their "_clean" twins).
 BLIND_KINDS = tuple(k for k in KINDS if k.startswith("blind"))
+# Offsets to the estimated CRF the blind path's network is told, measured for every frame
+# at full depth (policy.py): on bench/quality's crops, at 3 stages, x264 CRF 22 / 27 / 37 /
+# 51 gained +0.213 / +0.286 / +0.582 / +0.221 told the estimate, +0.258 / +0.360 / +0.496 /
+# - told 4 lower, +0.582 / +0.595 / +0.252 at CRF 37 / 51 told 2 higher.
+BLIND_OFFSETS = (-6.0, -3.0, 0.0, 3.0)
+# An offset must gain this much more than the estimate itself (at its best strength) in a
+# bin: picked on a 0.005 dB lead at estimated CRF 28-36, offset -3 at strength 1.25 lost 0.03
+# dB at x264 CRF 37 on bench/quality's crops against the estimate at strength 1.
+OFFSET_MARGIN = 0.02
 # Per path measured: the engine's side_info, codecs.
 PATHS = {
     "aware": ("auto", ("libx264", "libx265")),
@@ -103,7 +115,9 @@ def collect(
     if "blind" in paths and not loaded.pixel_qp:
         raise ValueError("the model file has no pixel CRF estimate: run fit_pixel_qp first")
     engine = Engine(weights, device="cpu")
-    runs = [(path, k) for path in paths for k in range(1, depth + 1)]
+    told = {o: _telling(loaded.policy, o, depth) for o in BLIND_OFFSETS}
+    runs = [(path, k, 0.0) for path in paths for k in range(1, depth + 1)]
+    runs += [("blind", depth, o) for o in BLIND_OFFSETS if o and "blind" in paths]
     configs = [("libx264", c) for c in X264_CRFS] + [("libx265", c) for c in X265_CRFS]
     records, t0 = [], time.time()
     for codec, crf in configs:
@@ -120,13 +134,16 @@ def collect(
                 path: [
                     {"source": name, "codec": codec, "crf": crf, "index": i, "path": path,
                      "grain": grains[i], "ms": [], "deltas": [[] for _ in SCALES]}
+                    | ({"told_deltas": {str(o): [] for o in BLIND_OFFSETS if o}}
+                       if path == "blind" else {})
                     for i in range(len(dec))
                 ]
                 for path in here
             }  # fmt: skip
-            for path, k in runs:
+            for path, k, o in runs:
                 if path not in here:
                     continue
+                engine.policy = told[o] if path == "blind" else loaded.policy
                 for (out, rep), row, d, c, b in zip(
                     engine.process(iter(dec), info, stages=k, side_info=PATHS[path][0]),
                     rows[path],
@@ -139,23 +156,60 @@ def collect(
                     corr = out.planes[0].astype(np.float64) - x
                     for a, s in enumerate(SCALES):
                         y = np.clip(np.round(x + s * corr), 0, 255)
-                        row["deltas"][a].append(round(psnr(y, c[0]) - b, 4))
-                    row["ms"].append(round(1000 * rep.model_seconds, 2))
-                    row["qp"] = rep.qp  # on the blind path: the CRF estimated from the pixels
+                        delta = round(psnr(y, c[0]) - b, 4)
+                        if o:  # at full depth only
+                            row["told_deltas"][str(o)].append(delta)
+                        else:
+                            row["deltas"][a].append(delta)
+                    if not o:
+                        row["ms"].append(round(1000 * rep.model_seconds, 2))
+                        row["qp"] = rep.qp  # on the blind path: the CRF estimated from the pixels
+            engine.policy = loaded.policy
             records += [r for path_rows in rows.values() for r in path_rows]
         log(f"{codec} CRF {crf}: {len(records)} frames ({time.time() - t0:.0f}s)")
     return records
 
 
-def _fit(rows: list[dict], level, max_stages: int, **kw):
+def _telling(policy: ExitPolicy | None, offset: float, stages: int) -> ExitPolicy:
+    """``policy`` with blind tables that tell the network the estimate plus ``offset`` in
+    every bin (what ``collect`` measures each offset with)."""
+    policy = deepcopy(policy) if policy else ExitPolicy(max_stages=stages)
+    for kind in BLIND_KINDS:
+        table = policy.tables.get(kind) or ExitTable(stages=[stages] * (len(DEFAULT_EDGES) - 1))
+        policy.tables[kind] = replace(table, offsets=[offset] * (len(table.edges) - 1))
+    return policy
+
+
+def _fit(rows: list[dict], level, max_stages: int, offsets: bool = False, **kw):
+    """``calibrate`` on ``rows``; ``offsets``: with every told-CRF offset the rows measured."""
+    told = _offsets(rows) if offsets else [0.0]
     return calibrate(
-        [(level(r), r["deltas"]) for r in rows],
+        [(level(r), [_deltas(r, o) for o in told]) for r in rows],
         max_stages,
         sources=[f"{r['source']} {r['codec']} {r['crf']}" for r in rows],
         costs=_mean_costs(rows, max_stages),
         strengths=list(SCALES),
+        offsets=told if len(told) > 1 else None,
         **kw,
     )
+
+
+def _offsets(rows: list[dict]) -> list[float]:
+    """The told-CRF offsets every one of ``rows`` was measured at (0 alone for records
+    made before offsets were)."""
+    have = set(BLIND_OFFSETS)
+    for r in rows:
+        have &= {0.0} | {float(o) for o in r.get("told_deltas", {})}
+    return sorted(have)
+
+
+def _deltas(r: dict, offset: float) -> list[list[float]]:
+    """A record's ``deltas`` (per strength, per stage count) told ``offset``: measured at
+    full depth only, so fewer stages cannot be picked with an offset."""
+    if not offset:
+        return r["deltas"]
+    short = [-np.inf] * (len(r["deltas"][0]) - 1)
+    return [[*short, d] for d in r["told_deltas"][str(offset)]]
 
 
 def _aware(records: list[dict]) -> list[dict]:
@@ -228,7 +282,15 @@ def blind_policy(records: list[dict], max_stages: int, policy, **kw) -> None:
             policy,
             kind,
             rows,
-            lambda rows: _fit(rows, _estimated, max_stages, **kw, guard=ESTIMATE_GUARD),
+            lambda rows: _fit(
+                rows,
+                _estimated,
+                max_stages,
+                offsets=True,
+                **kw,
+                guard=ESTIMATE_GUARD,
+                offset_margin=OFFSET_MARGIN,
+            ),
         )
 
 
@@ -464,9 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind in KINDS:
         if kind in by or policy.has(kind):
             table = policy.table(kind)
+            told = f", told-CRF offsets {table.offsets}" if table.offsets else ""
             print(
                 f"{kind} by {by[kind.removesuffix(CLEAN)]}: stages {table.stages}, "
-                f"strengths {table.strengths}"
+                f"strengths {table.strengths}{told}"
             )
     if args.write:
         meta = loaded.meta | {"policy_source": "enhancer.training.recalibrate (engine records)"}

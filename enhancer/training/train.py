@@ -466,7 +466,8 @@ def export(work: Path, val_set, args, log) -> Path:
     they were measured for weights that gain nearly the same, and without them the
     pipeline would fall back to vqe-v1's table. Re-run rate_calibration to refresh them.
     It keeps the file's ``references`` too (what the engine hands the network from its
-    anchors, decided by bench/ablation.py for those weights).
+    anchors, decided by bench/ablation.py for those weights), and the networks of the
+    routes that have their own (trained apart: ``--codec``, ``--blind-only``).
     """
     ck = torch.load(work / "best.pt", map_location="cpu", weights_only=False)
     model, est = VQENet(ModelConfig.from_dict(ck["config"])), QPEstimator()
@@ -498,13 +499,15 @@ def export(work: Path, val_set, args, log) -> Path:
         "recipe": vars(args) | {"work": str(work)},
         "validation": {str(k): v for k, v in res["crf"].items()},
     }
-    for key in ("references", "output_rate"):
+    own = init.own_networks if init is not None else {}
+    routes = [f"{r}_{k}" for r in own for k in ("references", "network")]
+    for key in ("references", "output_rate", *routes):
         if init is not None and key in init.meta:
             meta[key] = init.meta[key]
     if "output_rate" in meta:
         meta["output_rate_source"] = f"{args.init} (kept at export)"
     out = work / f"{args.version}.pt"
-    save_model(out, model.cpu(), est.cpu(), policy, meta, pixel_qp)
+    save_model(out, model.cpu(), est.cpu(), policy, meta, pixel_qp, own)
     log(f"exported {out} ({out.stat().st_size / 1e6:.2f} MB)")
     return out
 

@@ -567,6 +567,26 @@ def test_engine_tells_the_network_a_pixel_crf_estimate_without_a_crf(h264, tmp_p
     assert any(r.stages for _, r in aware)
 
 
+def test_engine_tells_the_network_the_estimate_plus_the_tables_offset(h264, tmp_path):
+    """A blind table's offset in the estimate's bin is added to the CRF the network is
+    told: told 27.5 - 8 + 4, it gives what it gives on a stream that says CRF 23.5; the
+    report and the table's bin keep the estimate."""
+    info, frames = h264
+    no_crf = replace(info, rate_control=RateControl(), encoder=None, codec="vp9")
+    said = replace(no_crf, rate_control=RateControl(mode="crf", crf=23.5))
+    pol = tiny_policy(blind=ExitTable(stages=[3] * 9, offsets=[4.0] + [0.0] * 8))
+    weights = write_weights(tmp_path / "o.pt", pol, pixel_qp=constant_pixel_qp(27.5))
+    engine = Engine(weights, device="cpu")
+    offset = enhance(engine, no_crf, frames[:3], side_info="blind", stages=3)
+    assert [r.qp for _, r in offset] == [19.5] * 3
+    told = enhance(engine, said, frames[:3], stages=3)
+    untold = enhance(engine, replace(said, rate_control=RateControl(mode="crf", crf=19.5)),
+                     frames[:3], stages=3)  # fmt: skip
+    pairs = list(zip(offset, told, untold, strict=True))
+    assert all((a.planes[0] == b.planes[0]).all() for (a, _), (b, _), _ in pairs)
+    assert any((a.planes[0] != c.planes[0]).any() for (a, _), _, (c, _) in pairs)
+
+
 def test_engine_blind_hevc_without_a_crf_takes_its_own_table(clip, tmp_path):
     """x265 streams without a CRF follow the HEVC blind table (the estimate reads x265
     otherwise than x264), H.264 ones the blind table."""

@@ -459,6 +459,34 @@ def test_calibrate_guards_the_worst_source_and_prices_depth():
     assert calibrate(lost, 3, sources=["a"] * 4 + ["b"] * 4).table().stages[3] == 0
 
 
+def test_calibrate_picks_the_told_crf_offset_that_gains_most():
+    """With ``offsets`` each record holds, per offset, its strengths' gains; a bin keeps
+    the (offset, strength) that gains most at its stage count, and the guard holds across
+    both (here offset -4 gains most in the mean at QP 22 but loses for source b)."""
+
+    def rec(at_0, at_minus4):  # strengths (0.5, 1.0) x 2 stages, at offsets (-4, 0)
+        return [[[d * 0.5 for d in at_minus4], at_minus4], [[d * 0.5 for d in at_0], at_0]]
+
+    records = [(22.0, rec([0.1, 0.2], [0.5, 0.7]))] * 4 + [
+        (22.0, rec([0.1, 0.2], [-0.1, -0.1]))
+    ] * 4
+    records += [(38.0, rec([0.2, 0.4], [0.3, 0.6]))] * 8
+    sources = ["a"] * 4 + ["b"] * 4 + ["a", "b"] * 4
+    fit = calibrate(records, 2, tolerance=0.0, sources=sources, strengths=[0.5, 1.0],
+                    offsets=[-4.0, 0.0]).table()  # fmt: skip
+    assert fit.stages[1] == 2 and fit.offsets[1] == 0.0 and fit.strengths[1] == 1.0
+    assert fit.stages[5] == 2 and fit.offsets[5] == -4.0
+    assert fit.gains[5] == [0.2, 0.4]  # the told estimate's, at full strength
+    # A lead smaller than ``offset_margin`` (here 0.2 dB at QP 38) keeps the estimate.
+    kept = calibrate(records, 2, tolerance=0.0, sources=sources, strengths=[0.5, 1.0],
+                     offsets=[-4.0, 0.0], offset_margin=0.25).table()  # fmt: skip
+    assert kept.offsets[5] == 0.0 and kept.stages[5] == 2 and kept.strengths[5] == 1.0
+    pol = ExitPolicy({"blind": fit})
+    assert pol.offset_for(38.0, "blind") == -4.0 and pol.offset_for(None, "blind") == 0.0
+    assert ExitPolicy().offset_for(38.0, "blind") == 0.0
+    assert ExitPolicy.from_dict(json.loads(json.dumps(pol.to_dict()))) == pol
+
+
 def test_policy_without_data_runs_everything_and_round_trips():
     empty = calibrate([], max_stages=2)
     assert not empty.has("h264") and empty.stages_for(30.0) == 2

@@ -10,6 +10,7 @@ from enhancer.checkpoint import load_model
 from enhancer.policy import ExitTable
 from enhancer.training import recalibrate
 from enhancer.training.recalibrate import (
+    BLIND_OFFSETS,
     EXIT_BUDGET,
     PRICE,
     SCALES,
@@ -123,6 +124,27 @@ def test_blind_records_get_their_own_table_by_the_pixel_estimate():
     hevc = [_rec("libx265", 22, 45.0, s, [-0.4, -0.4, -0.4]) | {"path": "blind"} for s in "ab" * 4]
     both = policy_from(aware + blind + hevc, 3, tolerance=0.0)
     assert both.stages_for(45.0, "blind_hevc") == 0 and both.stages_for(45.0, "blind") == 3
+
+
+def test_blind_tables_pick_the_offset_of_the_told_crf_at_full_depth():
+    """Blind records measured told the estimate plus BLIND_OFFSETS at full depth: a bin
+    takes the offset that gains most there; records made before offsets were fit as
+    before (no offsets)."""
+
+    def told(gain_at):  # full-depth gains per offset, alike at every strength
+        return {str(o): [gain_at.get(o, 0.0)] * len(SCALES) for o in BLIND_OFFSETS if o}
+
+    low = [_rec("libx264", 22, 22.0, s, [0.1, 0.2, 0.3]) for s in "ab" * 4]
+    high = [_rec("libx264", 37, 38.0, s, [0.1, 0.2, 0.3]) for s in "ab" * 4]
+    blind = [r | {"path": "blind", "told_deltas": told({-6.0: 0.5})} for r in low]
+    blind += [r | {"path": "blind", "told_deltas": told({3.0: 0.4})} for r in high]
+    pol = policy_from(low + blind, 3, tolerance=0.0)
+    table = pol.table("blind")
+    assert pol.offset_for(22.0, "blind") == -6.0 and pol.offset_for(38.0, "blind") == 3.0
+    assert pol.stages_for(22.0, "blind") == 3 and table.gains[1] == [0.1, 0.2, 0.3]
+    assert pol.table("h264").offsets == []  # the aware tables tell no estimate
+    old = [{k: v for k, v in r.items() if k != "told_deltas"} for r in blind]
+    assert policy_from(low + old, 3, tolerance=0.0).table("blind").offsets == []
 
 
 def test_a_path_not_measured_keeps_all_its_tables(tmp_path):

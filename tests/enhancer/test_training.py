@@ -6,9 +6,11 @@ two validation CRFs, an 8-channel 2-stage model and a handful of steps.
 
 from __future__ import annotations
 
+import copy
 import io
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -482,19 +484,28 @@ def test_train_with_the_psnr_loss(trained, tmp_path, monkeypatch):
 
 
 def test_export_keeps_the_init_files_output_rate(trained, tmp_path):
-    """A fine-tune's export keeps the rate tables of the model file it started from, and
-    what its engine hands the network from the anchors."""
+    """A fine-tune's export keeps the rate tables of the model file it started from, what
+    its engine hands the network from the anchors, and the routes' own networks."""
     _, footage, work = trained
     init = load_model(work / "tiny.pt")
     table = {"balanced": {"22": {"margin": 4}}, "calibrated": "test"}
     init.meta["output_rate"] = table
     init.meta["references"] = "enhanced"
+    hevc = copy.deepcopy(init.network)
+    with torch.no_grad():
+        hevc.inp.bias.add_(0.5)
+    init = replace(init, own_networks={"hevc": (hevc, init.estimator)})
+    init.meta["hevc_references"] = "decoded"
     init.save(tmp_path / "init.pt")
     work2 = fork_work(work, tmp_path / "w")
     args = train_args(footage, work2, 6, "--export-only", "--skip-build")
     assert train.main([*args, "--init", str(tmp_path / "init.pt")]) == 0
-    meta = load_model(work2 / "tiny.pt").meta
+    out = load_model(work2 / "tiny.pt")
+    meta = out.meta
     assert meta["output_rate"] == table and meta["references"] == "enhanced"
+    assert list(out.own_networks) == ["hevc"] and meta["hevc_references"] == "decoded"
+    kept = out.own_networks["hevc"][0].state_dict()
+    assert all(torch.equal(v, hevc.state_dict()[k].half().float()) for k, v in kept.items())
     assert meta["output_rate_source"].startswith(str(tmp_path / "init.pt"))
     assert train.main(train_args(footage, work2, 6, "--export-only", "--skip-build")) == 0
     meta = load_model(work2 / "tiny.pt").meta

@@ -83,13 +83,15 @@ COARSE_CRF = 25.0
 # The tables of the blind path (with their "_clean" twins).
 BLIND_KINDS = tuple(k for k in KINDS if k.startswith("blind"))
 # Offsets to the estimated CRF the blind path's network is told, measured for every frame
-# at full depth (policy.py): on bench/quality's crops, at 3 stages, x264 CRF 22 / 27 / 37 /
-# 51 gained +0.213 / +0.286 / +0.582 / +0.221 told the estimate, +0.258 / +0.360 / +0.496 /
-# - told 4 lower, +0.582 / +0.595 / +0.252 at CRF 37 / 51 told 2 higher.
+# at full depth (policy.py): on bench/quality's crops, at 3 stages, x264 CRF 22 / 27 / 37
+# gained +0.213 / +0.286 / +0.582 told the estimate, +0.258 / +0.360 / +0.496 told it less
+# 4; CRF 37 / 51 +0.595 / +0.252 told it plus 2 (+0.582 / +0.221 at the estimate).
 BLIND_OFFSETS = (-6.0, -3.0, 0.0, 3.0)
-# An offset must gain this much more than the estimate itself (at its best strength) in a
-# bin: picked on a 0.005 dB lead at estimated CRF 28-36, offset -3 at strength 1.25 lost 0.03
-# dB at x264 CRF 37 on bench/quality's crops against the estimate at strength 1.
+# Of the offsets whose gain in a bin comes within this much of the best one's, the one
+# nearest 0 is picked: on a 0.005 dB lead at estimated CRF 28-36, offset -3 at strength 1.25
+# lost 0.03 dB at x264 CRF 37 on bench/quality's crops against the estimate at strength 1,
+# and -6 where -3 came within 0.02 dB lost 0.06-0.10 dB on a source whose CRF the estimate
+# reads 6 too low.
 OFFSET_MARGIN = 0.02
 # Per path measured: the engine's side_info, codecs.
 PATHS = {

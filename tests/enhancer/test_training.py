@@ -466,21 +466,30 @@ def test_log_mse_loss_measures_what_the_psnr_gain_averages():
     assert torch.allclose(step, torch.full((2,), float(np.log(4.0))), atol=1e-4)
 
 
-def test_train_with_the_psnr_loss(trained, tmp_path, monkeypatch):
-    """--loss psnr: what is minimised is the log squared error of every stage's output."""
+@pytest.mark.parametrize("loss", ["psnr", "mixed", "charbonnier"])
+def test_train_with_the_psnr_loss(trained, tmp_path, monkeypatch, loss):
+    """--loss psnr / mixed: the log squared error of every stage's output is minimised
+    (alone, or added to the Charbonnier distance); the default leaves it out."""
     _, footage, work = trained
-    work2 = fork_work(work, tmp_path / "psnr")
+    work2 = fork_work(work, tmp_path / loss)
+    minimised = []
+    real = torch.Tensor.backward
+
+    def backward(self, *a, **k):
+        minimised.append(float(self.detach()))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
     calls = []
-    real = train.log_mse
-
-    def spied(a, b):
-        calls.append(a.requires_grad)
-        return real(a, b)
-
-    monkeypatch.setattr(train, "log_mse", spied)
-    assert train.main([*train_args(footage, work2, 6, "--skip-build"), "--loss", "psnr"]) == 0
-    assert len(calls) == 2 * 2 and all(calls)  # two steps, two stages, with gradients
+    real_log = train.log_mse
+    monkeypatch.setattr(train, "log_mse", lambda a, b: calls.append(1) or real_log(a, b))
+    assert train.main([*train_args(footage, work2, 6, "--skip-build"), "--loss", loss]) == 0
     assert "resumed from step 4" in log_after(work2 / "train.log")
+    assert len(calls) == (0 if loss == "charbonnier" else 2 * 2)  # two steps, two stages
+    # The log of squared errors below 1 is negative; the Charbonnier distance is not.
+    assert len(minimised) == 2
+    if loss != "mixed":
+        assert all((v < 0) == (loss == "psnr") for v in minimised)
 
 
 def test_export_keeps_the_init_files_output_rate(trained, tmp_path):

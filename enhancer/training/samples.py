@@ -144,20 +144,24 @@ def frame_inputs(
         else float(sample["crf"]),
         seq_known=True,
     )
-    if plan.qp_map and (qmap := true_qp_map(sample, t, (y0, x0, ch, cw))) is not None:
-        m0, m1, mh, mw = y0 // 16, x0 // 16, -(-ch // 16), -(-cw // 16)
+    box = (y0, x0, ch, cw)
+    if plan.qp_map and (qmap := true_qp_map(sample, t, box)) is not None:
         item.qmap = qmap
-        item.parts = partition_planes(sample["partition"][t][m0 : m0 + mh, m1 : m1 + mw], hh, ww)
+        item.parts = partition_planes(sample["partition"][t][_macroblocks(box)], hh, ww)
     return item, target
+
+
+def _macroblocks(box: tuple[int, int, int, int]) -> tuple[slice, slice]:
+    """The macroblock rows and columns a luma (y0, x0, height, width) box covers."""
+    y0, x0, ch, cw = box
+    return slice(y0 // 16, y0 // 16 - (-ch // 16)), slice(x0 // 16, x0 // 16 - (-cw // 16))
 
 
 def true_qp_map(sample: dict, t: int, box: tuple[int, int, int, int]) -> torch.Tensor | None:
     """Frame ``t``'s QP map as the network gets it, over ``box`` = (y0, x0, height, width)
     in luma pixels; None where the stream exports none (HEVC). The QP estimator's target,
     on the blind path too, where the network is not given it."""
-    y0, x0, ch, cw = box
     qmap_arr = sample["qp_map"][t]
     if np.isnan(qmap_arr).any():
         return None
-    m0, m1, mh, mw = y0 // 16, x0 // 16, -(-ch // 16), -(-cw // 16)
-    return qp_plane(qmap_arr[m0 : m0 + mh, m1 : m1 + mw], ch // 2, cw // 2)
+    return qp_plane(qmap_arr[_macroblocks(box)], box[2] // 2, box[3] // 2)
